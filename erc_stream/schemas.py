@@ -1,0 +1,127 @@
+"""The one schema module: every record erc-stream reads or writes on Kafka, as pydantic v2 models.
+
+Wire format is JSON (UTF-8). Every record carries ``schema_version``; readers accept the versions
+they know and reject others with a clear reason. Input validation is strict: ``"turn": "3"`` is a
+wrong type, not a number, so a producer's bug surfaces in the dead-letter topic instead of being
+silently coerced.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import uuid
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+# Namespace of event ids: uuid5(EVENT_NAMESPACE, "<message_id>|<model>|<adapter>").
+EVENT_NAMESPACE = uuid.UUID("6f1c7a52-3b0e-4c1e-9a51-2d7c0e4b9f10")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode("utf-8")
+
+
+class ChatMessage(_Record):
+    """A chat message on ``chat.messages``, keyed by ``conversation_id``."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=True, str_strip_whitespace=False)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    message_id: str = Field(min_length=1, max_length=256)
+    conversation_id: str = Field(min_length=1, max_length=256)
+    turn: int = Field(ge=0, description="Order of the message within its conversation.")
+    speaker: str = Field(min_length=1, max_length=256)
+    text: str
+    sent_at: AwareDatetime
+    tenant: str | None = Field(None, max_length=256)
+    gold_label: str | None = Field(None, max_length=64, description="Carried by replays of labelled data.")
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "ChatMessage":
+        return cls.model_validate_json(raw)
+
+
+class EmotionEvent(_Record):
+    """An emotion event on ``chat.emotions``, keyed by ``conversation_id``."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str
+    message_id: str
+    conversation_id: str
+    turn: int
+    speaker: str
+    tenant: str | None = None
+    label: str
+    probabilities: dict[str, float]
+    label_set: str
+    model: str
+    adapter: str | None = None
+    window: int = Field(description="Turns in the prompt's history window, the target included.")
+    latency_ms: float = Field(description="From the message's receipt by the consumer to the event's emission.")
+    emitted_at: AwareDatetime
+    gold_label: str | None = None
+
+    @model_validator(mode="after")
+    def _check_probabilities(self) -> "EmotionEvent":
+        if self.label not in self.probabilities:
+            raise ValueError(f"label {self.label!r} is not among the probabilities' labels")
+        total = sum(self.probabilities.values())
+        if not math.isclose(total, 1.0, abs_tol=1e-3):
+            raise ValueError(f"probabilities sum to {total}, not 1")
+        return self
+
+    @staticmethod
+    def make_id(message_id: str, model: str, adapter: str | None) -> str:
+        """Deterministic: the same message labelled by the same model and adapter always has the same id."""
+        return str(uuid.uuid5(EVENT_NAMESPACE, f"{message_id}|{model}|{adapter or ''}"))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "EmotionEvent":
+        return cls.model_validate_json(raw)
+
+
+class DeadLetter(_Record):
+    """A record the stream could not turn into an event, on ``chat.dlq``, with why."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    error_type: str = Field(description="A short machine-readable class: invalid_json, invalid_utf8, schema, too_large, inference.")
+    reason: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    original_b64: str = Field(description="The original record value, base64.")
+    key_b64: str | None = None
+    failed_at: AwareDatetime = Field(default_factory=utcnow)
+
+    @classmethod
+    def for_record(
+        cls, *, error_type: str, reason: str, topic: str, partition: int, offset: int,
+        value: bytes | None, key: bytes | None,
+    ) -> "DeadLetter":
+        return cls(
+            error_type=error_type,
+            reason=reason[:2000],
+            source_topic=topic,
+            source_partition=partition,
+            source_offset=offset,
+            original_b64=base64.b64encode(value or b"").decode("ascii"),
+            key_b64=base64.b64encode(key).decode("ascii") if key is not None else None,
+        )
+
+    def original(self) -> bytes:
+        return base64.b64decode(self.original_b64)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "DeadLetter":
+        return cls.model_validate_json(raw)

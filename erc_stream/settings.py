@@ -1,0 +1,153 @@
+"""The one settings object.
+
+Every knob of erc-stream lives here, one frozen model per concern (in the spirit of vLLM's
+``config/lora.py``): ``Settings().kafka``, ``.redis``, ``.window``, ``.batch``, ``.model``,
+``.store``, ``.data``, ``.services``. Values come from, in order of precedence: keyword
+arguments, environment variables with the ``ERC_`` prefix and ``__`` as the nesting delimiter
+(``ERC_KAFKA__BOOTSTRAP_SERVERS=host:9092``, ``ERC_MODEL__BACKEND=null``), then the defaults below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Section):
+    """Broker connection, topics and consumer-group behaviour."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    input_topic: str = "chat.messages"
+    output_topic: str = "chat.emotions"
+    dlq_topic: str = "chat.dlq"
+    partitions: int = Field(4, ge=1, description="Partitions created for each topic by `services up`.")
+    group_id: str = "erc-stream"
+    client_id: str = "erc-stream"
+    # tansu runs a join in session_timeout/2; 6 s / 1 s keeps rebalances short on every broker.
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1000
+    max_poll_interval_ms: int = 300_000
+    request_timeout_ms: int = 30_000
+    max_message_bytes: int = Field(1_048_576, description="Input records larger than this are dead-lettered.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+
+    def client_options(self) -> dict[str, object]:
+        """Connection options shared by every kafka-python client (producer, consumer, admin)."""
+        opts: dict[str, object] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism:
+            opts["sasl_mechanism"] = self.sasl_mechanism
+            opts["sasl_plain_username"] = self.sasl_username
+            opts["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        if self.ssl_cafile:
+            opts["ssl_cafile"] = self.ssl_cafile
+        return opts
+
+
+class RedisSettings(_Section):
+    """Conversation state."""
+
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    key_prefix: str = "erc"
+    socket_timeout_s: float = 5.0
+
+
+class WindowSettings(_Section):
+    """The historical window (InstructERC's w)."""
+
+    size: int = Field(12, ge=1, description="Turns in a prompt, the target included (w in the paper).")
+    retain: int = Field(
+        24, ge=1, description="Turns kept per conversation in Redis (>= size, so a replayed turn still finds its history)."
+    )
+    ttl_s: int = Field(86_400, ge=1, description="A conversation's window expires this long after its last turn.")
+    max_turn_chars: int = Field(2_000, ge=16, description="A turn's text is cut to this many characters before prompting.")
+
+
+class BatchSettings(_Section):
+    """Micro-batching across conversations."""
+
+    max_size: int = Field(16, ge=1)
+    max_wait_ms: int = Field(250, ge=0, description="How long a batch waits to fill after its first message.")
+
+
+class ModelSettings(_Section):
+    """Which model labels the stream, and how."""
+
+    backend: Literal["hf", "null"] = "hf"
+    base: str = Field(
+        "smollm2-135m",
+        description="A base model name in the store, or a path to any local HF-format model directory.",
+    )
+    adapter: str | None = Field(None, description="A peft LoRA adapter: a name in the store or a directory path.")
+    label_set: Literal["meld", "emorynlp", "iemocap", "unified"] = "meld"
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None leaves torch's default.")
+    max_prompt_tokens: int = Field(
+        384, ge=64, description="History is cut from the left past this; instruction, label statement and target stay."
+    )
+    demo_position: Literal["after_history", "after_instruction"] = Field(
+        "after_history",
+        description="Where the retrieved demonstration goes. After the history keeps each conversation's prefix stable.",
+    )
+
+
+class StoreSettings(_Section):
+    """Where converted base models and trained adapters live."""
+
+    dir: Path = Path.home() / ".cache" / "erc-stream" / "store"
+
+
+class DataSettings(_Section):
+    """Where the MELD / EmoryNLP / IEMOCAP files are read from (never copied into the project)."""
+
+    dir: Path = PROJECT_ROOT.parent / "shared" / "data"
+
+
+class ServicesSettings(_Section):
+    """Local services started by ``erc-stream services up``."""
+
+    run_dir: Path = Path.home() / ".cache" / "erc-stream" / "run"
+    start_timeout_s: float = 20.0
+
+
+class Settings(BaseSettings):
+    """All of erc-stream's configuration. Frozen: build a new one to change anything."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ERC_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    window: WindowSettings = WindowSettings()
+    batch: BatchSettings = BatchSettings()
+    model: ModelSettings = ModelSettings()
+    store: StoreSettings = StoreSettings()
+    data: DataSettings = DataSettings()
+    services: ServicesSettings = ServicesSettings()
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    def with_overrides(self, **sections: dict[str, object]) -> "Settings":
+        """A copy with some fields of some sections replaced: ``s.with_overrides(kafka={"group_id": "g"})``."""
+        update = {
+            name: getattr(self, name).model_copy(update=values) for name, values in sections.items() if values
+        }
+        return self.model_copy(update=update)
