@@ -1,0 +1,104 @@
+"""Per-conversation history windows in Redis, updated atomically by one Lua script.
+
+Layout: one sorted set per conversation, ``<prefix>:win:{<conversation_id>}``, scored by turn, each
+member a small JSON object. The braces are a Redis Cluster hash tag: every key of a conversation
+lands in one slot. The script, in one atomic step:
+
+1. appends the turn unless that turn is already stored (a redelivered message does not grow the
+   window twice, and a conflicting duplicate keeps the first version);
+2. reads the window that ends at this turn: the last ``size`` turns with turn <= this one, so a
+   replayed old turn still sees its own past and never a future turn;
+3. trims the set to the newest ``retain`` turns and refreshes the TTL.
+
+Many messages go to Redis in one pipelined round-trip (``append_many``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Sequence
+
+import redis
+
+from model_store.prompts import Turn
+
+_APPEND_LUA = """
+local key = KEYS[1]
+local turn = tonumber(ARGV[1])
+local added = 0
+if #redis.call('ZRANGEBYSCORE', key, turn, turn, 'LIMIT', 0, 1) == 0 then
+  redis.call('ZADD', key, turn, ARGV[2])
+  added = 1
+end
+local window = redis.call('ZREVRANGEBYSCORE', key, turn, '-inf', 'LIMIT', 0, tonumber(ARGV[3]))
+redis.call('ZREMRANGEBYRANK', key, 0, -(tonumber(ARGV[4]) + 1))
+redis.call('EXPIRE', key, tonumber(ARGV[5]))
+return {added, window}
+"""
+
+
+@dataclass(frozen=True)
+class WindowTurn:
+    """A stored turn: what the prompt needs plus the message id, for audits."""
+
+    turn: int
+    speaker: str
+    text: str
+    message_id: str
+
+    def as_prompt_turn(self) -> Turn:
+        return Turn(self.speaker, self.text)
+
+
+@dataclass(frozen=True)
+class WindowUpdate:
+    """The result of appending one turn: whether it was new, and its window oldest-first (target last)."""
+
+    added: bool
+    window: tuple[WindowTurn, ...]
+
+
+class WindowStore:
+    def __init__(self, client: redis.Redis, *, prefix: str, size: int, retain: int, ttl_s: int) -> None:
+        if retain < size:
+            raise ValueError(f"retain ({retain}) must be >= the window size ({size})")
+        self.client = client
+        self.prefix = prefix
+        self.size = size
+        self.retain = retain
+        self.ttl_s = ttl_s
+        self._append = client.register_script(_APPEND_LUA)
+
+    def key(self, conversation_id: str) -> str:
+        return f"{self.prefix}:win:{{{conversation_id}}}"
+
+    def append_many(self, turns: Sequence[tuple[str, WindowTurn]]) -> list[WindowUpdate]:
+        """Append ``(conversation_id, turn)`` pairs in order, in one pipelined round-trip."""
+        if not turns:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for conversation_id, t in turns:
+            member = json.dumps(
+                {"t": t.turn, "s": t.speaker, "x": t.text, "m": t.message_id}, ensure_ascii=False, separators=(",", ":")
+            )
+            self._append(
+                keys=[self.key(conversation_id)],
+                args=[t.turn, member, self.size, self.retain, self.ttl_s],
+                client=pipe,
+            )
+        return [self._parse(r) for r in pipe.execute()]
+
+    def get(self, conversation_id: str) -> list[WindowTurn]:
+        """All retained turns of a conversation, oldest first."""
+        return [_decode(m) for m in self.client.zrange(self.key(conversation_id), 0, -1)]
+
+    @staticmethod
+    def _parse(reply: list) -> WindowUpdate:
+        added, members = reply
+        return WindowUpdate(bool(added), tuple(_decode(m) for m in reversed(members)))
+
+
+def _decode(member: bytes | str) -> WindowTurn:
+    d = json.loads(member)
+    return WindowTurn(turn=int(d["t"]), speaker=d["s"], text=d["x"], message_id=d["m"])

@@ -1,0 +1,3 @@
+from erc_stream.cli import main
+
+main()

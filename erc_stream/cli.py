@@ -1,0 +1,174 @@
+"""The ``erc-stream`` command. Each subcommand is a thin shell over a module that does the work."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from erc_stream.settings import Settings
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return ctx.obj["settings"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING… (default from ERC_LOG_LEVEL or INFO)")
+@click.pass_context
+def main(ctx: click.Context, log_level: str | None) -> None:
+    """Real-time emotion recognition in conversation (InstructERC) as a Kafka stream processor.
+
+    Configuration comes from ERC_* environment variables (see erc_stream/settings.py); options
+    below override them for one run.
+    """
+    from erc_stream.logs import configure
+
+    settings = Settings()
+    if log_level:
+        settings = settings.model_copy(update={"log_level": log_level})
+    configure(settings.log_level, settings.log_json)
+    ctx.obj = {"settings": settings}
+
+
+# -- services -------------------------------------------------------------------------------
+
+
+@main.group()
+def services() -> None:
+    """Local broker (tansu) and Redis for development, tests and the demo."""
+
+
+def _print_statuses(statuses) -> None:
+    for s in statuses:
+        state = "running" if s.running else "stopped"
+        how = "managed" if s.managed else "external" if s.running else ""
+        pid = f" pid={s.pid}" if s.pid else ""
+        click.echo(f"{s.name:<6} {s.address:<22} {state:<8} {how:<8}{pid}  {s.detail}".rstrip())
+
+
+def _service_call(fn, settings: Settings) -> None:
+    from erc_stream.services import ServiceError
+
+    try:
+        _print_statuses(fn(settings))
+    except ServiceError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@services.command("up")
+@click.pass_context
+def services_up_cmd(ctx: click.Context) -> None:
+    """Start the broker and Redis if they are not running, and create the topics."""
+    from erc_stream.services import services_up
+
+    _service_call(services_up, _settings(ctx))
+
+
+@services.command("down")
+@click.pass_context
+def services_down_cmd(ctx: click.Context) -> None:
+    """Stop what `services up` started (never a service it did not start)."""
+    from erc_stream.services import services_down
+
+    _service_call(services_down, _settings(ctx))
+
+
+@services.command("status")
+@click.pass_context
+def services_status_cmd(ctx: click.Context) -> None:
+    """Show whether the broker and Redis answer."""
+    from erc_stream.services import services_status
+
+    _service_call(services_status, _settings(ctx))
+
+
+# -- simulate -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--dataset", type=click.Choice(["meld", "emorynlp", "iemocap", "jsonl"]), default="meld")
+@click.option("--file", "file_", type=click.Path(path_type=Path), default=None,
+              help="Data file (default: the dataset's split under ERC_DATA__DIR).")
+@click.option("--split", type=click.Choice(["train", "dev", "test"]), default="dev")
+@click.option("--dialogues", type=int, default=None, help="Replay only the first N dialogues.")
+@click.option("--synthetic", type=int, default=None, help="Replay N built-in synthetic conversations instead.")
+@click.option("--rate", type=float, default=10.0, show_default=True, help="Messages per second (0 = unthrottled).")
+@click.option("--concurrency", type=int, default=8, show_default=True, help="Conversations open at once.")
+@click.option("--run-id", default=None, help="Prefix of conversation and message ids (default: a timestamp).")
+@click.option("--tenant", default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-progress", is_flag=True)
+@click.pass_context
+def simulate(ctx, dataset, file_, split, dialogues, synthetic, rate, concurrency, run_id, tenant, seed, no_progress):
+    """Replay MELD / EmoryNLP dialogues (or synthetic ones) onto the input topic as live chats."""
+    from producer_sim.sources import load_source, new_run_id
+    from producer_sim.replay import interleave, replay, to_messages
+
+    settings = _settings(ctx)
+    try:
+        source = load_source(settings, dataset=dataset, file=file_, split=split, dialogues=dialogues,
+                             synthetic=synthetic, seed=seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(source.description, err=True)
+    per_conv = to_messages(source.conversations, run_id=run_id or new_run_id("sim"), tenant=tenant)
+    total = sum(len(c) for c in per_conv)
+    report = replay(settings, interleave(per_conv, concurrency=concurrency, seed=seed),
+                    rate=rate or None, total=total, progress=not no_progress)
+    click.echo(f"sent {report.sent} messages to {report.topic} in {report.seconds:.1f}s ({report.rate:.1f}/s)")
+
+
+# -- consume --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--backend", type=click.Choice(["hf", "null"]), default=None)
+@click.option("--base", default=None, help="Base model: a store name or a local HF model directory.")
+@click.option("--adapter", default=None, help="LoRA adapter: a store name or a directory.")
+@click.option("--label-set", type=click.Choice(["meld", "emorynlp", "iemocap", "unified"]), default=None)
+@click.option("--group-id", default=None)
+@click.option("--idle-exit", type=float, default=None, help="Exit after this many seconds without input.")
+@click.option("--ready-file", type=click.Path(path_type=Path), default=None,
+              help="Touch this file once the model is loaded and the consumer subscribed.")
+@click.pass_context
+def consume(ctx, backend, base, adapter, label_set, group_id, idle_exit, ready_file):
+    """Run one consumer-group member: label every message and emit emotion events."""
+    from consumer.runner import build_app
+
+    overrides = {k: v for k, v in {"backend": backend, "base": base, "adapter": adapter,
+                                   "label_set": label_set}.items() if v is not None}
+    settings = _settings(ctx).with_overrides(model=overrides, kafka={"group_id": group_id} if group_id else {})
+    app = build_app(settings)
+    app.install_signal_handlers()
+    if ready_file:
+        ready_file.parent.mkdir(parents=True, exist_ok=True)
+        ready_file.touch()
+    stats = app.run(idle_exit_s=idle_exit)
+    click.echo(f"consumed {stats.consumed}, events {stats.events}, dead letters {stats.dead_letters}", err=True)
+
+
+# -- demo -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--dialogues", type=int, default=6, show_default=True, help="MELD dev dialogues to replay.")
+@click.option("--synthetic", type=int, default=None, help="Replay N synthetic conversations instead of MELD.")
+@click.option("--rate", type=float, default=3.0, show_default=True, help="Messages per second.")
+@click.option("--backend", type=click.Choice(["hf", "null"]), default=None)
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Give up after this many seconds.")
+@click.pass_context
+def demo(ctx, dialogues, synthetic, rate, backend, timeout):
+    """The main job: services up, a consumer, a replay, a live view and a closing summary."""
+    from erc_stream.demo import run_demo
+
+    settings = _settings(ctx)
+    if backend:
+        settings = settings.with_overrides(model={"backend": backend})
+    ok = run_demo(settings, dialogues=dialogues, synthetic=synthetic, rate=rate, timeout_s=timeout)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
