@@ -28,6 +28,8 @@ from erc_stream.labels import get_label_set
 from erc_stream.schemas import ChatMessage, DeadLetter, EmotionEvent, utcnow
 from erc_stream.settings import Settings
 from model_store.backends.base import Backend
+from model_store.loading import choose_adapter
+from model_store.registry import Registry
 from model_store.prompts import PromptBuilder
 
 log = structlog.get_logger(__name__)
@@ -86,6 +88,9 @@ class StreamApp:
             max_turn_chars=settings.window.max_turn_chars,
         )
         self.labeler = Labeler(backend, builder, adapter=adapter)
+        self._registry = Registry(settings.store.dir)
+        self._registry_version = self._registry.version()
+        self._registry_checked = time.monotonic()
         self.redis = redis.Redis.from_url(
             settings.redis.url.get_secret_value(),
             socket_timeout=settings.redis.socket_timeout_s,
@@ -139,6 +144,7 @@ class StreamApp:
         last_input = time.monotonic()
         try:
             while not self._stop.is_set():
+                self._follow_registry()
                 batch = self._poll_batch()
                 if batch:
                     self._process(batch)
@@ -158,6 +164,23 @@ class StreamApp:
             self.redis.close()
             log.info("consumer stopped", consumed=self.stats.consumed, events=self.stats.events,
                      dead_letters=self.stats.dead_letters)
+
+    def _follow_registry(self) -> None:
+        """Between batches: if no adapter is pinned in settings, switch to a newly promoted one."""
+        if self.settings.model.adapter is not None or self.settings.model.backend == "null":
+            return
+        now = time.monotonic()
+        if now - self._registry_checked < self.settings.model.adapter_poll_s:
+            return
+        self._registry_checked = now
+        version = self._registry.version()
+        if version == self._registry_version:
+            return
+        self._registry_version = version
+        choice = choose_adapter(self.settings)
+        if choice.name != self.labeler.adapter:
+            log.info("adapter promoted; switching", old=self.labeler.adapter, new=choice.name)
+            self.labeler.use(choice)
 
     # -- the pipeline ----------------------------------------------------------------------
 

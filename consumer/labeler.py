@@ -9,6 +9,7 @@ import structlog
 
 from erc_stream.labels import LabelSet
 from model_store.backends.base import Backend, ScoreRequest
+from model_store.loading import AdapterChoice
 from model_store.prompts import Demonstration, PromptBuilder, Turn
 
 log = structlog.get_logger(__name__)
@@ -39,22 +40,27 @@ class Labeler:
         builder: PromptBuilder,
         *,
         adapter: str | None = None,
-        demonstrations: Callable[[str], Demonstration | None] | None = None,
+        demonstrations: Callable[[Sequence[str]], list[Demonstration | None]] | None = None,
     ) -> None:
         self.backend = backend
         self.builder = builder
         self.adapter = adapter
         self.demonstrations = demonstrations
 
+    def use(self, choice: AdapterChoice) -> None:
+        """Switch adapter (and its demonstration index); the backend loads it first if needed."""
+        if choice.ref is not None:
+            self.backend.add_adapter(choice.ref.name, choice.ref.path)
+        self.adapter = choice.name
+        self.demonstrations = choice.demos.lookup if choice.demos is not None else None
+
     @property
     def label_set(self) -> LabelSet:
         return self.builder.label_set
 
     def label(self, windows: Sequence[Sequence[Turn]]) -> list[Labelled | Failed]:
-        prompts = []
-        for window in windows:
-            demo = self.demonstrations(window[-1].text) if self.demonstrations else None
-            prompts.append(self.builder.emotion(window, demo))
+        demos = self.demonstrations([w[-1].text for w in windows]) if self.demonstrations else [None] * len(windows)
+        prompts = [self.builder.emotion(window, demo) for window, demo in zip(windows, demos)]
         requests = [ScoreRequest(p.text, p.choices, self.adapter) for p in prompts]
         try:
             scored: list[list[float] | Exception] = list(self.backend.score(requests))

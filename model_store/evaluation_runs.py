@@ -1,0 +1,50 @@
+"""``models eval``: load data and models, evaluate, compare with the baselines, record the result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from erc_stream.labels import get_label_set
+from erc_stream.settings import Settings
+from model_store.data import default_file, load_conversations
+from model_store.evaluation import evaluate
+from model_store.loading import NO_ADAPTER, AdapterChoice, choose_adapter, load_backend
+from model_store.registry import Registry
+from model_store.training import file_hash
+
+
+def run_eval(
+    settings: Settings, *, dataset: str, file: Path | None, split: str = "dev", adapter: str | None = None,
+    dialogues: int | None = None, limit: int | None = None, window: int | None = None, demonstrations: bool = True,
+    zero_shot: bool = True, confusion: Path | None = None, batch_size: int = 16, progress: bool = False,
+) -> dict:
+    path = Path(file) if file else default_file(settings.data.dir, dataset, split)
+    conversations = load_conversations(dataset, path, split=split)[:dialogues]
+    label_set = get_label_set(settings.model.label_set)
+    backend = load_backend(settings)
+    choice = choose_adapter(settings, adapter)
+    common = dict(dataset=dataset, file=str(path), label_set=label_set, window=window, batch_size=batch_size,
+                  limit=limit, progress=progress)
+    report = evaluate(settings, backend, choice, conversations, use_demonstrations=demonstrations,
+                      confusion=confusion, **common).as_dict()
+    report["baselines"] = {"majority_weighted_f1": report["majority_weighted_f1"]}
+    if zero_shot and choice.ref is not None:
+        key = hashlib.sha256(json.dumps([backend.model_id, file_hash(path), dialogues, limit, label_set.name,
+                                         window or settings.window.size, settings.model.max_prompt_tokens]).encode()
+                             ).hexdigest()[:16]
+        cache = settings.store.dir / "evals" / f"zero-shot-{key}.json"
+        if cache.exists():
+            zs = json.loads(cache.read_text())
+        else:
+            zs = evaluate(settings, backend, AdapterChoice(None), conversations, **common).as_dict()
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(zs))
+        report["baselines"]["zero_shot_weighted_f1"] = zs["weighted_f1"]
+    best = max(report["baselines"].values())
+    report["margin_over_best_baseline"] = round(report["weighted_f1"] - best, 2)
+    if choice.ref is not None and dialogues is None and limit is None and adapter != NO_ADAPTER:
+        Registry(settings.store.dir).record_eval(choice.ref.name, f"{dataset}:{split}", {
+            k: report[k] for k in ("weighted_f1", "accuracy", "n", "per_label_f1", "baselines")})
+    return report
