@@ -221,6 +221,7 @@ class StreamApp:
         updates = self._retry_redis(lambda: self.windows.append_many(
             [(m.conversation_id, WindowTurn(m.turn, m.speaker, m.text, m.message_id)) for _, m in valid]
         ))
+        valid, updates = self._drop_conflicts(valid, updates, dead)
         results = self.labeler.label([[t.as_prompt_turn() for t in u.window] for u in updates]) if valid else []
 
         futures = []
@@ -266,6 +267,26 @@ class StreamApp:
         self.stats.events += len(futures) - len(dead)
         self.stats.dead_letters += len(dead)
         self.stats.batches += 1
+
+    @staticmethod
+    def _drop_conflicts(valid, updates, dead: list[DeadLetter]):
+        """A different message claiming a turn that is already stored is dead-lettered, not labelled.
+
+        A redelivery of the same message (same id) is fine: it gets its event again, with the same id.
+        """
+        keep = []
+        for (item, msg), u in zip(valid, updates):
+            stored = u.window[-1].message_id
+            if not u.added and stored != msg.message_id:
+                r = item.record
+                dead.append(DeadLetter.for_record(
+                    error_type="conflict",
+                    reason=f"turn {msg.turn} of conversation {msg.conversation_id!r} already holds message {stored!r}",
+                    topic=r.topic, partition=r.partition, offset=r.offset, value=r.value, key=r.key,
+                ))
+            else:
+                keep.append(((item, msg), u))
+        return [p for p, _ in keep], [u for _, u in keep]
 
     @staticmethod
     def _offsets(batch: list[_Polled]) -> dict[TopicPartition, OffsetAndMetadata]:

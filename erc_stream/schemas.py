@@ -95,7 +95,7 @@ class DeadLetter(_Record):
     """A record the stream could not turn into an event, on ``chat.dlq``, with why."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    error_type: str = Field(description="A short machine-readable class: invalid_json, invalid_utf8, schema, too_large, inference.")
+    error_type: str = Field(description="A short machine-readable class: invalid_json, invalid_utf8, schema, too_large, empty, conflict, inference.")
     reason: str
     source_topic: str
     source_partition: int

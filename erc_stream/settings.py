@@ -89,7 +89,7 @@ class BatchSettings(_Section):
 class ModelSettings(_Section):
     """Which model labels the stream, and how."""
 
-    backend: Literal["hf", "null"] = "hf"
+    backend: Literal["hf", "vllm", "null"] = "hf"
     base: str = Field(
         "smollm2-135m",
         description="A base model name in the store, or a path to any local HF-format model directory.",
@@ -110,6 +110,25 @@ class ModelSettings(_Section):
     demo_position: Literal["after_history", "after_instruction"] = Field(
         "after_history",
         description="Where the retrieved demonstration goes. After the history keeps each conversation's prefix stable.",
+    )
+
+
+class VLLMSettings(_Section):
+    """The vLLM engine behind ``model.backend = "vllm"`` (one engine, several LoRA adapters per batch)."""
+
+    max_loras: int = Field(2, ge=1, description="Adapters one engine step can mix (the LoRA slots held in memory).")
+    max_lora_rank: int = Field(16, ge=1, description="The largest adapter rank the engine accepts.")
+    max_model_len: int = Field(1024, ge=64, description="Prompt plus answer tokens; longer prompts are refused.")
+    kv_cache_gib: int = Field(
+        2, ge=1, description="CPU only: KV-cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE when that is unset)."
+    )
+    enforce_eager: bool = Field(True, description="No graph capture / compilation: a faster start, slower steps.")
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of a shared prompt prefix (the instruction, a conversation's history)."
+    )
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU only: the share of GPU memory vLLM takes.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' = float32 on CPU (bf16 is slow there), bfloat16 on a GPU."
     )
 
 
@@ -144,6 +163,7 @@ class Settings(BaseSettings):
     window: WindowSettings = WindowSettings()
     batch: BatchSettings = BatchSettings()
     model: ModelSettings = ModelSettings()
+    vllm: VLLMSettings = VLLMSettings()
     store: StoreSettings = StoreSettings()
     data: DataSettings = DataSettings()
     services: ServicesSettings = ServicesSettings()
@@ -152,7 +172,9 @@ class Settings(BaseSettings):
 
     def with_overrides(self, **sections: dict[str, object]) -> "Settings":
         """A copy with some fields of some sections replaced: ``s.with_overrides(kafka={"group_id": "g"})``."""
+        # Validated like the environment is (model_copy alone would accept anything, typos included).
         update = {
-            name: getattr(self, name).model_copy(update=values) for name, values in sections.items() if values
+            name: type(getattr(self, name)).model_validate({**dict(getattr(self, name)), **values})
+            for name, values in sections.items() if values
         }
         return self.model_copy(update=update)

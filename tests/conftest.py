@@ -110,3 +110,50 @@ def settings(kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> Settings:
     )
     ensure_topics(s)
     return s
+
+
+@pytest.fixture(scope="session")
+def hf_backend():
+    """The real embedded SmolLM2-135M behind an HFBackend, loaded once per session (~4 s).
+
+    torch gets half the cores: with every core busy (the suite's broker, Redis and Kafka client
+    threads, or another job on a 2-core box) OpenMP's spinning threads make a forward 10-20x slower.
+    """
+    import os
+
+    from model_store.backends.hf import HFBackend
+    from model_store.base_models import ensure_embedded
+
+    model_dir = ensure_embedded(Settings().store.dir)
+    backend = HFBackend(model_dir, model_id="smollm2-135m", threads=max(1, (os.cpu_count() or 2) // 2))
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small LoRA adapter for the embedded model (random, non-zero B: it really changes the scores),
+    with the metadata a trained one carries. Built once per session on a fresh copy of the base model."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from model_store.base_models import ensure_embedded
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(ensure_embedded(Settings().store.dir), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    out = tmp_path_factory.mktemp("adapters") / "test-lora"
+    model.save_pretrained(out)
+    (out / "erc_meta.json").write_text(json.dumps({"name": "test-lora", "label_set": "meld", "base": "smollm2-135m",
+                                                   "window": 12, "demonstrations": False}))
+    return out

@@ -1,0 +1,150 @@
+"""HFBackend on the real embedded SmolLM2-135M: label distributions, left padding, choice tries."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from erc_stream.labels import get_label_set
+from model_store.backends.base import Backend, ScoreRequest
+from model_store.backends.choices import ChoicePlan
+from model_store.backends.hf import HFBackend
+from model_store.prompts import PromptBuilder, Turn
+
+pytestmark = pytest.mark.slow
+
+WINDOW = [
+    Turn("Customer", "My order was supposed to arrive on Monday and it's now Thursday."),
+    Turn("Agent", "Sorry about that! Could you share your order number?"),
+    Turn("Customer", "It's 48213. This is the third time this has happened, honestly."),
+]
+
+
+def _reference(backend: HFBackend, ids: list[int]) -> torch.Tensor:
+    """Next-token log-probabilities after ``ids``, from a plain forward of the row alone (no padding, no mask)."""
+    with torch.inference_mode():
+        logits = backend.model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
+    return logits.float().log_softmax(-1)
+
+
+def _encode(backend: HFBackend, text: str) -> list[int]:
+    return backend.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_is_a_backend(hf_backend: HFBackend) -> None:
+    assert isinstance(hf_backend, Backend)
+    assert hf_backend.model_id == "smollm2-135m"
+    assert hf_backend.count_tokens("hello world") == len(_encode(hf_backend, "hello world")) > 0
+    assert hf_backend.score([]) == []
+
+
+@pytest.mark.parametrize("label_set", ["meld", "emorynlp", "iemocap", "unified"])
+def test_probabilities_sum_to_one_and_align_with_choices(hf_backend: HFBackend, label_set: str) -> None:
+    ls = get_label_set(label_set)
+    prompt = PromptBuilder(ls, count_tokens=hf_backend.count_tokens).emotion(WINDOW[-2:])
+    [probs] = hf_backend.score([ScoreRequest(prompt.text, prompt.choices)])
+    assert len(probs) == len(ls.labels)
+    assert math.isclose(sum(probs), 1.0, abs_tol=1e-5)
+    assert all(0.0 <= p <= 1.0 for p in probs)
+    # Each label's first token differs in these sets, so the distribution is the next-token softmax
+    # restricted to the labels' first tokens, in the order of the choices.
+    plan = hf_backend.plan(prompt.choices)
+    assert plan.branches == ((),)
+    first = [seq[0] for seq in plan.token_ids]
+    ref = _reference(hf_backend, hf_backend.encode_prompts([prompt.text])[0])[first].softmax(0)
+    assert torch.allclose(torch.tensor(probs), ref, atol=1e-4), (probs, ref.tolist())
+
+
+def test_the_distribution_follows_the_prompt(hf_backend: HFBackend) -> None:
+    """Not a uniform placeholder: the prompt moves the mass towards the answer it suggests."""
+    choices = ("happy", "sad")
+    happy, sad = hf_backend.score([
+        ScoreRequest("I won the lottery and I am so happy! Emotion (happy or sad):", choices),
+        ScoreRequest("My dog died yesterday and I cried all night. Emotion (happy or sad):", choices),
+    ])
+    assert abs(happy[0] - 0.5) > 1e-3
+    assert happy[0] > sad[0]
+
+
+def test_a_batch_scores_like_each_prompt_alone(hf_backend: HFBackend) -> None:
+    """Left padding with explicit positions: a padded row scores as it does alone (prompts kept short: CPU)."""
+    ls = get_label_set("meld")
+    prompts = [
+        "Hi:",
+        PromptBuilder(ls, count_tokens=hf_backend.count_tokens).emotion(WINDOW[-1:]).text,
+        "I am so angry right now, this is the third time! The emotion is:",
+        "A short one. Label:",
+        "Monday again, and the coffee machine is broken. She felt",
+    ]
+    lengths = [len(ids) for ids in hf_backend.encode_prompts(prompts)]
+    assert len(set(lengths)) == len(prompts)  # all different: every row but the longest is padded
+    # mixed choice sets in one batch, including one that branches below the first token
+    choice_sets = [ls.labels, ls.labels, ls.labels, get_label_set("emorynlp").labels, ("Scared", "Scary", "Happy")]
+    requests = [ScoreRequest(p, c) for p, c in zip(prompts, choice_sets)]
+    batched = hf_backend.score(requests)
+    alone = [hf_backend.score([r])[0] for r in requests]
+    assert len(batched) == len(requests)
+    for r, got, want in zip(requests, batched, alone):
+        assert len(got) == len(r.choices)
+        assert math.isclose(sum(got), 1.0, abs_tol=1e-5)
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4, (r.prompt[:40], got, want)
+
+
+def test_padding_rows_match_the_unpadded_reference(hf_backend: HFBackend) -> None:
+    rows = [_encode(hf_backend, "One."), _encode(hf_backend, "A much longer row of text, padded on the left by none.")]
+    got = hf_backend.last_logprobs(rows, None)
+    for i, ids in enumerate(rows):
+        assert torch.allclose(got[i], _reference(hf_backend, ids), atol=1e-4)
+
+
+def test_choice_plan_without_shared_prefixes() -> None:
+    vocab = {" a": [1], " b": [2], " cd": [3, 4]}
+    plan = ChoicePlan.build(("a", "b", "cd"), vocab.__getitem__)
+    assert plan.token_ids == ((1,), (2,), (3, 4))
+    assert plan.branches == ((),)
+
+
+def test_choice_plan_branches_deeper_on_a_shared_first_token(hf_backend: HFBackend) -> None:
+    choices = ("Scared", "Scary", "Happy")
+    plan = hf_backend.plan(choices)
+    sc = _encode(hf_backend, " Scared")
+    assert sc[0] == _encode(hf_backend, " Scary")[0] and len(sc) > 1  # the premise of this test
+    assert plan.branches == ((), (sc[0],))
+
+    prompt = "The haunted house made her feel"
+    [probs] = hf_backend.score([ScoreRequest(prompt, choices)])
+    assert math.isclose(sum(probs), 1.0, abs_tol=1e-5)
+    assert all(p > 0 for p in probs)
+    # constrained greedy decoding: P(Scared) = P(Sc | {Sc, Happy}) * P(ared | Sc, {ared, ary})
+    ids = hf_backend.encode_prompts([prompt])[0]
+    root = _reference(hf_backend, ids)
+    scared, scary, happy = (_encode(hf_backend, " " + c) for c in choices)
+    first = torch.stack([root[scared[0]], root[happy[0]]]).softmax(0)
+    deeper = _reference(hf_backend, ids + [scared[0]])
+    second = torch.stack([deeper[scared[1]], deeper[scary[1]]]).softmax(0)
+    expected = [float(first[0] * second[0]), float(first[0] * second[1]), float(first[1])]
+    assert max(abs(a - b) for a, b in zip(probs, expected)) < 1e-4, (probs, expected)
+
+
+@pytest.mark.parametrize(("choices", "prefix"), [
+    (("joy", "joyfully"), "joy"),
+    (("Speaker_1", "Speaker_2", "Speaker_10"), "Speaker_1"),  # digits are single tokens on SmolLM2
+    (("sad", "sad"), "sad"),
+])
+def test_a_choice_that_is_a_token_prefix_of_another_is_refused(
+    hf_backend: HFBackend, choices: tuple[str, ...], prefix: str
+) -> None:
+    with pytest.raises(ValueError, match=f"{prefix!r} is a token prefix"):
+        hf_backend.plan(choices)
+
+
+def test_a_choice_encoding_to_nothing_is_refused() -> None:
+    with pytest.raises(ValueError, match="no tokens"):
+        ChoicePlan.build(("a", ""), lambda s: [] if s == " " else [1])
+
+
+def test_an_unknown_adapter_is_refused(hf_backend: HFBackend) -> None:
+    with pytest.raises(KeyError, match="never added"):
+        hf_backend.score([ScoreRequest("Hello:", ("yes", "no"), adapter="missing")])

@@ -1,0 +1,46 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from model_store.loading import SHIPPED_ADAPTERS, choose_adapter
+from model_store.registry import Registry
+from erc_stream.settings import Settings
+
+
+def _store_with(lora_adapter: Path, tmp_path: Path, name: str = "mine") -> Path:
+    store = tmp_path / "store"
+    shutil.copytree(lora_adapter, store / "adapters" / name)
+    return store
+
+
+def test_promote_makes_an_adapter_active_and_changes_the_version(lora_adapter: Path, tmp_path: Path) -> None:
+    reg = Registry(_store_with(lora_adapter, tmp_path))
+    before = reg.version()
+    info = reg.promote("mine")
+    assert info.label_set == "meld"
+    assert reg.active("meld").name == "mine"
+    assert reg.version() != before
+    assert "mine" in [a.name for a in reg.adapters()]
+
+
+def test_without_a_promotion_the_shipped_default_is_active(tmp_path: Path) -> None:
+    defaults = SHIPPED_ADAPTERS / "defaults.json"
+    expected = json.loads(defaults.read_text()).get("meld") if defaults.exists() else None
+    active = Registry(tmp_path / "empty-store").active("meld")
+    assert (active.name if active else None) == expected
+
+
+def test_unknown_adapter_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="adapter 'nope'"):
+        Registry(tmp_path).promote("nope")
+
+
+def test_choose_adapter_honours_none_and_explicit_names(lora_adapter: Path, tmp_path: Path) -> None:
+    store = _store_with(lora_adapter, tmp_path)
+    settings = Settings().with_overrides(store={"dir": store})
+    assert choose_adapter(settings, "none").ref is None
+    assert choose_adapter(settings, "mine").name == "mine"
+    Registry(store).promote("mine")
+    assert choose_adapter(settings).name == "mine"

@@ -1,0 +1,61 @@
+"""A real two-step training run on the embedded model, resumed from its checkpoint."""
+
+import json
+from pathlib import Path
+
+from erc_stream.labels import get_label_set
+from erc_stream.settings import Settings
+from model_store.examples import impact_example, main_example, speaker_example, targets
+from model_store.prompts import PromptBuilder
+from model_store.training import TrainConfig, build_examples, schedule, train
+from producer_sim.synthetic import synthetic_conversations
+
+
+def _write_jsonl(path: Path, n: int) -> Path:
+    with path.open("w") as f:
+        for conv in synthetic_conversations(n):
+            f.write(json.dumps({"conversation_id": conv.conversation_id, "turns": [
+                {"speaker": u.speaker, "text": u.text, "label": u.label} for u in conv.utterances]}) + "\n")
+    return path
+
+
+def test_examples_for_the_three_tasks() -> None:
+    convs = synthetic_conversations(2)
+    builder = PromptBuilder(get_label_set("meld"), max_tokens=10_000)
+    ts = targets(convs, builder.label_set)
+    assert len(ts) == sum(len(c.utterances) for c in convs)
+    t = ts[2]
+    main = main_example(t, builder, 12, None)
+    assert main.answer == t.label and main.answer in main.prompt.choices and t.text in main.prompt.text
+    impact = impact_example(t, builder, 12)
+    assert impact is not None and impact.answer == t.label and t.text not in impact.prompt.text
+    assert impact_example(ts[0], builder, 12) is None  # no history before the first turn
+    sp = speaker_example(t, builder, 12)
+    assert sp is not None and sp.answer in sp.prompt.choices and sp.answer.startswith("Speaker_")
+
+
+def test_schedule_is_deterministic_and_mixes_impact_into_main_batches() -> None:
+    cfg = TrainConfig(name="x", dataset="jsonl", train_file="-", label_set="meld", speaker_steps=2, steps=3,
+                      batch_size=4, impact_per_batch=1)
+    builder = PromptBuilder(get_label_set("meld"), max_tokens=10_000)
+    examples = build_examples(cfg, synthetic_conversations(3), builder, None)
+    a, b = schedule(cfg, examples), schedule(cfg, examples)
+    assert a == b and len(a) == 5
+    assert all(task == "speaker" for task, _ in a[0] + a[1])
+    assert [task for task, _ in a[2]] == ["main"] * 3 + ["impact"]
+
+
+def test_two_step_training_writes_an_adapter_with_metadata_and_resumes(tmp_path: Path) -> None:
+    data = _write_jsonl(tmp_path / "train.jsonl", 4)
+    cfg = TrainConfig(name="tiny", dataset="jsonl", train_file=str(data), label_set="meld", speaker_steps=1,
+                      steps=1, batch_size=2, impact_per_batch=1, max_tokens=160, checkpoint_every=1,
+                      index_per_label=3, threads=1)
+    out = tmp_path / "adapters" / "tiny"
+    path = train(cfg, store_dir=Settings().store.dir, out_dir=out, progress=False, command="test")
+    assert (path / "adapter_model.safetensors").stat().st_size > 10_000
+    meta = json.loads((path / "erc_meta.json").read_text())
+    assert meta["label_set"] == "meld" and meta["window"] == 12 and meta["demonstrations"] is True
+    assert meta["train"]["steps"] == 2 and meta["train"]["loss_first"] > 0
+    assert len(meta["data_hash"]) == 16
+    assert (path / "demos" / "items.json").exists()
+    assert not (path / "checkpoint").exists()  # removed once the adapter is final
