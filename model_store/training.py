@@ -243,7 +243,13 @@ def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, pro
     if cfg.demonstrations:
         # Pairing in training searches the whole training set; the (smaller, balanced) index shipped
         # with the adapter is the base searched at inference.
-        index = DemoIndex.build(conversations, label_set, per_label=10**9, seed=cfg.seed)
+        # Embedding a 10k training set costs minutes on 2 cores: cache it per (file, label set).
+        cache = store_dir / "retrieval-cache" / f"{file_hash(cfg.train_file)}-{label_set.name}-{cfg.seed}"
+        if (cache / "items.json").exists():
+            index = DemoIndex.load(cache)
+        else:
+            index = DemoIndex.build(conversations, label_set, per_label=10**9, seed=cfg.seed)
+            index.save(cache)
         index.balanced(cfg.index_per_label, seed=cfg.seed).save(out_dir / "demos")
     examples = build_examples(cfg, conversations, builder, index)
     log.info("examples", **{k: len(v) for k, v in examples.items()})

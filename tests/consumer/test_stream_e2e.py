@@ -188,15 +188,17 @@ def test_stream_end_to_end_with_the_null_backend(settings: Settings) -> None:
 
 
 @pytest.mark.slow
-def test_stream_end_to_end_with_the_real_model(settings: Settings, hf_backend) -> None:
-    settings = _overrides(settings, window={"size": 4, "retain": 8})
-    run = _run_stream(settings, hf_backend)
+@pytest.mark.parametrize("backend_name", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_stream_end_to_end_with_the_real_model(settings: Settings, backend_name: str, request) -> None:
+    backend = request.getfixturevalue(f"{backend_name}_backend")  # the session's transformers or vLLM backend
+    settings = _overrides(settings, window={"size": 4, "retain": 8}, model={"backend": backend_name})
+    run = _run_stream(settings, backend)
     by_message = _check_common(run, settings, "smollm2-135m")
 
     # The model saw the right window: re-score the last turn of each conversation from the inputs.
     builder = PromptBuilder(
         get_label_set(settings.model.label_set), max_tokens=settings.model.max_prompt_tokens,
-        count_tokens=hf_backend.count_tokens, demo_position=settings.model.demo_position,
+        count_tokens=backend.count_tokens, demo_position=settings.model.demo_position,
         max_turn_chars=settings.window.max_turn_chars,
     )
     conv_msgs: dict[str, list[ChatMessage]] = defaultdict(list)
@@ -209,7 +211,7 @@ def test_stream_end_to_end_with_the_real_model(settings: Settings, hf_backend) -
         prompt = builder.emotion(window)
         assert prompt.turns_used == settings.window.size
         requests.append(ScoreRequest(prompt.text, prompt.choices))
-    for target, probs in zip(targets, hf_backend.score(requests)):
+    for target, probs in zip(targets, backend.score(requests)):
         got = by_message[target.message_id].probabilities
         expected = dict(zip(get_label_set(settings.model.label_set).labels, probs))
         assert max(abs(got[k] - expected[k]) for k in expected) < 1e-3, (got, expected)

@@ -229,3 +229,48 @@ def test_append_many_of_200_items_keeps_input_order(client: redis.Redis, prefix:
         turns = [t.turn for t in store.get(f"conv-{k}")]
         n = len(range(k, 200, 7))
         assert turns == list(range(max(0, n - 10), n))
+
+
+# -- duplicate message ids and degraded windows ---------------------------------------------------
+
+
+def test_a_message_id_already_stored_at_another_turn_is_reported_and_not_stored(client, prefix) -> None:
+    store = _store(client, prefix)
+    conv = "dup"
+    assert _append(store, conv, WindowTurn(0, "A", "first", "same-id")).added
+    u = _append(store, conv, WindowTurn(1, "B", "second", "same-id"))
+    assert u.duplicate_of_turn == 0 and not u.added and u.window == ()
+    assert [t.turn for t in store.get(conv)] == [0]
+    # The same message at its own turn again is a redelivery, not a duplicate.
+    again = _append(store, conv, WindowTurn(0, "A", "first", "same-id"))
+    assert again.duplicate_of_turn is None and not again.added
+    # Ids that only share a suffix are not duplicates.
+    assert _append(store, conv, WindowTurn(1, "B", "x", "the-same-id")).added
+
+
+def test_message_ids_with_quotes_and_non_ascii_are_matched_exactly(client, prefix) -> None:
+    store = _store(client, prefix)
+    tricky = 'id "quoted" é 😀 \\ /'
+    assert _append(store, "q", WindowTurn(0, "A", "t", tricky)).added
+    assert _append(store, "q", WindowTurn(1, "A", "t", tricky)).duplicate_of_turn == 0
+    assert _append(store, "q", WindowTurn(2, "A", "t", tricky + "x")).added
+
+
+@pytest.mark.parametrize(
+    ("stored", "turn", "size", "degraded"),
+    [
+        ([0], 0, 3, False),
+        ([0, 1, 2], 2, 3, False),
+        ([1, 2, 3], 3, 3, False),  # a full window need not start at 0
+        ([2, 3], 3, 3, True),  # turn 1 is missing: Redis lost it
+        ([0, 2], 2, 3, True),  # a gap in the input
+        ([5], 5, 3, True),  # a conversation resumed after Redis was emptied
+        ([3, 4, 5], 5, 3, False),  # ... and whole again once `size` turns arrived
+    ],
+)
+def test_degraded_windows(client, prefix, stored, turn, size, degraded) -> None:
+    store = _store(client, prefix, size=size, retain=8)
+    u = None
+    for t in stored:
+        u = _append(store, "deg", _turn(t))
+    assert u is not None and u.degraded(turn, size) == degraded

@@ -1,0 +1,66 @@
+"""`erc-stream export` drops redelivered copies by event_id; `erc-stream replay-dlq` sends dead letters back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from consumer.app import StreamApp
+from consumer.delivery import DeliveryError
+from erc_stream.settings import Settings
+from model_store.backends.null import NullBackend
+from tests.kafka_helpers import produce_raw, read_all
+from tests.procs import PROJECT, consumer_env, stream_messages
+
+
+def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "erc_stream", *args], cwd=PROJECT, env=consumer_env(settings),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_export_writes_each_event_once_and_replay_dlq_resends_originals(settings: Settings, tmp_path: Path) -> None:
+    settings = settings.with_overrides(batch={"max_size": 10, "max_wait_ms": 50}, store={"dir": tmp_path / "store"})
+    msgs = stream_messages(4, 5, run_id=uuid.uuid4().hex[:6])
+    bad = b'{"message_id": "oops", "turn": '
+    items = [(m.conversation_id.encode(), m.to_bytes()) for m in msgs] + [(b"bad-key", bad)]
+    produce_raw(settings, settings.kafka.input_topic, items)
+
+    fired = []
+
+    def fail_once(stage: str) -> None:  # the first batch is sent, then fails before its commit: copies
+        if not fired:
+            fired.append(stage)
+            raise DeliveryError("injected")
+
+    app = StreamApp(settings, NullBackend())
+    app.fault = fail_once
+    thread = threading.Thread(target=app.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while app.stats.consumed < len(items) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    app.stop()
+    thread.join(30)
+    raw = read_all(settings, settings.kafka.output_topic, expected=len(msgs), timeout_s=20)
+    assert len(raw) > len(msgs)  # copies on the topic
+
+    out = tmp_path / "events.jsonl"
+    result = _cli(settings, "export", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(e["message_id"] for e in lines) == sorted(m.message_id for m in msgs)
+    assert len({e["event_id"] for e in lines}) == len(lines)
+    assert f"exported {len(msgs)} events ({len(raw) - len(msgs)} redelivered copies dropped)" in result.stderr
+
+    dry = _cli(settings, "replay-dlq", "--dry-run")
+    assert dry.returncode == 0 and "replaying 1 {'invalid_json': 1}" in dry.stderr, dry.stderr
+    assert "replaying 0" in _cli(settings, "replay-dlq", "--error-type", "conflict").stderr
+    result = _cli(settings, "replay-dlq", "--error-type", "invalid_json")
+    assert result.returncode == 0 and "replayed 1 records" in result.stderr, result.stderr
+    again = read_all(settings, settings.kafka.input_topic, expected=len(items) + 1, timeout_s=20)
+    assert [(r.key, r.value) for r in again].count((b"bad-key", bad)) == 2
