@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,32,128)")
     ap.add_argument("--length", type=int, default=None, help="prompt length in tokens (default 256)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 30, as SmolLM2-135M; 2 with --quick)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers (default 30, as SmolLM2-135M; 2 with --quick)")
     ap.add_argument("--min-seconds", type=float, default=None, help="time each cell for at least this long")
     ap.add_argument("--out", type=Path, default=None, help="JSON result (default $OUT/gpu_check.json if OUT is set)")
     args = ap.parse_args(argv)

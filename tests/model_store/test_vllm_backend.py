@@ -94,8 +94,8 @@ def fixed_prompts(count_tokens, n: int = N_PROMPTS) -> list[ScoreRequest]:
 def test_is_a_backend(vllm_backend) -> None:
     assert isinstance(vllm_backend, Backend)
     assert vllm_backend.model_id == "smollm2-135m"
-    assert vllm_backend.count_tokens("hello world") == len(vllm_backend.tokenizer("hello world",
-                                                                                    add_special_tokens=False)["input_ids"])
+    ids = vllm_backend.tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    assert vllm_backend.count_tokens("hello world") == len(ids) > 0
     assert vllm_backend.score([]) == []
 
 
