@@ -253,7 +253,10 @@ class Transactional:
         if isinstance(e, FatalDeliveryError):
             self._broken = True
             return e
-        if isinstance(e, FATAL_ERRORS):
+        # kafka-python often reports fencing indirectly ("Cannot execute transactional method because we
+        # are in an error state: ProducerFencedError"): its transaction manager's state is the truth.
+        manager = getattr(self.producer, "_transaction_manager", None)
+        if isinstance(e, FATAL_ERRORS) or (manager is not None and manager.has_fatal_error()):
             self._broken = True
             return FatalDeliveryError(f"{what}: {type(e).__name__}: {e} (fenced or unrecoverable; exit)")
         return DeliveryError(f"{what}: {type(e).__name__}: {e}")
