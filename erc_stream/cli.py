@@ -166,7 +166,7 @@ def consume(ctx, backend, base, adapter, label_set, group_id, idle_exit, ready_f
 @main.command()
 @click.option("--dialogues", type=int, default=6, show_default=True, help="MELD dev dialogues to replay.")
 @click.option("--synthetic", type=int, default=None, help="Replay N synthetic conversations instead of MELD.")
-@click.option("--rate", type=float, default=3.0, show_default=True, help="Messages per second.")
+@click.option("--rate", type=float, default=2.0, show_default=True, help="Messages per second.")
 @click.option("--backend", type=click.Choice(["hf", "vllm", "null"]), default=None)
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Give up after this many seconds.")
 @click.pass_context
