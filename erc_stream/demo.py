@@ -92,7 +92,7 @@ def _table(seen: _Seen, expected: int, texts: dict[str, str]) -> Table:
 def run_demo(settings: Settings, *, dialogues: int, synthetic: int | None, rate: float, timeout_s: float) -> bool:
     console.rule("erc-stream demo")
     for s in services_up(settings):
-        console.print(f"[bold]{s.name}[/] {s.address} {'started' if s.managed else 'in use'} {s.detail}")
+        console.print(f"[bold]{s.name}[/] {s.address} ({'managed by erc-stream' if s.managed else 'external'}): {s.detail}")
     source = load_source(settings, dialogues=dialogues, synthetic=synthetic, fallback=True)
     console.print(("[yellow]" if source.synthetic else "") + source.description, soft_wrap=True)
 
