@@ -90,3 +90,14 @@ def read_all(
     finally:
         consumer.close()
     return sorted(records, key=lambda r: (r.partition, r.offset))
+
+
+def committed_offsets(settings: Settings) -> dict[int, int | None]:
+    """The group's committed offset of each input partition (None where nothing was committed)."""
+    group = KafkaConsumer(group_id=settings.kafka.group_id, enable_auto_commit=False,
+                          **settings.kafka.client_options())
+    try:
+        return {p: group.committed(TopicPartition(settings.kafka.input_topic, p))
+                for p in range(settings.kafka.partitions)}
+    finally:
+        group.close(autocommit=False)

@@ -29,18 +29,8 @@ from erc_stream.services import ensure_topics, kafka_down, kafka_up
 from erc_stream.settings import KafkaSettings, ServicesSettings, Settings
 from model_store.backends.null import NullBackend
 from tests.conftest import free_port
-from tests.kafka_helpers import produce_raw, read_all
+from tests.kafka_helpers import committed_offsets, produce_raw, read_all
 from tests.procs import stream_messages
-
-
-def _committed(settings: Settings) -> dict[int, int | None]:
-    group = KafkaConsumer(group_id=settings.kafka.group_id, enable_auto_commit=False,
-                          **settings.kafka.client_options())
-    try:
-        return {p: group.committed(TopicPartition(settings.kafka.input_topic, p))
-                for p in range(settings.kafka.partitions)}
-    finally:
-        group.close(autocommit=False)
 
 
 def _run_until(app: StreamApp, done, timeout_s: float = 60.0) -> None:
@@ -99,7 +89,7 @@ def test_at_least_once_redo_emits_copies_with_the_same_event_id(settings: Settin
     assert out.records == len(msgs) + out.copies and 1 <= out.copies <= 10
     assert sorted(e.message_id for e in out.events) == sorted(m.message_id for m in msgs)
     assert all(e.event_id == EmotionEvent.make_id(e.message_id, "null", None) for e in out.events)
-    assert _committed(settings) == {p: ends.get(p) for p in range(settings.kafka.partitions)}
+    assert committed_offsets(settings) == {p: ends.get(p) for p in range(settings.kafka.partitions)}
 
 
 def test_transactional_batches_commit_outputs_with_offsets_and_abort_then_redo(settings: Settings) -> None:
@@ -119,7 +109,7 @@ def test_transactional_batches_commit_outputs_with_offsets_and_abort_then_redo(s
     # The aborted transaction's events are not visible; the redone batch's are, once each.
     assert ids == Counter(m.message_id for m in msgs)
     # Offsets were committed by the transactions, not by the consumer.
-    assert _committed(settings) == {p: ends.get(p) for p in range(settings.kafka.partitions)}
+    assert committed_offsets(settings) == {p: ends.get(p) for p in range(settings.kafka.partitions)}
 
 
 def test_a_restarted_worker_fences_the_old_instance(settings: Settings) -> None:
@@ -152,7 +142,7 @@ def test_a_restarted_worker_fences_the_old_instance(settings: Settings) -> None:
     # hides its record from read_committed readers; tansu sends it anyway (its fetch responses carry
     # no aborted-transaction list), so here it may show up before the new record, never after it.
     assert set(values) <= {b"from the old instance", b"from the new instance"}
-    assert _committed(settings)[0] == 1
+    assert committed_offsets(settings)[0] == 1
 
 
 def test_a_fenced_consumer_exits(settings: Settings, tmp_path: Path) -> None:

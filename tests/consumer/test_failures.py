@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from kafka import KafkaConsumer, TopicPartition
 
 from consumer.app import StreamApp
 from erc_stream.readers import read_dead_letters, read_events
@@ -21,7 +20,7 @@ from erc_stream.settings import Settings
 from model_store.backends.base import ScoreRequest
 from model_store.backends.null import NullBackend
 from tests.conftest import free_port
-from tests.kafka_helpers import produce_raw
+from tests.kafka_helpers import committed_offsets, produce_raw
 from tests.procs import RedisProc, stream_messages
 
 
@@ -34,16 +33,6 @@ def own_redis(tmp_path: Path):
         yield server
     finally:
         server.stop()
-
-
-def _committed(settings: Settings) -> dict[int, int | None]:
-    group = KafkaConsumer(group_id=settings.kafka.group_id, enable_auto_commit=False,
-                          **settings.kafka.client_options())
-    try:
-        return {p: group.committed(TopicPartition(settings.kafka.input_topic, p))
-                for p in range(settings.kafka.partitions)}
-    finally:
-        group.close(autocommit=False)
 
 
 class _Running:
@@ -95,7 +84,7 @@ def test_redis_outage_pauses_consumption_and_resumes_by_itself(settings: Setting
     try:
         _send(settings, first)
         running.wait(lambda: running.app.stats.events == len(first), what="the first half")
-        committed_before = _committed(settings)
+        committed_before = committed_offsets(settings)
         generation = running.app.consumer.group_metadata().generation_id
 
         own_redis.kill()  # Redis down, its data lost
@@ -103,7 +92,7 @@ def test_redis_outage_pauses_consumption_and_resumes_by_itself(settings: Setting
         running.wait(lambda: running.app.stats.redis_outages >= 1, what="the outage to be noticed")
         time.sleep(8)  # > max_poll_interval_ms
         assert running.app.stats.events == len(first)  # nothing processed meanwhile...
-        assert _committed(settings) == committed_before  # ...and nothing committed
+        assert committed_offsets(settings) == committed_before  # ...and nothing committed
         assert running.app.consumer.paused(), "partitions are not paused during the outage"
 
         own_redis.start()  # back, empty
@@ -172,7 +161,7 @@ def test_finished_offsets_are_committed_when_partitions_are_revoked(settings: Se
     try:
         _send(settings, msgs)
         first.wait(lambda: first.app.stats.events == len(msgs), what="the first member")
-        assert all(v is None for v in _committed(settings).values())  # deferred: nothing committed yet
+        assert all(v is None for v in committed_offsets(settings).values())  # deferred: nothing committed yet
         second = _Running(StreamApp(settings, NullBackend()))  # joins: the first member's partitions are revoked
         first.wait(lambda: first.app.stats.commits_on_revoke >= 1, what="a commit on revoke")
         more = stream_messages(8, 2, run_id=uuid.uuid4().hex[:8])
@@ -187,7 +176,7 @@ def test_finished_offsets_are_committed_when_partitions_are_revoked(settings: Se
     assert out.copies == 0, "a partition was re-read from an old offset after the rebalance"
     assert len(out.events) == len(msgs) + len(more)
     assert second.app.stats.events >= 1
-    assert all(v is not None for v in _committed(settings).values())  # committed on close too
+    assert all(v is not None for v in committed_offsets(settings).values())  # committed on close too
 
 
 def test_redis_refusing_writes_pauses_the_stream_too(settings: Settings, own_redis: RedisProc) -> None:
