@@ -15,7 +15,7 @@ import redis
 
 from consumer.app import StreamApp
 from erc_stream.readers import read_dead_letters, read_events
-from erc_stream.schemas import ChatMessage, EmotionEvent
+from erc_stream.schemas import ChatMessage
 from erc_stream.settings import Settings
 from model_store.backends.base import ScoreRequest
 from model_store.backends.null import NullBackend
