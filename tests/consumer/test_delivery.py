@@ -33,17 +33,23 @@ from tests.kafka_helpers import committed_offsets, produce_raw, read_all
 from tests.procs import stream_messages
 
 
-def _run_until(app: StreamApp, done, timeout_s: float = 60.0) -> None:
+def _start(app: StreamApp) -> tuple[threading.Thread, list[BaseException]]:
+    """Run an app in a thread; what it raises lands in the returned list."""
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
             app.run()
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
             errors.append(e)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    return thread, errors
+
+
+def _run_until(app: StreamApp, done, timeout_s: float = 60.0) -> None:
+    thread, errors = _start(app)
     deadline = time.monotonic() + timeout_s
     try:
         while not done() and time.monotonic() < deadline and thread.is_alive():
@@ -152,16 +158,7 @@ def test_a_fenced_consumer_exits(settings: Settings, tmp_path: Path) -> None:
         delivery={"mode": "transactional", "worker_id": f"w-{uuid.uuid4().hex[:6]}", "commit_watchdog_s": 20},
     )
     old = StreamApp(settings, NullBackend())
-    errors: list[BaseException] = []
-
-    def run_old() -> None:
-        try:
-            old.run()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    thread = threading.Thread(target=run_old, daemon=True)
-    thread.start()
+    thread, errors = _start(old)
     new = StreamApp(settings, NullBackend())  # init_transactions fences `old`
     new_thread = threading.Thread(target=new.run, daemon=True)
     new_thread.start()
