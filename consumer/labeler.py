@@ -9,6 +9,7 @@ import structlog
 
 from erc_stream.labels import LabelSet
 from model_store.backends.base import Backend, ScoreRequest
+from model_store.calibration import Calibration
 from model_store.loading import AdapterChoice
 from model_store.prompts import Demonstration, PromptBuilder, Turn
 
@@ -46,6 +47,7 @@ class Labeler:
         self.builder = builder
         self.adapter = adapter
         self.demonstrations = demonstrations
+        self.calibration: Calibration | None = None
 
     def use(self, choice: AdapterChoice) -> None:
         """Switch adapter (and its demonstration index); the backend loads it first if needed."""
@@ -53,6 +55,7 @@ class Labeler:
             self.backend.add_adapter(choice.ref.name, choice.ref.path)
         self.adapter = choice.name
         self.demonstrations = choice.demos.lookup if choice.demos is not None else None
+        self.calibration = choice.calibration
 
     @property
     def label_set(self) -> LabelSet:
@@ -78,5 +81,7 @@ class Labeler:
                 out.append(Failed(f"{type(probs).__name__}: {probs}"))
                 continue
             dist = dict(zip(prompt.choices, (float(p) for p in probs)))
+            if self.calibration is not None:
+                dist = self.calibration.apply(dist)
             out.append(Labelled(max(dist, key=dist.__getitem__), dist, prompt.turns_used))
         return out

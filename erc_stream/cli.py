@@ -205,11 +205,17 @@ def models() -> None:
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--aux-weight", type=float, default=0.1, show_default=True, help="Emotion-impact loss weight (0 = off).")
 @click.option("--no-demonstrations", is_flag=True, help="Train without retrieved demonstrations.")
+@click.option("--demo-pairing", type=click.Choice(["same_label", "nearest"]), default="same_label", show_default=True,
+              help="Training demonstrations: nearest of the same label (the paper) or nearest of any label (as served).")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--lora-r", type=int, default=8, show_default=True)
 @click.option("--lora-alpha", type=int, default=16, show_default=True)
 @click.option("--fraction", type=float, default=1.0, show_default=True)
 @click.option("--limit", type=int, default=None, help="At most this many training utterances.")
+@click.option("--balance", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Label balancing of the main task's draws: 0 = the data's distribution, 1 = labels equally often.")
+@click.option("--calibration", type=click.IntRange(0), default=0, show_default=True,
+              help="Hold out this many training utterances and fit the label-prior correction on them (0 = none).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="cpu", show_default=True)
@@ -217,8 +223,8 @@ def models() -> None:
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 def models_train(ctx, dataset, file_, label_set, name, base, window, max_tokens, speaker_steps, steps, epochs,
-                 batch_size, aux_weight, no_demonstrations, lr, lora_r, lora_alpha, fraction, limit, seed, threads,
-                 device, checkpoint_every, no_progress):
+                 batch_size, aux_weight, no_demonstrations, demo_pairing, lr, lora_r, lora_alpha, fraction, limit, balance, calibration,
+                 seed, threads, device, checkpoint_every, no_progress):
     """Train a LoRA adapter with the InstructERC recipe; resumes from its checkpoint if one exists."""
     import math
     import shlex
@@ -239,8 +245,9 @@ def models_train(ctx, dataset, file_, label_set, name, base, window, max_tokens,
     cfg = TrainConfig(
         name=name, dataset=dataset, train_file=str(path), label_set=label_set or dataset, base=base, window=window,
         max_tokens=max_tokens, speaker_steps=speaker_steps, steps=steps, batch_size=batch_size,
-        aux_weight=aux_weight, demonstrations=not no_demonstrations, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
-        fraction=fraction, limit=limit, seed=seed, threads=threads, device=device, checkpoint_every=checkpoint_every,
+        aux_weight=aux_weight, demonstrations=not no_demonstrations, demo_pairing=demo_pairing, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
+        fraction=fraction, limit=limit, balance=balance, calibration=calibration, seed=seed, threads=threads,
+        device=device, checkpoint_every=checkpoint_every,
         demo_position=settings.model.demo_position,
     )
     out = train(cfg, store_dir=settings.store.dir, progress=not no_progress,
@@ -259,6 +266,7 @@ def models_train(ctx, dataset, file_, label_set, name, base, window, max_tokens,
 @click.option("--limit", type=int, default=None, help="Only the first N utterances.")
 @click.option("--window", type=int, default=None)
 @click.option("--no-demonstrations", is_flag=True)
+@click.option("--no-calibration", is_flag=True, help="Ignore the adapter's label-prior correction.")
 @click.option("--zero-shot/--no-zero-shot", default=True, show_default=True,
               help="Also report the base model without adapter on the same items (cached in the store).")
 @click.option("--confusion", type=click.Path(path_type=Path), default=None, help="Write a confusion-matrix PNG here.")
@@ -267,8 +275,8 @@ def models_train(ctx, dataset, file_, label_set, name, base, window, max_tokens,
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default=None,
               help="Inference backend (default: ERC_MODEL__BACKEND or hf).")
 @click.pass_context
-def models_eval(ctx, dataset, file_, split, label_set, adapter, dialogues, limit, window, no_demonstrations, zero_shot,
-                confusion, batch_size, as_json, backend=None):
+def models_eval(ctx, dataset, file_, split, label_set, adapter, dialogues, limit, window, no_demonstrations,
+                no_calibration, zero_shot, confusion, batch_size, as_json, backend=None):
     """Weighted F1 (all classes), accuracy and per-label F1 through the serving path."""
     import json
 
@@ -283,7 +291,7 @@ def models_eval(ctx, dataset, file_, split, label_set, adapter, dialogues, limit
         settings = settings.with_overrides(model={"label_set": dataset})
     result = run_eval(settings, dataset=dataset, file=file_, split=split, adapter=adapter, dialogues=dialogues,
                       limit=limit, window=window, demonstrations=not no_demonstrations, zero_shot=zero_shot,
-                      confusion=confusion, batch_size=batch_size, progress=not as_json)
+                      confusion=confusion, batch_size=batch_size, progress=not as_json, calibrated=not no_calibration)
     if as_json:
         click.echo(json.dumps(result))
     else:

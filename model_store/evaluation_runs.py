@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from erc_stream.labels import get_label_set
@@ -19,12 +20,15 @@ def run_eval(
     settings: Settings, *, dataset: str, file: Path | None, split: str = "dev", adapter: str | None = None,
     dialogues: int | None = None, limit: int | None = None, window: int | None = None, demonstrations: bool = True,
     zero_shot: bool = True, confusion: Path | None = None, batch_size: int = 16, progress: bool = False,
+    calibrated: bool = True,
 ) -> dict:
     path = Path(file) if file else default_file(settings.data.dir, dataset, split)
     conversations = load_conversations(dataset, path, split=split)[:dialogues]
     label_set = get_label_set(settings.model.label_set)
     backend = load_backend(settings)
     choice = choose_adapter(settings, adapter)
+    if not calibrated:
+        choice = replace(choice, calibration=None)
     common = dict(dataset=dataset, file=str(path), label_set=label_set, window=window, batch_size=batch_size,
                   limit=limit, progress=progress)
     report = evaluate(settings, backend, choice, conversations, use_demonstrations=demonstrations,
@@ -44,7 +48,8 @@ def run_eval(
         report["baselines"]["zero_shot_weighted_f1"] = zs["weighted_f1"]
     best = max(report["baselines"].values())
     report["margin_over_best_baseline"] = round(report["weighted_f1"] - best, 2)
-    if choice.ref is not None and dialogues is None and limit is None and adapter != NO_ADAPTER:
+    report["calibrated"] = choice.calibration is not None
+    if choice.ref is not None and dialogues is None and limit is None and calibrated and adapter != NO_ADAPTER:
         Registry(settings.store.dir).record_eval(choice.ref.name, f"{dataset}:{split}", {
             k: report[k] for k in ("weighted_f1", "accuracy", "n", "per_label_f1", "baselines")})
     return report

@@ -11,6 +11,7 @@ from model_store.backends.base import Backend
 from model_store.base_models import resolve_base
 
 if TYPE_CHECKING:
+    from model_store.calibration import Calibration
     from model_store.retrieval import DemoIndex
 
 #: Adapters committed with the project (LoRA weights only).
@@ -27,10 +28,12 @@ class AdapterRef:
 
 @dataclass(frozen=True)
 class AdapterChoice:
-    """The adapter a labeler uses (None = zero-shot) and the demonstration index trained with it."""
+    """The adapter a labeler uses (None = zero-shot), the demonstration index and the label-prior
+    correction trained with it."""
 
     ref: AdapterRef | None
     demos: "DemoIndex | None" = None
+    calibration: "Calibration | None" = None
 
     @property
     def name(self) -> str | None:
@@ -70,7 +73,9 @@ def choose_adapter(settings: Settings, adapter: str | None = None) -> AdapterCho
         from model_store.retrieval import DemoIndex
 
         demos = DemoIndex.load(ref.path / "demos")
-    return AdapterChoice(ref, demos)
+    from model_store.calibration import Calibration
+
+    return AdapterChoice(ref, demos, Calibration.from_dict(meta.get("calibration")))
 
 
 def load_backend(settings: Settings, model: ModelSettings | None = None) -> Backend:

@@ -17,6 +17,7 @@ import json
 import random
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +28,7 @@ import structlog
 import torch
 
 from erc_stream.labels import get_label_set
-from model_store.examples import Example, impact_example, main_example, sample, speaker_example, targets
+from model_store.examples import Example, Target, impact_example, main_example, sample, speaker_example, targets
 from model_store.prompts import Prompt, PromptBuilder
 
 log = structlog.get_logger(__name__)
@@ -51,6 +52,10 @@ class TrainConfig:
     aux_weight: float = 0.1
     demonstrations: bool = True
     demo_position: str = "after_history"
+    # "same_label": each example's demonstration is its nearest neighbour of the same label (the paper);
+    # the demonstration's label then always equals the answer, and a small model learns to copy it.
+    # "nearest": the nearest neighbour of any label, as at inference.
+    demo_pairing: str = "same_label"
     lr: float = 1e-3
     warmup: float = 0.1
     lora_r: int = 8
@@ -59,6 +64,13 @@ class TrainConfig:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     fraction: float = 1.0
     limit: int | None = None
+    # Label balancing of the main task's draws: each example is drawn with weight freq(label)^-balance,
+    # 0 = the data's own distribution, 1 = every label equally often. MELD is 47 % neutral; a small
+    # model trained on the natural distribution learns to answer "neutral".
+    balance: float = 0.0
+    # Training utterances held out of training and used afterwards to fit the label-prior correction
+    # (see model_store/calibration.py); 0 = no calibration.
+    calibration: int = 0
     seed: int = 0
     threads: int | None = None
     device: str = "cpu"
@@ -71,16 +83,27 @@ def file_hash(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def split_targets(cfg: TrainConfig, conversations, label_set) -> tuple[list[Target], list[Target]]:
+    """(training targets, held-out calibration targets): ``cfg.calibration`` utterances are set aside
+    (drawn from the seed) before the fraction/limit sampling of the rest."""
+    pool = targets(conversations, label_set)
+    held: set[int] = set()
+    if cfg.calibration > 0:
+        held = set(random.Random(cfg.seed + 2).sample(range(len(pool)), min(cfg.calibration, len(pool) // 2)))
+    rest = [t for i, t in enumerate(pool) if i not in held]
+    chosen = sample(rest, fraction=cfg.fraction, limit=cfg.limit, seed=cfg.seed)
+    return chosen, [pool[i] for i in sorted(held)]
+
+
 def build_examples(cfg: TrainConfig, conversations, builder: PromptBuilder, index) -> dict[str, list[Example]]:
     """Training examples per task, with same-label demonstrations when an index is given."""
-    label_set = builder.label_set
-    chosen = sample(targets(conversations, label_set), fraction=cfg.fraction, limit=cfg.limit, seed=cfg.seed)
+    chosen, _ = split_targets(cfg, conversations, builder.label_set)
     demos: list = [None] * len(chosen)
     if index is not None and chosen:
         from model_store.retrieval import embed
 
-        demos = index.search(embed([t.text for t in chosen]), same_label=[t.label for t in chosen],
-                             exclude_text=[t.text for t in chosen])
+        same = [t.label for t in chosen] if cfg.demo_pairing == "same_label" else None
+        demos = index.search(embed([t.text for t in chosen]), same_label=same, exclude_text=[t.text for t in chosen])
     out: dict[str, list[Example]] = {"main": [], "impact": [], "speaker": []}
     for t, demo in zip(chosen, demos):
         out["main"].append(main_example(t, builder, cfg.window, demo))
@@ -95,9 +118,18 @@ def schedule(cfg: TrainConfig, examples: dict[str, list[Example]]) -> list[list[
     rng = random.Random(cfg.seed + 1)
     batches: list[list[tuple[str, int]]] = []
 
+    main_weights = None
+    if cfg.balance > 0 and examples["main"]:
+        freq = Counter(ex.answer for ex in examples["main"])
+        main_weights = [freq[ex.answer] ** -cfg.balance for ex in examples["main"]]
+
     def draw(task: str, k: int) -> list[tuple[str, int]]:
         pool = examples[task]
-        return [(task, rng.randrange(len(pool))) for _ in range(k)] if pool else []
+        if not pool:
+            return []
+        if task == "main" and main_weights is not None:
+            return [(task, i) for i in rng.choices(range(len(pool)), weights=main_weights, k=k)]
+        return [(task, rng.randrange(len(pool))) for _ in range(k)]
 
     for _ in range(cfg.speaker_steps if examples["speaker"] else 0):
         batches.append(draw("speaker", cfg.batch_size))
@@ -224,12 +256,25 @@ class Trainer:
         shutil.rmtree(self.out_dir / "checkpoint", ignore_errors=True)
 
 
+def training_index(cfg: TrainConfig, conversations, store_dir: Path):
+    """The whole training set as a retrieval index, cached in the store per (file, label set, seed):
+    embedding a 10k training set costs minutes on 2 cores."""
+    from model_store.retrieval import DemoIndex
+
+    label_set = get_label_set(cfg.label_set)
+    cache = store_dir / "retrieval-cache" / f"{file_hash(cfg.train_file)}-{label_set.name}-{cfg.seed}"
+    if (cache / "items.json").exists():
+        return DemoIndex.load(cache)
+    index = DemoIndex.build(conversations, label_set, per_label=10**9, seed=cfg.seed)
+    index.save(cache)
+    return index
+
+
 def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, progress: bool = True,
           command: str | None = None) -> Path:
     """Run one training job end to end and write the adapter with its metadata; returns its directory."""
     from model_store.base_models import resolve_base
     from model_store.data import load_conversations
-    from model_store.retrieval import DemoIndex
 
     out_dir = out_dir or store_dir / "adapters" / cfg.name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -243,13 +288,7 @@ def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, pro
     if cfg.demonstrations:
         # Pairing in training searches the whole training set; the (smaller, balanced) index shipped
         # with the adapter is the base searched at inference.
-        # Embedding a 10k training set costs minutes on 2 cores: cache it per (file, label set).
-        cache = store_dir / "retrieval-cache" / f"{file_hash(cfg.train_file)}-{label_set.name}-{cfg.seed}"
-        if (cache / "items.json").exists():
-            index = DemoIndex.load(cache)
-        else:
-            index = DemoIndex.build(conversations, label_set, per_label=10**9, seed=cfg.seed)
-            index.save(cache)
+        index = training_index(cfg, conversations, store_dir)
         index.balanced(cfg.index_per_label, seed=cfg.seed).save(out_dir / "demos")
     examples = build_examples(cfg, conversations, builder, index)
     log.info("examples", **{k: len(v) for k, v in examples.items()})
@@ -262,5 +301,47 @@ def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, pro
         "command": command, "dev": None,
     }
     trainer.save(meta)
+    _, held = split_targets(cfg, conversations, label_set)
+    if held:
+        calibration = calibrate(cfg, store_dir, out_dir, held)
+        meta["calibration"] = calibration.as_dict()
+        (out_dir / "erc_meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        log.info("calibrated", power=calibration.power, weighted_f1_before=calibration.weighted_f1_before,
+                 weighted_f1_after=calibration.weighted_f1_after, n=calibration.n)
     log.info("adapter written", path=str(out_dir), **result)
     return out_dir
+
+
+def calibrate(cfg: TrainConfig, store_dir: Path, adapter_dir: Path, held: Sequence[Target]):
+    """Fit the adapter's label-prior correction on held-out training utterances, through the serving path."""
+    from consumer.labeler import Failed, Labeler
+    from erc_stream.settings import Settings
+    from model_store.calibration import fit
+    from model_store.loading import AdapterChoice, AdapterRef, load_backend
+
+    settings = Settings().with_overrides(
+        store={"dir": str(store_dir)},
+        model={"base": cfg.base, "device": cfg.device, "threads": cfg.threads, "label_set": cfg.label_set,
+               "backend": "hf", "demo_position": cfg.demo_position},
+    )
+    backend = load_backend(settings)
+    try:
+        builder = PromptBuilder(get_label_set(cfg.label_set), max_tokens=settings.model.max_prompt_tokens,
+                                count_tokens=backend.count_tokens, demo_position=cfg.demo_position)  # type: ignore[arg-type]
+        labeler = Labeler(backend, builder)
+        demos = None
+        if cfg.demonstrations:
+            from model_store.retrieval import DemoIndex
+
+            demos = DemoIndex.load(adapter_dir / "demos")
+        labeler.use(AdapterChoice(AdapterRef(cfg.name, adapter_dir), demos))
+        dists, gold = [], []
+        for i in range(0, len(held), 16):
+            chunk = held[i: i + 16]
+            for t, result in zip(chunk, labeler.label([t.window(cfg.window) for t in chunk])):
+                if not isinstance(result, Failed):
+                    dists.append(result.probabilities)
+                    gold.append(t.label)
+        return fit(dists, gold)
+    finally:
+        backend.close()
