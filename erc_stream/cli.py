@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def simulate(ctx, dataset, file_, split, dialogues, synthetic, rate, concurrency
 @click.option("--group-id", default=None)
 @click.option("--idle-exit", type=float, default=None, help="Exit after this many seconds without input.")
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
-              help="Touch this file once the model is loaded and the consumer subscribed.")
+              help="Write this file once the model is loaded and the consumer subscribed (JSON: the metrics URL).")
 @click.option("--delivery", type=click.Choice(["at_least_once", "transactional"]), default=None,
               help="Delivery mode (default: ERC_DELIVERY__MODE or at_least_once).")
 @click.option("--worker-id", default=None, help="Stable worker identity (the transactional id's suffix).")
@@ -150,9 +151,14 @@ def consume(ctx, backend, base, adapter, label_set, group_id, idle_exit, ready_f
     try:
         app = build_app(settings)
         app.install_signal_handlers()
+        metrics_url = app.serve_metrics().url if settings.metrics.enabled else None
         if ready_file:
+            import json
+
             ready_file.parent.mkdir(parents=True, exist_ok=True)
-            ready_file.touch()
+            tmp = ready_file.with_name(ready_file.name + ".tmp")
+            tmp.write_text(json.dumps({"metrics_url": metrics_url, "pid": os.getpid()}))
+            tmp.replace(ready_file)  # readers never see a half-written file
         stats = app.run(idle_exit_s=idle_exit)
     except FatalDeliveryError as e:  # fenced by a newer instance of this worker, or a commit watchdog
         click.echo(f"erc-stream consume: {e}", err=True)

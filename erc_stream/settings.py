@@ -2,7 +2,7 @@
 
 Every knob of erc-stream lives here, one frozen model per concern (in the spirit of vLLM's
 ``config/lora.py``): ``Settings().kafka``, ``.redis``, ``.window``, ``.batch``, ``.model``,
-``.store``, ``.data``, ``.services``. Values come from, in order of precedence: keyword
+``.vllm``, ``.store``, ``.data``, ``.services``, ``.delivery``, ``.metrics``, ``.alerts``, ``.export``. Values come from, in order of precedence: keyword
 arguments, environment variables with the ``ERC_`` prefix and ``__`` as the nesting delimiter
 (``ERC_KAFKA__BOOTSTRAP_SERVERS=host:9092``, ``ERC_MODEL__BACKEND=null``), then the defaults below.
 """
@@ -29,6 +29,7 @@ class KafkaSettings(_Section):
     input_topic: str = "chat.messages"
     output_topic: str = "chat.emotions"
     dlq_topic: str = "chat.dlq"
+    alerts_topic: str = Field("chat.alerts", description="Alerts raised by the rules in `alerts`, keyed by conversation or tenant.")
     partitions: int = Field(4, ge=1, description="Partitions created for each topic by `services up`.")
     group_id: str = "erc-stream"
     client_id: str = "erc-stream"
@@ -214,6 +215,85 @@ class DeliverySettings(_Section):
     kafka_backoff_max_s: float = Field(10.0, gt=0, description="Longest wait between retries of a failed emit.")
 
 
+class MetricsSettings(_Section):
+    """The consumer's HTTP endpoint: Prometheus metrics, liveness and readiness."""
+
+    enabled: bool = Field(True, description="Serve /metrics, /healthz and /readyz from the consumer.")
+    host: str = Field("0.0.0.0", description="Address the endpoint listens on.")
+    port: int = Field(9400, ge=0, le=65535, description="Port of the endpoint (0 = any free port, logged at start).")
+    liveness_timeout_s: float = Field(
+        120.0, gt=0, description="/healthz fails when the main loop has not completed an iteration for this long "
+        "(keep it above the slowest batch's inference time).",
+    )
+    lag_interval_s: float = Field(5.0, gt=0, description="How often the per-partition consumer lag is recomputed.")
+
+
+#: Negative emotions of each label set (what a streak and a tenant's negative rate count).
+DEFAULT_NEGATIVE_LABELS: dict[str, tuple[str, ...]] = {
+    "meld": ("angry", "disgust", "fear", "sad"),
+    "emorynlp": ("Mad", "Sad", "Scared"),
+    "iemocap": ("angry", "frustrated", "sad"),
+    "unified": ("mad", "disgust", "fear", "sad"),
+}
+#: Anger, the target of the shift rule.
+DEFAULT_ANGER_LABELS: dict[str, tuple[str, ...]] = {
+    "meld": ("angry",), "emorynlp": ("Mad",), "iemocap": ("angry",), "unified": ("mad",),
+}
+#: Neutral or positive emotions, the origin of the shift rule.
+DEFAULT_CALM_LABELS: dict[str, tuple[str, ...]] = {
+    "meld": ("neutral", "joyful"),
+    "emorynlp": ("Neutral", "Joyful", "Peaceful", "Powerful"),
+    "iemocap": ("neutral", "happy", "excited"),
+    "unified": ("neutral", "joyful", "excited", "peaceful", "powerful"),
+}
+
+
+class AlertSettings(_Section):
+    """Alert rules evaluated in the stream (state in Redis); alerts go to `kafka.alerts_topic`."""
+
+    enabled: bool = Field(True, description="Evaluate the rules and emit alerts.")
+    streak_length: int = Field(
+        3, ge=0, description="Alert when this many consecutive turns of a conversation are negative (0 = rule off). "
+        "Fires once per streak, when it first reaches this length.",
+    )
+    shift: bool = Field(
+        True, description="Alert when a speaker's turn is anger and that speaker's previous turn was neutral or positive.",
+    )
+    shift_lookback: int = Field(
+        10, ge=1, description="How many turns back the shift rule looks for the speaker's previous turn.",
+    )
+    tenant_window_s: float = Field(300.0, gt=0, description="Sliding window of the tenant rule, in seconds of `sent_at`.")
+    tenant_threshold: float = Field(
+        0.5, ge=0, le=1, description="Alert when a tenant's share of negative events in the window is above this "
+        "(1 = rule off).",
+    )
+    tenant_min_count: int = Field(20, ge=1, description="The tenant rule needs at least this many events in the window.")
+    tenant_cooldown_s: float = Field(
+        300.0, ge=0, description="After a tenant alert, the rule stays quiet for that tenant this long (seconds of `sent_at`).",
+    )
+    negative_labels: dict[str, tuple[str, ...]] = Field(
+        DEFAULT_NEGATIVE_LABELS, description="Negative labels per label set (JSON in the environment).",
+    )
+    anger_labels: dict[str, tuple[str, ...]] = Field(DEFAULT_ANGER_LABELS, description="Anger labels per label set.")
+    calm_labels: dict[str, tuple[str, ...]] = Field(
+        DEFAULT_CALM_LABELS, description="Neutral and positive labels per label set (where a shift starts).",
+    )
+    evidence_max: int = Field(20, ge=1, description="At most this many messages are listed in an alert's evidence.")
+    dedupe_ttl_s: int = Field(
+        7 * 86_400, ge=1, description="How long an emitted alert's id is remembered, so a redelivered message does not "
+        "raise it again.",
+    )
+
+
+class ExportSettings(_Section):
+    """`erc-stream export` to Parquet or CSV: a resumable sink for BI tools."""
+
+    group_id: str = Field("erc-stream-export", description="The exporter's consumer group (its committed offsets are "
+                          "where a next run resumes).")
+    flush_events: int = Field(5_000, ge=1, description="Write files and commit offsets after this many events.")
+    flush_interval_s: float = Field(10.0, gt=0, description="... or after this long, whichever comes first.")
+
+
 class ServicesSettings(_Section):
     """Local services started by ``erc-stream services up``."""
 
@@ -238,8 +318,14 @@ class Settings(BaseSettings):
     data: DataSettings = DataSettings()
     services: ServicesSettings = ServicesSettings()
     delivery: DeliverySettings = DeliverySettings()
-    log_level: str = "INFO"
-    log_json: bool = False
+    metrics: MetricsSettings = MetricsSettings()
+    alerts: AlertSettings = AlertSettings()
+    export: ExportSettings = ExportSettings()
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR.")
+    log_json: bool = Field(False, description="JSON log lines (production) instead of a console rendering.")
+    log_texts: bool = Field(
+        False, description="Put message texts in DEBUG log lines. Off: logs carry ids, labels and reasons only.",
+    )
 
     def with_overrides(self, **sections: dict[str, object]) -> "Settings":
         """A copy with some fields of some sections replaced: ``s.with_overrides(kafka={"group_id": "g"})``."""

@@ -27,6 +27,8 @@ def _env(settings: Settings) -> dict[str, str]:
         "ERC_KAFKA__INPUT_TOPIC": k.input_topic,
         "ERC_KAFKA__OUTPUT_TOPIC": k.output_topic,
         "ERC_KAFKA__DLQ_TOPIC": k.dlq_topic,
+        "ERC_KAFKA__ALERTS_TOPIC": k.alerts_topic,
+        "ERC_METRICS__PORT": "0",
         "ERC_KAFKA__GROUP_ID": k.group_id,
         "ERC_REDIS__URL": settings.redis.url.get_secret_value(),
         "ERC_REDIS__KEY_PREFIX": settings.redis.key_prefix,
