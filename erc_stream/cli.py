@@ -338,15 +338,34 @@ def models_promote(ctx, name, label_set):
 
 
 @main.command()
-@click.option("--out", "out", type=click.Path(path_type=Path), default=None, help="JSONL file (default: stdout).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet", "csv"]), default="jsonl", show_default=True,
+              help="jsonl: the whole topic to a file or stdout. parquet/csv: a dataset partitioned by date and "
+                   "tenant under --out, resumable from the exporter group's committed offsets.")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="jsonl: a file (default: stdout). parquet/csv: the dataset's directory (required).")
 @click.option("--follow", is_flag=True, help="Keep reading new events (Ctrl-C to stop).")
+@click.option("--group-id", default=None, help="parquet/csv: the exporter's consumer group (default: ERC_EXPORT__GROUP_ID).")
 @click.pass_context
-def export(ctx, out, follow):
-    """Write every emotion event of the output topic as JSON lines, each event_id once (copies dropped)."""
+def export(ctx, fmt, out, follow, group_id):
+    """Export the emotion events, each event_id once (copies dropped): JSON lines, or Parquet/CSV for BI tools."""
     from erc_stream.readers import Deduper, read_records
     from erc_stream.schemas import EmotionEvent
 
     settings = _settings(ctx)
+    if fmt != "jsonl":
+        if out is None:
+            raise click.UsageError(f"--format {fmt} needs --out DIR")
+        from erc_stream.export import Exporter
+
+        exporter = Exporter(settings, out, fmt, group_id=group_id)
+        try:
+            report = exporter.run(follow=follow)
+        except KeyboardInterrupt:
+            report = exporter.report
+        click.echo(f"exported {report.events} events to {out} in {len(report.files)} files "
+                   f"({report.copies} copies dropped, {report.skipped} skipped); committed offsets "
+                   f"{dict(sorted(report.committed.items()))} for group {exporter.group_id}", err=True)
+        return
     dedupe = Deduper()
     n = 0
     sink = out.open("w") if out else sys.stdout
