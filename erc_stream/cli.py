@@ -383,6 +383,38 @@ def export(ctx, fmt, out, follow, group_id):
     click.echo(f"exported {n} events ({dedupe.copies} redelivered copies dropped)", err=True)
 
 
+@main.command()
+@click.option("--input", "source", type=click.Path(exists=True, path_type=Path), default=None,
+              help="An exported dataset directory (parquet or csv) or a JSONL export.")
+@click.option("--from-topic", is_flag=True, help="Read the output topic instead (every event, copies dropped).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for the PNGs and report.html.")
+@click.option("--conversation", "conversations", multiple=True, help="Draw this conversation's timeline (repeatable).")
+@click.option("--max-conversations", type=int, default=4, show_default=True,
+              help="Without --conversation: timelines of the busiest conversations, at most this many.")
+@click.pass_context
+def report(ctx, source, from_topic, out, conversations, max_conversations):
+    """Charts of the events: emotions over time, conversation timelines, a confusion matrix when gold labels exist."""
+    from erc_stream.report import build_report, load_rows, rows_from_events
+
+    if (source is None) == (not from_topic):
+        raise click.UsageError("give exactly one of --input PATH and --from-topic")
+    settings = _settings(ctx)
+    if from_topic:
+        from erc_stream.readers import read_events
+
+        rows = rows_from_events(read_events(settings).events)
+    else:
+        rows = load_rows(source)
+    try:
+        result = build_report(rows, out, conversations=conversations, max_conversations=max_conversations)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    for chart in result.charts:
+        click.echo(f"wrote {chart}")
+    click.echo(f"wrote {result.html} ({result.summary['events']} events, {result.summary['conversations']} "
+               f"conversations)")
+
+
 @main.command("replay-dlq")
 @click.option("--error-type", "error_types", multiple=True,
               help="Replay only these error types (repeatable), e.g. inference, conflict. Default: all.")
