@@ -30,6 +30,12 @@ _INFERENCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 3
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
+DEAD_LETTER_REASONS = ("invalid_json", "invalid_utf8", "schema", "too_large", "empty", "conflict", "duplicate_id",
+                       "inference")
+ALERT_RULES = ("negative_streak", "shift_to_anger", "tenant_negative_rate")
+#: Where a Redis call failed: the window update, the alert rules, a health ping.
+REDIS_OPERATIONS = ("window", "alerts", "ping")
+
 
 class ConsumerMetrics:
     """Every metric of one consumer, on its own registry."""
@@ -64,6 +70,13 @@ class ConsumerMetrics:
                                          registry=r)
         self.loop_heartbeat = Gauge("erc_loop_heartbeat_timestamp_seconds",
                                     "Unix time of the main loop's last completed iteration.", registry=r)
+        # Every known label value starts at 0, so a series exists (and rate() works) before its first increment.
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_letters.labels(reason)
+        for rule in ALERT_RULES:
+            self.alerts_emitted.labels(rule)
+        for operation in REDIS_OPERATIONS:
+            self.redis_errors.labels(operation)
         self._lag_labels: set[tuple[str, str]] = set()
         self._adapter_labels: tuple[str, str, str, str] | None = None
         self.last_beat = time.monotonic()

@@ -33,6 +33,24 @@ def main(ctx: click.Context, log_level: str | None) -> None:
     ctx.obj = {"settings": settings}
 
 
+@main.command("config")
+@click.option("--markdown", is_flag=True, help="Print the configuration reference (every ERC_* variable) as Markdown.")
+@click.option("--write-readme", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Rewrite the reference between the markers in this README.")
+@click.pass_context
+def config_cmd(ctx, markdown, write_readme):
+    """The effective settings as JSON (secrets masked), or the configuration reference."""
+    from erc_stream import settings_doc
+
+    if write_readme:
+        changed = settings_doc.update_readme(write_readme)
+        click.echo(f"{write_readme}: {'updated' if changed else 'up to date'}")
+    elif markdown:
+        click.echo(settings_doc.markdown(), nl=False)
+    else:
+        click.echo(_settings(ctx).model_dump_json(indent=2))
+
+
 # -- services -------------------------------------------------------------------------------
 
 

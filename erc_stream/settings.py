@@ -19,35 +19,52 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # A string right under a field is its description (shown in the README's configuration reference).
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 class KafkaSettings(_Section):
     """Broker connection, topics and consumer-group behaviour."""
 
     bootstrap_servers: str = "127.0.0.1:9092"
+    """Broker(s), comma-separated host:port."""
     input_topic: str = "chat.messages"
+    """Chat messages in (keyed by conversation id)."""
     output_topic: str = "chat.emotions"
+    """Emotion events out."""
     dlq_topic: str = "chat.dlq"
+    """Dead letters: records that could not become events, with why."""
     alerts_topic: str = Field("chat.alerts", description="Alerts raised by the rules in `alerts`, keyed by conversation or tenant.")
     partitions: int = Field(4, ge=1, description="Partitions created for each topic by `services up`.")
     group_id: str = "erc-stream"
+    """The consumers' group."""
     client_id: str = "erc-stream"
+    """Client id prefix of every Kafka client."""
     # tansu runs a join in session_timeout/2; 6 s / 1 s keeps rebalances short on every broker.
     session_timeout_ms: int = 6000
+    """A member that sends no heartbeat this long leaves the group."""
     heartbeat_interval_ms: int = 1000
+    """How often a member heartbeats."""
     max_poll_interval_ms: int = 300_000
+    """Longest time between polls before the member is evicted."""
     request_timeout_ms: int = 30_000
+    """Kafka request timeout."""
     max_message_bytes: int = Field(1_048_576, description="Input records larger than this are dead-lettered.")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """How clients talk to the broker."""
     sasl_mechanism: str | None = None
+    """PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 ... (SASL_* protocols)."""
     sasl_username: str | None = None
+    """SASL user."""
     sasl_password: SecretStr | None = None
+    """SASL password; never logged."""
     ssl_cafile: str | None = None
+    """CA bundle that signed the broker's certificate."""
     ssl_certfile: str | None = Field(None, description="Client certificate (mutual TLS).")
     ssl_keyfile: str | None = Field(None, description="Client private key (mutual TLS).")
     ssl_password: SecretStr | None = Field(None, description="Password of the client private key.")
     ssl_check_hostname: bool = True
+    """Check the broker certificate's host name."""
     dlq_max_original_bytes: int = Field(
         524_288, ge=0,
         description="A dead letter keeps at most this many bytes of the original record (base64 grows it by a "
@@ -82,14 +99,20 @@ class RedisSettings(_Section):
     """Conversation state."""
 
     url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    """Redis URL (redis:// or rediss://); never logged."""
     key_prefix: str = "erc"
+    """Prefix of every key erc-stream writes."""
     socket_timeout_s: float = 5.0
+    """Connect and command timeout."""
     username: str | None = Field(None, description="ACL user (overrides the URL's).")
     password: SecretStr | None = Field(None, description="Password (overrides the URL's); never logged.")
     ssl_ca_certs: str | None = Field(None, description="CA bundle for rediss:// URLs.")
     ssl_certfile: str | None = None
+    """Client certificate (mutual TLS)."""
     ssl_keyfile: str | None = None
+    """Client private key (mutual TLS)."""
     ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
+    """Verification of the server certificate (rediss://)."""
 
     def client_options(self) -> dict[str, object]:
         """Keyword arguments for ``redis.Redis.from_url(url, **options)`` (TLS applies to rediss:// URLs)."""
@@ -128,6 +151,7 @@ class BatchSettings(_Section):
     """Micro-batching across conversations."""
 
     max_size: int = Field(16, ge=1)
+    """Most messages in one micro-batch (one backend call)."""
     max_wait_ms: int = Field(250, ge=0, description="How long a batch waits to fill after its first message.")
 
 
@@ -135,6 +159,7 @@ class ModelSettings(_Section):
     """Which model labels the stream, and how."""
 
     backend: Literal["hf", "vllm", "null"] = "hf"
+    """hf: transformers + peft; vllm: vLLM (multi-LoRA); null: no inference, uniform probabilities."""
     base: str = Field(
         "smollm2-135m",
         description="A base model name in the store, or a path to any local HF-format model directory.",
@@ -146,8 +171,11 @@ class ModelSettings(_Section):
     )
     adapter_poll_s: float = Field(2.0, gt=0, description="How often a consumer checks the registry for a promotion.")
     label_set: Literal["meld", "emorynlp", "iemocap", "unified"] = "meld"
+    """The labels events carry."""
     device: str = "cpu"
+    """torch device of the hf backend (cpu, cuda, cuda:1 ...)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights' dtype (hf backend)."""
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None leaves torch's default.")
     max_prompt_tokens: int = Field(
         384, ge=64, description="History is cut from the left past this; instruction, label statement and target stay."
@@ -181,12 +209,14 @@ class StoreSettings(_Section):
     """Where converted base models and trained adapters live."""
 
     dir: Path = Path.home() / ".cache" / "erc-stream" / "store"
+    """Converted base models, trained adapters and the registry."""
 
 
 class DataSettings(_Section):
     """Where the MELD / EmoryNLP / IEMOCAP files are read from (never copied into the project)."""
 
     dir: Path = PROJECT_ROOT.parent / "shared" / "data"
+    """Folder holding meld/ and emorynlp/ (and iemocap/), read in place."""
 
 
 class DeliverySettings(_Section):
@@ -298,7 +328,9 @@ class ServicesSettings(_Section):
     """Local services started by ``erc-stream services up``."""
 
     run_dir: Path = Path.home() / ".cache" / "erc-stream" / "run"
+    """Pid files and logs of the services erc-stream started."""
     start_timeout_s: float = 20.0
+    """How long `services up` waits for a service to answer."""
 
 
 class Settings(BaseSettings):
