@@ -247,6 +247,7 @@ class StreamApp:
                 batch = self._poll_batch()
                 if batch:
                     self._handle(batch)
+                    self._update_lag(force=True)  # positions moved: the gauge follows each batch
                     last_input = time.monotonic()
                 elif idle_exit_s is not None and time.monotonic() - last_input > idle_exit_s:
                     break

@@ -26,6 +26,7 @@ from pathlib import Path
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from erc_stream.schemas import Alert, DeadLetter, EmotionEvent
@@ -183,7 +184,8 @@ def run_demo(settings: Settings, *, dialogues: int, synthetic: int | None, rate:
                                     continue
                                 seen.alerts[alert.alert_id] = alert
                                 if not console.is_terminal:
-                                    console.print(f"[bold red]ALERT[/] {alert.rule}: {alert.summary}", soft_wrap=True)
+                                    console.print(f"[bold red]ALERT[/] {alert.rule}: {escape(alert.summary)}",
+                                                  soft_wrap=True)
                         else:
                             dl = DeadLetter.from_bytes(r.value)
                             if dl.key_b64 and base64.b64decode(dl.key_b64) in bad_keys:
@@ -263,16 +265,17 @@ def _alerts(seen: _Seen, streak_id: str, backend: str) -> None:
     for a in seen.alerts.values():
         evidence = "; ".join(f"{e.message_id.rsplit(':', 2)[-2]}:{e.message_id.rsplit(':', 1)[-1]} "
                              f"{e.label} {e.probability:.2f}" for e in a.evidence)
-        table.add_row(a.rule, (a.conversation_id or "").rsplit(":", 1)[-1] or f"tenant {a.tenant}", evidence)
+        table.add_row(a.rule, escape((a.conversation_id or "").rsplit(":", 1)[-1] or f"tenant {a.tenant}"),
+                      escape(evidence))
     console.print(table)
     streak = [a for a in seen.alerts.values() if a.conversation_id == streak_id]
     rules = ", ".join(a.rule for a in streak) or "none"
-    line = (f"scripted negative streak ({NEGATIVE_STREAK_ID}, 5 angry turns): {len(streak)} alert(s) [{rules}]"
-            f" (expected exactly 1 negative_streak)")
+    line = (f"scripted negative streak ({NEGATIVE_STREAK_ID}, 5 angry turns): {len(streak)} alert(s): {rules}"
+            f" (expected exactly one negative_streak)")
     if backend == "null":
         line += " - the null backend labels every message alike, so no rule can fire"
     ok = len(streak) == 1 and streak[0].rule == "negative_streak"
-    console.print(("[green]" if ok else "[yellow]") + line, soft_wrap=True)
+    console.print(("[green]" if ok else "[yellow]") + escape(line), soft_wrap=True)
 
 
 def _metrics_table(samples, url: str, peak_lag: float) -> None:

@@ -255,7 +255,9 @@ class MetricsSettings(_Section):
         120.0, gt=0, description="/healthz fails when the main loop has not completed an iteration for this long "
         "(keep it above the slowest batch's inference time).",
     )
-    lag_interval_s: float = Field(5.0, gt=0, description="How often the per-partition consumer lag is recomputed.")
+    lag_interval_s: float = Field(
+        2.0, gt=0, description="While idle, how often the per-partition consumer lag is recomputed (and after each batch).",
+    )
 
 
 #: Negative emotions of each label set (what a streak and a tenant's negative rate count).
