@@ -230,3 +230,27 @@ def test_a_scripted_negative_streak_raises_exactly_one_alert_on_the_topic(settin
     assert replay.stats.alerts == 0
     assert read_alerts(settings, timeout_s=10)[0] == alerts
     assert len(read_events(settings, timeout_s=10).events) == len(msgs)
+
+
+def test_an_alert_of_a_batch_redone_after_a_failure_is_not_lost_and_keeps_its_id(settings: Settings) -> None:
+    from consumer.delivery import DeliveryError
+
+    settings = settings.with_overrides(batch={"max_size": 16, "max_wait_ms": 300},
+                                       alerts={"streak_length": 3, "tenant_threshold": 1.0})
+    streak = _conversation(f"{uuid.uuid4().hex[:6]}-streak", ["sad day", "so sad", "sad again"])
+    produce_raw(settings, settings.kafka.input_topic, [(m.conversation_id.encode(), m.to_bytes()) for m in streak])
+    fired: list[str] = []
+
+    def fail_first_batch(stage: str) -> None:  # after the batch's events and alert were sent, before the commit
+        if stage == "after_send" and not fired:
+            fired.append(stage)
+            raise DeliveryError("injected: broker lost after send")
+
+    app = StreamApp(settings, _KeywordBackend())
+    app.fault = fail_first_batch
+    _run(app, lambda: app.stats.events >= len(streak))
+    assert fired and app.stats.rewinds == 1 and app.stats.alerts == 1
+    alerts, copies = read_alerts(settings, timeout_s=20)
+    # Sent with the failed batch and again with its redo: two records, one alert id.
+    assert len(alerts) == 1 and copies == 1
+    assert alerts[0].alert_id == Alert.make_id("negative_streak", streak[0].conversation_id, streak[2].message_id)

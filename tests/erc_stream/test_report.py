@@ -121,3 +121,21 @@ def test_report_without_gold_labels_and_chosen_conversations(tmp_path: Path) -> 
     missing = CliRunner().invoke(main, ["report", "--input", str(tmp_path / "events.jsonl"), "--out", str(out),
                                         "--conversation", "nope"])
     assert missing.exit_code != 0 and "no events for conversation(s) ['nope']" in missing.output
+
+
+def test_report_from_the_topic(settings, tmp_path: Path) -> None:
+    from tests.kafka_helpers import produce_raw
+
+    events = _events(gold=False)
+    produce_raw(settings, settings.kafka.output_topic,
+                [(e.conversation_id.encode(), e.to_bytes()) for e in events + events[:3]])  # with copies
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["report", "--from-topic", "--out", str(out)],
+                                env={"ERC_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+                                     "ERC_KAFKA__OUTPUT_TOPIC": settings.kafka.output_topic})
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["events"] == len(events) and summary["labels"] == dict(Counter(e.label for e in events))
+    assert len(list(out.glob("timeline-*.png"))) == 3
+    both = CliRunner().invoke(main, ["report", "--from-topic", "--input", str(out), "--out", str(out)])
+    assert both.exit_code != 0 and "exactly one of" in both.output
