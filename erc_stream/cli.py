@@ -169,7 +169,13 @@ def consume(ctx, backend, base, adapter, label_set, group_id, idle_exit, ready_f
     try:
         app = build_app(settings)
         app.install_signal_handlers()
-        metrics_url = app.serve_metrics().url if settings.metrics.enabled else None
+        try:
+            metrics_url = app.serve_metrics().url if settings.metrics.enabled else None
+        except OSError as e:  # the port is taken: say so, leave nothing behind
+            app.close()
+            m = settings.metrics
+            raise click.ClickException(f"metrics endpoint: cannot listen on {m.host}:{m.port} ({e}); set "
+                                       "ERC_METRICS__PORT (0 = any free port) or ERC_METRICS__ENABLED=false") from e
         if ready_file:
             import json
 

@@ -64,7 +64,8 @@ def _start_consumer(settings: Settings, ready: Path, log_path: Path) -> subproce
     cmd = [sys.executable, "-m", "erc_stream", "consume", "--ready-file", str(ready),
            "--backend", settings.model.backend]
     env = {**os.environ, "ERC_LOG_LEVEL": os.environ.get("ERC_LOG_LEVEL", "WARNING"), "ERC_LOG_JSON": "true",
-           "ERC_METRICS__ENABLED": "true", "ERC_METRICS__PORT": str(settings.metrics.port)}
+           # Any free port unless one is configured: the demo prints the endpoint's URL.
+           "ERC_METRICS__ENABLED": "true", "ERC_METRICS__PORT": os.environ.get("ERC_METRICS__PORT", "0")}
     return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
 
 

@@ -199,3 +199,16 @@ def test_json_logs_carry_ids_and_no_texts_unless_configured(settings: Settings, 
     finally:
         loud.terminate()
     assert sum(marker in line.get("text", "") for line in loud.lines() if line.get("event") == "event") == len(msgs)
+
+
+def test_a_taken_metrics_port_stops_the_consumer_with_a_clear_message(settings: Settings, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = ConsumerProc(settings, tmp_path, "clash", ERC_METRICS__PORT=str(port), ERC_METRICS__HOST="127.0.0.1")
+        proc.start()
+        assert proc.proc.wait(60) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.tail() and "ERC_METRICS__PORT" in proc.tail()
