@@ -65,7 +65,7 @@ def _start_consumer(settings: Settings, ready: Path, log_path: Path) -> subproce
            "--backend", settings.model.backend]
     env = {**os.environ, "ERC_LOG_LEVEL": os.environ.get("ERC_LOG_LEVEL", "WARNING"), "ERC_LOG_JSON": "true",
            # Any free port unless one is configured: the demo prints the endpoint's URL.
-           "ERC_METRICS__ENABLED": "true", "ERC_METRICS__PORT": os.environ.get("ERC_METRICS__PORT", "0")}
+           "ERC_METRICS__PORT": os.environ.get("ERC_METRICS__PORT", "0")}
     return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
@@ -180,8 +180,7 @@ def run_demo(settings: Settings, *, dialogues: int, synthetic: int | None, rate:
                         elif tp.topic == settings.kafka.alerts_topic:
                             alert = Alert.from_bytes(r.value)
                             if any(e.conversation_id.startswith(run_id) for e in alert.evidence):
-                                if alert.alert_id in seen.alerts:
-                                    seen.copies += 1
+                                if alert.alert_id in seen.alerts:  # a redelivered copy, same id
                                     continue
                                 seen.alerts[alert.alert_id] = alert
                                 if not console.is_terminal:

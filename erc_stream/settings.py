@@ -2,7 +2,8 @@
 
 Every knob of erc-stream lives here, one frozen model per concern (in the spirit of vLLM's
 ``config/lora.py``): ``Settings().kafka``, ``.redis``, ``.window``, ``.batch``, ``.model``,
-``.vllm``, ``.store``, ``.data``, ``.services``, ``.delivery``, ``.metrics``, ``.alerts``, ``.export``. Values come from, in order of precedence: keyword
+``.vllm``, ``.store``, ``.data``, ``.services``, ``.delivery``, ``.metrics``, ``.alerts``, ``.export``.
+Values come from, in order of precedence: keyword
 arguments, environment variables with the ``ERC_`` prefix and ``__`` as the nesting delimiter
 (``ERC_KAFKA__BOOTSTRAP_SERVERS=host:9092``, ``ERC_MODEL__BACKEND=null``), then the defaults below.
 """
@@ -34,7 +35,9 @@ class KafkaSettings(_Section):
     """Emotion events out."""
     dlq_topic: str = "chat.dlq"
     """Dead letters: records that could not become events, with why."""
-    alerts_topic: str = Field("chat.alerts", description="Alerts raised by the rules in `alerts`, keyed by conversation or tenant.")
+    alerts_topic: str = Field(
+        "chat.alerts", description="Alerts raised by the rules in `alerts`, keyed by conversation or tenant."
+    )
     partitions: int = Field(4, ge=1, description="Partitions created for each topic by `services up`.")
     group_id: str = "erc-stream"
     """The consumers' group."""
