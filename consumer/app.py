@@ -1,4 +1,4 @@
-"""The stream: consume → validate → window in Redis → prompt → micro-batched inference → emit → commit.
+"""The stream: consume → validate → window in Redis → prompt → micro-batched inference → alert rules → emit → commit.
 
 Delivery is chosen by ``delivery.mode`` (see :mod:`consumer.delivery`): at-least-once by default (a
 batch's offsets are committed only after every event and dead letter of it was acknowledged by the
@@ -18,6 +18,10 @@ Failures, and what the loop does (README, "Operations"):
   backoff; the consumer reconnects by itself and resumes from the committed offsets.
 - Inference failed: the batch is retried item by item; an item that still fails is dead-lettered.
 - Fenced, or a transaction that outlives its watchdog: :class:`FatalDeliveryError`; the worker exits.
+
+Alerts (:mod:`consumer.alerts`) are evaluated after labelling, before anything is emitted, and travel
+with the batch's events; their ids are recorded in Redis once acknowledged. Metrics
+(:mod:`consumer.metrics`) are updated as the batch completes; ``serve_metrics`` starts the endpoint.
 """
 
 from __future__ import annotations
@@ -34,13 +38,15 @@ import structlog
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
+from consumer.alerts import AlertEngine
 from consumer.delivery import DeliveryError, Emitter, FatalDeliveryError, make_emitter
 from consumer.labeler import Failed, Labeler
+from consumer.metrics import ConsumerMetrics, HealthServer, start_http_server
 from consumer.sanitize import clean_text
 from consumer.validation import decode
 from consumer.window_store import WindowStore, WindowTurn
 from erc_stream.labels import get_label_set
-from erc_stream.schemas import ChatMessage, DeadLetter, EmotionEvent, utcnow
+from erc_stream.schemas import Alert, ChatMessage, DeadLetter, EmotionEvent, utcnow
 from erc_stream.settings import Settings
 from model_store.backends.base import Backend
 from model_store.loading import choose_adapter
@@ -69,6 +75,7 @@ class StreamStats:
     degraded: int = 0  # events whose window lacked turns
     truncated: int = 0  # texts cut to the token budget
     commits_on_revoke: int = 0
+    alerts: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,9 @@ class _Polled:
 
 
 class _RedisDown(Exception):
-    pass
+    def __init__(self, message: str, operation: str) -> None:
+        super().__init__(message)
+        self.operation = operation
 
 
 class _Rebalance(AsyncConsumerRebalanceListener):
@@ -99,15 +108,22 @@ class _Rebalance(AsyncConsumerRebalanceListener):
             except Exception as e:  # noqa: BLE001 - their new owner redelivers from the last commit
                 log.warning("commit on revoke failed; those records will be redelivered", error=repr(e))
             app.emitter.drop_pending(pending)
+        app._held.difference_update(revoked)
+        app.metrics.assigned_partitions.set(len(app._held))
         log.info("partitions revoked", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
 
     async def on_partitions_assigned(self, assigned):
         if self.app._paused_for_redis and assigned:
             self.app.consumer.pause(*assigned)
+        self.app._held.update(assigned)
+        self.app.metrics.assigned_partitions.set(len(self.app._held))
+        self.app._lag_at = 0.0  # recompute the lag of the new assignment at the next iteration
         log.info("partitions assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
 
     async def on_partitions_lost(self, lost):
         self.app.emitter.drop_pending(lost)  # evicted: a commit would be refused
+        self.app._held.difference_update(lost)
+        self.app.metrics.assigned_partitions.set(len(self.app._held))
         log.warning("partitions lost", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in lost))
 
 
@@ -125,7 +141,10 @@ class StreamApp:
         self.settings = settings
         self.backend = backend
         self.stats = StreamStats()
+        self.metrics = ConsumerMetrics()
         self.on_event = on_event
+        #: Called with each alert the batch emitted, after the broker acknowledged it.
+        self.on_alert: Callable[[Alert], None] | None = None
         #: Fault injection for tests: called with a stage name ("after_send") inside each batch.
         self.fault: Callable[[str], None] | None = None
         self._stop = threading.Event()
@@ -150,6 +169,8 @@ class StreamApp:
             retain=settings.window.retain,
             ttl_s=settings.window.ttl_s,
         )
+        self.alerts = AlertEngine(self.redis, settings.alerts, prefix=settings.redis.key_prefix,
+                                  ttl_s=settings.window.ttl_s)
         k = settings.kafka
         # The emitter first: in transactional mode init_transactions fences an older instance of this worker.
         self.emitter: Emitter = make_emitter(settings)
@@ -172,6 +193,9 @@ class StreamApp:
         self.consumer.subscribe([k.input_topic], listener=_Rebalance(self))
         self._kafka_delay = 0.0
         self._redis_failures = 0  # consecutive batches that failed on Redis
+        self._lag_at = 0.0
+        self._http: HealthServer | None = None
+        self._held: set[TopicPartition] = set()  # kept by the rebalance listener, read by readiness
 
     # -- control ---------------------------------------------------------------------------
 
@@ -182,6 +206,23 @@ class StreamApp:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    def serve_metrics(self) -> HealthServer:
+        """Start the /metrics, /healthz, /readyz endpoint on ``metrics.host:metrics.port`` (closed with the app)."""
+        m = self.settings.metrics
+        self._http = start_http_server(self.metrics, host=m.host, port=m.port,
+                                       liveness_timeout_s=m.liveness_timeout_s, ready=self.readiness)
+        return self._http
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Ready = this member holds input partitions and Redis answers (called from the HTTP thread)."""
+        partitions = int(self.metrics.value("erc_assigned_partitions"))
+        try:
+            redis_ok = bool(self.redis.ping())
+        except redis.RedisError as e:
+            self.metrics.redis_errors.labels("ping").inc()
+            return False, {"partitions": partitions, "redis": f"{type(e).__name__}: {e}"}
+        return partitions > 0 and redis_ok, {"partitions": partitions, "redis": "ok"}
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -196,13 +237,17 @@ class StreamApp:
                  delivery=self.emitter.mode)
         last_input = time.monotonic()
         fatal = False
+        self._publish_adapter()
         try:
             while not self._stop.is_set():
+                self.metrics.beat()
+                self._update_lag()
                 self._follow_registry()
                 self.emitter.commit_pending(self.consumer)
                 batch = self._poll_batch()
                 if batch:
                     self._handle(batch)
+                    self._update_lag(force=True)  # positions moved: the gauge follows each batch
                     last_input = time.monotonic()
                 elif idle_exit_s is not None and time.monotonic() - last_input > idle_exit_s:
                     break
@@ -222,6 +267,8 @@ class StreamApp:
         finally:
             self.consumer.close(autocommit=False)  # leaves the group
             self.redis.close()
+            if self._http is not None:
+                self._http.close()
             log.info("consumer stopped", consumed=self.stats.consumed, events=self.stats.events,
                      dead_letters=self.stats.dead_letters, rewinds=self.stats.rewinds)
 
@@ -241,6 +288,30 @@ class StreamApp:
         if choice.name != self.labeler.adapter:
             log.info("adapter promoted; switching", old=self.labeler.adapter, new=choice.name)
             self.labeler.use(choice)
+            self._publish_adapter()
+
+    def _publish_adapter(self) -> None:
+        self.metrics.set_adapter(type(self.backend).__name__, self.backend.model_id, self.labeler.adapter,
+                                 self.labeler.label_set.name)
+
+    def _update_lag(self, force: bool = False) -> None:
+        """Per-partition lag, highwater (from fetch responses) minus position, every ``metrics.lag_interval_s``."""
+        now = time.monotonic()
+        if not force and now - self._lag_at < self.settings.metrics.lag_interval_s:
+            return
+        self._lag_at = now
+        lags: dict[tuple[str, int], int] = {}
+        for tp in self.consumer.assignment():
+            try:
+                high = self.consumer.highwater(tp)
+                position = self.consumer.position(tp, timeout_ms=200)
+            except Exception:  # noqa: BLE001 - revoked meanwhile, or no position yet: next time
+                continue
+            if high is not None and position is not None:
+                lags[(tp.topic, tp.partition)] = max(0, high - position)
+            else:
+                lags[(tp.topic, tp.partition)] = 0
+        self.metrics.set_lag(lags)
 
     # -- the pipeline ----------------------------------------------------------------------
 
@@ -271,9 +342,11 @@ class StreamApp:
             self._kafka_delay = 0.0
             self._redis_failures = 0
         except _RedisDown as e:
+            self.metrics.redis_errors.labels(e.operation).inc()
             self._rewind(batch)
             self._wait_for_redis(e.__cause__)
         except DeliveryError as e:
+            self.metrics.broker_errors.inc()
             self._rewind(batch)
             cap = self.settings.delivery.kafka_backoff_max_s
             self._kafka_delay = min(cap, max(0.2, self._kafka_delay * 2))
@@ -304,31 +377,43 @@ class StreamApp:
         try:
             updates = self.windows.append_many(turns)
         except REDIS_DOWN as e:  # wait for it, lose nothing
-            raise _RedisDown(f"{type(e).__name__}: {e}") from e
+            raise _RedisDown(f"{type(e).__name__}: {e}", "window") from e
         valid, updates = self._drop_conflicts(valid, updates, dead)
+        inference_started = time.monotonic()
         results = self.labeler.label([[t.as_prompt_turn() for t in u.window] for u in updates]) if valid else []
+        if valid:
+            self.metrics.inference_seconds.observe(time.monotonic() - inference_started)
+
+        labelled: list[tuple[EmotionEvent, ChatMessage]] = []
+        for (item, msg), update, result in zip(valid, updates, results):
+            r = item.record
+            if isinstance(result, Failed):
+                dead.append(DeadLetter.for_record(
+                    error_type="inference", reason=result.error, topic=r.topic, partition=r.partition,
+                    offset=r.offset, value=r.value, key=r.key, max_original_bytes=k.dlq_max_original_bytes,
+                ))
+                continue
+            try:
+                labelled.append((self._event(item, msg, update, result), msg))
+            except ValueError as e:  # a backend answer that breaks the event's invariants: that item only
+                dead.append(DeadLetter.for_record(
+                    error_type="inference", reason=f"invalid result: {e}", topic=r.topic, partition=r.partition,
+                    offset=r.offset, value=r.value, key=r.key, max_original_bytes=k.dlq_max_original_bytes,
+                ))
+        try:
+            alerts = self.alerts.unsent(self.alerts.evaluate(labelled))
+        except REDIS_DOWN as e:  # nothing was emitted yet: wait for Redis, redo the batch
+            raise _RedisDown(f"{type(e).__name__}: {e}", "alerts") from e
 
         delivered: list[tuple[EmotionEvent, ChatMessage]] = []
         self.emitter.begin()
         try:
-            for (item, msg), update, result in zip(valid, updates, results):
-                r = item.record
-                if isinstance(result, Failed):
-                    dead.append(DeadLetter.for_record(
-                        error_type="inference", reason=result.error, topic=r.topic, partition=r.partition,
-                        offset=r.offset, value=r.value, key=r.key, max_original_bytes=k.dlq_max_original_bytes,
-                    ))
-                    continue
-                try:
-                    event = self._event(item, msg, update, result)
-                except ValueError as e:  # a backend answer that breaks the event's invariants: that item only
-                    dead.append(DeadLetter.for_record(
-                        error_type="inference", reason=f"invalid result: {e}", topic=r.topic, partition=r.partition,
-                        offset=r.offset, value=r.value, key=r.key, max_original_bytes=k.dlq_max_original_bytes,
-                    ))
-                    continue
+            for event, msg in labelled:
                 self.emitter.send(k.output_topic, msg.conversation_id.encode(), event.to_bytes())
                 delivered.append((event, msg))
+            for alert in alerts:
+                key = alert.conversation_id if alert.conversation_id is not None else (alert.tenant or "")
+                self.emitter.send(k.alerts_topic, key.encode(), alert.to_bytes())
             for d in dead:
                 self.emitter.send(k.dlq_topic, None, d.to_bytes())
             if self.fault:
@@ -343,19 +428,45 @@ class StreamApp:
             self.emitter.abort()
             raise
 
+        try:
+            self.alerts.mark_sent(alerts)
+        except REDIS_DOWN as e:  # delivered already; at worst a redelivery sends them again, same ids
+            self.metrics.redis_errors.labels("alerts").inc()
+            log.warning("could not record sent alerts", error=str(e), alerts=[a.alert_id for a in alerts])
+
         self.stats.consumed += len(batch)
         self.stats.batches += 1
         self.stats.events += len(delivered)
         self.stats.dead_letters += len(dead)
         self.stats.truncated += truncated
+        self.stats.alerts += len(alerts)
+        m = self.metrics
+        m.messages_consumed.inc(len(batch))
+        m.batch_size.observe(len(batch))
+        m.events_emitted.inc(len(delivered))
+        log_texts = self.settings.log_texts
         for event, msg in delivered:
             self.stats.latencies_ms.append(event.latency_ms)
             self.stats.degraded += event.window_degraded
+            m.end_to_end_seconds.observe(event.latency_ms / 1000)
+            if event.window_degraded:
+                m.degraded_windows.inc()
+            log.debug("event", conversation_id=event.conversation_id, message_id=event.message_id,
+                      turn=event.turn, label=event.label, p=round(event.probabilities[event.label], 3),
+                      degraded=event.window_degraded, **({"text": msg.text} if log_texts else {}))
             if self.on_event:
                 self.on_event(event, msg)
+        for alert in alerts:
+            m.alerts_emitted.labels(alert.rule).inc()
+            log.info("alert", rule=alert.rule, alert_id=alert.alert_id, conversation_id=alert.conversation_id,
+                     tenant=alert.tenant, message_ids=[e.message_id for e in alert.evidence],
+                     labels=[e.label for e in alert.evidence])
+            if self.on_alert:
+                self.on_alert(alert)
         for d in dead:
             self.stats.dead_by_type[d.error_type] += 1
-            log.warning("dead letter", error_type=d.error_type, reason=d.reason[:200],
+            m.dead_letters.labels(d.error_type).inc()
+            log.warning("dead letter", error_type=d.error_type, reason=d.reason[:200], topic=d.source_topic,
                         partition=d.source_partition, offset=d.source_offset)
 
 
@@ -433,6 +544,7 @@ class StreamApp:
             if tp in assigned:
                 self.consumer.seek(tp, offset)
         self.stats.rewinds += 1
+        self.metrics.rewinds.inc()
 
     def _wait_for_redis(self, error: BaseException | None) -> None:
         """Pause every partition, keep polling (the member stays in its group), retry Redis with backoff."""
@@ -444,6 +556,7 @@ class StreamApp:
         log.warning("redis unavailable; consumption paused", error=str(error))
         try:
             while not self._stop.is_set():
+                self.metrics.beat()  # paused on purpose, not wedged
                 assigned = self.consumer.assignment()
                 if assigned:
                     self.consumer.pause(*assigned)
@@ -458,6 +571,7 @@ class StreamApp:
                     self.redis.ping()
                     break
                 except REDIS_DOWN as e:
+                    self.metrics.redis_errors.labels("ping").inc()
                     delay = min(cap, delay * 2)
                     log.warning("redis still unavailable", error=str(e), retry_in_s=delay)
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,24 @@ def main(ctx: click.Context, log_level: str | None) -> None:
         settings = settings.model_copy(update={"log_level": log_level})
     configure(settings.log_level, settings.log_json)
     ctx.obj = {"settings": settings}
+
+
+@main.command("config")
+@click.option("--markdown", is_flag=True, help="Print the configuration reference (every ERC_* variable) as Markdown.")
+@click.option("--write-readme", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Rewrite the reference between the markers in this README.")
+@click.pass_context
+def config_cmd(ctx, markdown, write_readme):
+    """The effective settings as JSON (secrets masked), or the configuration reference."""
+    from erc_stream import settings_doc
+
+    if write_readme:
+        changed = settings_doc.update_readme(write_readme)
+        click.echo(f"{write_readme}: {'updated' if changed else 'up to date'}")
+    elif markdown:
+        click.echo(settings_doc.markdown(), nl=False)
+    else:
+        click.echo(_settings(ctx).model_dump_json(indent=2))
 
 
 # -- services -------------------------------------------------------------------------------
@@ -131,7 +150,7 @@ def simulate(ctx, dataset, file_, split, dialogues, synthetic, rate, concurrency
 @click.option("--group-id", default=None)
 @click.option("--idle-exit", type=float, default=None, help="Exit after this many seconds without input.")
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
-              help="Touch this file once the model is loaded and the consumer subscribed.")
+              help="Write this file once the model is loaded and the consumer subscribed (JSON: the metrics URL).")
 @click.option("--delivery", type=click.Choice(["at_least_once", "transactional"]), default=None,
               help="Delivery mode (default: ERC_DELIVERY__MODE or at_least_once).")
 @click.option("--worker-id", default=None, help="Stable worker identity (the transactional id's suffix).")
@@ -150,9 +169,20 @@ def consume(ctx, backend, base, adapter, label_set, group_id, idle_exit, ready_f
     try:
         app = build_app(settings)
         app.install_signal_handlers()
+        try:
+            metrics_url = app.serve_metrics().url if settings.metrics.enabled else None
+        except OSError as e:  # the port is taken: say so, leave nothing behind
+            app.close()
+            m = settings.metrics
+            raise click.ClickException(f"metrics endpoint: cannot listen on {m.host}:{m.port} ({e}); set "
+                                       "ERC_METRICS__PORT (0 = any free port) or ERC_METRICS__ENABLED=false") from e
         if ready_file:
+            import json
+
             ready_file.parent.mkdir(parents=True, exist_ok=True)
-            ready_file.touch()
+            tmp = ready_file.with_name(ready_file.name + ".tmp")
+            tmp.write_text(json.dumps({"metrics_url": metrics_url, "pid": os.getpid()}))
+            tmp.replace(ready_file)  # readers never see a half-written file
         stats = app.run(idle_exit_s=idle_exit)
     except FatalDeliveryError as e:  # fenced by a newer instance of this worker, or a commit watchdog
         click.echo(f"erc-stream consume: {e}", err=True)
@@ -340,15 +370,34 @@ def models_promote(ctx, name, label_set):
 
 
 @main.command()
-@click.option("--out", "out", type=click.Path(path_type=Path), default=None, help="JSONL file (default: stdout).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet", "csv"]), default="jsonl", show_default=True,
+              help="jsonl: the whole topic to a file or stdout. parquet/csv: a dataset partitioned by date and "
+                   "tenant under --out, resumable from the exporter group's committed offsets.")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="jsonl: a file (default: stdout). parquet/csv: the dataset's directory (required).")
 @click.option("--follow", is_flag=True, help="Keep reading new events (Ctrl-C to stop).")
+@click.option("--group-id", default=None, help="parquet/csv: the exporter's consumer group (default: ERC_EXPORT__GROUP_ID).")
 @click.pass_context
-def export(ctx, out, follow):
-    """Write every emotion event of the output topic as JSON lines, each event_id once (copies dropped)."""
+def export(ctx, fmt, out, follow, group_id):
+    """Export the emotion events, each event_id once (copies dropped): JSON lines, or Parquet/CSV for BI tools."""
     from erc_stream.readers import Deduper, read_records
     from erc_stream.schemas import EmotionEvent
 
     settings = _settings(ctx)
+    if fmt != "jsonl":
+        if out is None:
+            raise click.UsageError(f"--format {fmt} needs --out DIR")
+        from erc_stream.export import Exporter
+
+        exporter = Exporter(settings, out, fmt, group_id=group_id)
+        try:
+            report = exporter.run(follow=follow)
+        except KeyboardInterrupt:
+            report = exporter.report
+        click.echo(f"exported {report.events} events to {out} in {len(report.files)} files "
+                   f"({report.copies} copies dropped, {report.skipped} skipped); committed offsets "
+                   f"{dict(sorted(report.committed.items()))} for group {exporter.group_id}", err=True)
+        return
     dedupe = Deduper()
     n = 0
     sink = out.open("w") if out else sys.stdout
@@ -364,6 +413,38 @@ def export(ctx, out, follow):
         if out:
             sink.close()
     click.echo(f"exported {n} events ({dedupe.copies} redelivered copies dropped)", err=True)
+
+
+@main.command()
+@click.option("--input", "source", type=click.Path(exists=True, path_type=Path), default=None,
+              help="An exported dataset directory (parquet or csv) or a JSONL export.")
+@click.option("--from-topic", is_flag=True, help="Read the output topic instead (every event, copies dropped).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for the PNGs and report.html.")
+@click.option("--conversation", "conversations", multiple=True, help="Draw this conversation's timeline (repeatable).")
+@click.option("--max-conversations", type=int, default=4, show_default=True,
+              help="Without --conversation: timelines of the busiest conversations, at most this many.")
+@click.pass_context
+def report(ctx, source, from_topic, out, conversations, max_conversations):
+    """Charts of the events: emotions over time, conversation timelines, a confusion matrix when gold labels exist."""
+    from erc_stream.report import build_report, load_rows, rows_from_events
+
+    if (source is None) == (not from_topic):
+        raise click.UsageError("give exactly one of --input PATH and --from-topic")
+    settings = _settings(ctx)
+    if from_topic:
+        from erc_stream.readers import read_events
+
+        rows = rows_from_events(read_events(settings).events)
+    else:
+        rows = load_rows(source)
+    try:
+        result = build_report(rows, out, conversations=conversations, max_conversations=max_conversations)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    for chart in result.charts:
+        click.echo(f"wrote {chart}")
+    click.echo(f"wrote {result.html} ({result.summary['events']} events, {result.summary['conversations']} "
+               f"conversations)")
 
 
 @main.command("replay-dlq")

@@ -2,10 +2,11 @@
 
 ``erc-stream demo`` brings the local broker and Redis up, starts ``erc-stream consume`` as a child
 process (the same command production runs), replays a few MELD dev dialogues (or synthetic ones
-when no data directory exists) with two malformed records mixed in, shows each emotion event as it
-arrives on ``chat.emotions``, then stops the consumer with SIGTERM and prints what came through.
-Everything it reads back is filtered by this run's id, so earlier runs on the same broker do not
-count.
+when no data directory exists) with two malformed records and a scripted negative streak (five angry
+turns: one ``negative_streak`` alert) mixed in, shows each emotion event as it arrives on
+``chat.emotions``, then reads the consumer's metrics endpoint, stops the consumer with SIGTERM and
+prints what came through, the alerts with their evidence and the metrics. Everything it reads back is
+filtered by this run's id, so earlier runs on the same broker do not count.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ from pathlib import Path
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
-from erc_stream.schemas import DeadLetter, EmotionEvent
+from erc_stream.schemas import Alert, DeadLetter, EmotionEvent
 from erc_stream.services import services_up
 from erc_stream.settings import Settings
 from producer_sim.replay import interleave, replay, to_messages
 from producer_sim.sources import load_source, new_run_id
+from producer_sim.synthetic import NEGATIVE_STREAK_ID, negative_streak_conversation
 
 console = Console(stderr=False)
 
@@ -41,6 +44,8 @@ class _Seen:
     events: dict[str, EmotionEvent] = field(default_factory=dict)  # by message id (copies dropped)
     copies: int = 0
     dead: list[DeadLetter] = field(default_factory=list)
+    alerts: dict[str, Alert] = field(default_factory=dict)  # by alert id (copies dropped)
+    peak_lag: float = 0.0
     first_at: float | None = None
     last_at: float | None = None
 
@@ -58,14 +63,16 @@ def _malformed(run_id: str) -> list[tuple[bytes, bytes]]:
 def _start_consumer(settings: Settings, ready: Path, log_path: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "erc_stream", "consume", "--ready-file", str(ready),
            "--backend", settings.model.backend]
-    env = {**os.environ, "ERC_LOG_LEVEL": os.environ.get("ERC_LOG_LEVEL", "WARNING")}
+    env = {**os.environ, "ERC_LOG_LEVEL": os.environ.get("ERC_LOG_LEVEL", "WARNING"), "ERC_LOG_JSON": "true",
+           # Any free port unless one is configured: the demo prints the endpoint's URL.
+           "ERC_METRICS__PORT": os.environ.get("ERC_METRICS__PORT", "0")}
     return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
 def _reader(settings: Settings) -> KafkaConsumer:
     k = settings.kafka
     reader = KafkaConsumer(enable_auto_commit=False, auto_offset_reset="earliest", **k.client_options())
-    parts = [TopicPartition(t, p) for t in (k.output_topic, k.dlq_topic)
+    parts = [TopicPartition(t, p) for t in (k.output_topic, k.dlq_topic, k.alerts_topic)
              for p in sorted(reader.partitions_for_topic(t) or {0})]
     reader.assign(parts)
     reader.seek_to_beginning(*parts)
@@ -97,7 +104,9 @@ def run_demo(settings: Settings, *, dialogues: int, synthetic: int | None, rate:
     console.print(("[yellow]" if source.synthetic else "") + source.description, soft_wrap=True)
 
     run_id = new_run_id("demo")
-    per_conv = to_messages(source.conversations, run_id=run_id, tenant="demo")
+    # The scripted streak goes first: its alert shows up early in the run.
+    per_conv = to_messages([negative_streak_conversation(), *source.conversations], run_id=run_id, tenant="demo")
+    streak_id = per_conv[0][0].conversation_id
     messages = list(interleave(per_conv, concurrency=4, seed=0))
     texts = {m.message_id: m.text for m in messages}
     bad = _malformed(run_id)
@@ -112,6 +121,9 @@ def run_demo(settings: Settings, *, dialogues: int, synthetic: int | None, rate:
                 console.print(f"[red]consumer exited with {proc.returncode}:[/]\n{log_path.read_text()[-3000:]}")
                 return False
             time.sleep(0.2)
+        metrics_url = json.loads(ready.read_text()).get("metrics_url")
+        console.print(f"consumer metrics: {metrics_url}/metrics (also /healthz, /readyz)" if metrics_url
+                      else "consumer metrics: disabled (ERC_METRICS__ENABLED=false)")
 
         producer_errors: list[BaseException] = []
 
@@ -132,9 +144,17 @@ def run_demo(settings: Settings, *, dialogues: int, synthetic: int | None, rate:
         reader = _reader(settings)
         deadline = started + timeout_s
         bad_keys = {k for k, _ in bad}
+        next_scrape = 0.0
+        alerts_until: float | None = None  # alerts travel with their events: a short grace after the last one
         with Live(_table(seen, len(messages), texts), console=console, refresh_per_second=4,
                   transient=False, auto_refresh=console.is_terminal) as live:
-            while time.monotonic() < deadline and (len(seen.events) < len(messages) or len(seen.dead) < len(bad)):
+            while time.monotonic() < deadline and (len(seen.events) < len(messages) or len(seen.dead) < len(bad)
+                                                   or time.monotonic() < (alerts_until or deadline)):
+                if len(seen.events) >= len(messages) and len(seen.dead) >= len(bad) and alerts_until is None:
+                    alerts_until = time.monotonic() + 1.5
+                if metrics_url and time.monotonic() >= next_scrape:
+                    seen.peak_lag = max(seen.peak_lag, _total(_scrape(metrics_url), "erc_consumer_lag"))
+                    next_scrape = time.monotonic() + 1.0
                 if producer_errors:
                     raise producer_errors[0]
                 if proc.poll() is not None:
@@ -157,13 +177,26 @@ def run_demo(settings: Settings, *, dialogues: int, synthetic: int | None, rate:
                                               f"{ev.speaker[:10]:<10} {ev.label:<9} {ev.probabilities[ev.label]:.2f} "
                                               f"gold={ev.gold_label or '-':<8} {texts.get(ev.message_id, '')[:60]}",
                                               no_wrap=True, overflow="ellipsis", soft_wrap=True)
+                        elif tp.topic == settings.kafka.alerts_topic:
+                            alert = Alert.from_bytes(r.value)
+                            if any(e.conversation_id.startswith(run_id) for e in alert.evidence):
+                                if alert.alert_id in seen.alerts:  # a redelivered copy, same id
+                                    continue
+                                seen.alerts[alert.alert_id] = alert
+                                if not console.is_terminal:
+                                    console.print(f"[bold red]ALERT[/] {alert.rule}: {escape(alert.summary)}",
+                                                  soft_wrap=True)
                         else:
                             dl = DeadLetter.from_bytes(r.value)
                             if dl.key_b64 and base64.b64decode(dl.key_b64) in bad_keys:
                                 seen.dead.append(dl)
                 live.update(_table(seen, len(messages), texts), refresh=console.is_terminal)
         reader.close()
+        samples = _scrape(metrics_url) if metrics_url else {}
         _summary(seen, len(messages) + len(bad), len(messages), time.monotonic() - started)
+        _alerts(seen, streak_id, settings.model.backend)
+        if metrics_url:
+            _metrics_table(samples, metrics_url, seen.peak_lag)
         return len(seen.events) == len(messages)
     finally:
         if proc.poll() is None:
@@ -196,4 +229,69 @@ def _summary(seen: _Seen, sent: int, expected: int, seconds: float) -> None:
         y, p = zip(*gold)
         table.add_row("weighted F1", f"{100 * f1_score(y, p, average='weighted', zero_division=0):.1f} "
                                      f"(accuracy {100 * accuracy_score(y, p):.1f}, n={len(gold)})")
+    console.print(table)
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The consumer's /metrics as {(sample name, sorted labels): value}; empty when it does not answer."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=3) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _total(samples, name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+def _by(samples, name: str, label: str) -> str:
+    parts = [f"{dict(labels)[label]}={v:g}" for (n, labels), v in sorted(samples.items())
+             if n == name and v and label in dict(labels)]
+    return ", ".join(parts) or "0"
+
+
+def _alerts(seen: _Seen, streak_id: str, backend: str) -> None:
+    """Every alert of this run with its evidence, and whether the scripted streak raised exactly one."""
+    table = Table(title=f"alerts  {len(seen.alerts)}", expand=True)
+    for col in ("rule", "conversation / tenant", "evidence (message: label p)"):
+        table.add_column(col, overflow="fold")
+    for a in seen.alerts.values():
+        evidence = "; ".join(f"{e.message_id.rsplit(':', 2)[-2]}:{e.message_id.rsplit(':', 1)[-1]} "
+                             f"{e.label} {e.probability:.2f}" for e in a.evidence)
+        table.add_row(a.rule, escape((a.conversation_id or "").rsplit(":", 1)[-1] or f"tenant {a.tenant}"),
+                      escape(evidence))
+    console.print(table)
+    streak = [a for a in seen.alerts.values() if a.conversation_id == streak_id]
+    rules = ", ".join(a.rule for a in streak) or "none"
+    line = (f"scripted negative streak ({NEGATIVE_STREAK_ID}, 5 angry turns): {len(streak)} alert(s): {rules}"
+            f" (expected exactly one negative_streak)")
+    if backend == "null":
+        line += " - the null backend labels every message alike, so no rule can fire"
+    ok = len(streak) == 1 and streak[0].rule == "negative_streak"
+    console.print(("[green]" if ok else "[yellow]") + escape(line), soft_wrap=True)
+
+
+def _metrics_table(samples, url: str, peak_lag: float) -> None:
+    table = Table(title=f"metrics  {url}/metrics", show_header=False)
+    table.add_row("erc_messages_consumed_total", f"{_total(samples, 'erc_messages_consumed_total'):g}")
+    table.add_row("erc_events_emitted_total", f"{_total(samples, 'erc_events_emitted_total'):g}")
+    table.add_row("erc_dead_letters_total", _by(samples, "erc_dead_letters_total", "reason"))
+    table.add_row("erc_alerts_emitted_total", _by(samples, "erc_alerts_emitted_total", "rule"))
+    for name, unit in (("erc_batch_size", ""), ("erc_inference_seconds", " s"),
+                       ("erc_end_to_end_latency_seconds", " s")):
+        count, total = _total(samples, f"{name}_count"), _total(samples, f"{name}_sum")
+        table.add_row(name, f"count {count:g}, mean {total / count:.3g}{unit}" if count else "count 0")
+    table.add_row("erc_consumer_lag", f"now {_total(samples, 'erc_consumer_lag'):g} over "
+                  f"{sum(1 for (n, _) in samples if n == 'erc_consumer_lag')} partitions, peak seen {peak_lag:g}")
+    info = next((dict(labels) for (n, labels), v in samples.items() if n == "erc_adapter_info" and v), {})
+    table.add_row("erc_adapter_info", ", ".join(f"{k}={v}" for k, v in sorted(info.items())))
+    table.add_row("erc_redis_errors_total", _by(samples, "erc_redis_errors_total", "operation"))
+    table.add_row("erc_broker_errors_total", f"{_total(samples, 'erc_broker_errors_total'):g}")
     console.print(table)

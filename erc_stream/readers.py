@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from kafka import KafkaConsumer, TopicPartition
 
-from erc_stream.schemas import DeadLetter, EmotionEvent
+from erc_stream.schemas import Alert, DeadLetter, EmotionEvent
 from erc_stream.settings import Settings
 
 
@@ -125,4 +125,15 @@ def read_dead_letters(settings: Settings, **kw) -> tuple[list[DeadLetter], int]:
         d = DeadLetter.from_bytes(r.value)
         if dedupe.first(f"{d.source_topic}|{d.source_partition}|{d.source_offset}"):
             out.append(d)
+    return out, dedupe.copies
+
+
+def read_alerts(settings: Settings, **kw) -> tuple[list[Alert], int]:
+    """Distinct alerts of the alerts topic (first copy of each ``alert_id``) and the copies dropped."""
+    dedupe = Deduper()
+    out: list[Alert] = []
+    for r in read_records(settings, settings.kafka.alerts_topic, **kw):
+        alert = Alert.from_bytes(r.value)
+        if dedupe.first(alert.alert_id):
+            out.append(alert)
     return out, dedupe.copies

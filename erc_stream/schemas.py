@@ -19,6 +19,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 SCHEMA_VERSION = 1
 # Namespace of event ids: uuid5(EVENT_NAMESPACE, "<message_id>|<model>|<adapter>").
 EVENT_NAMESPACE = uuid.UUID("6f1c7a52-3b0e-4c1e-9a51-2d7c0e4b9f10")
+# Namespace of alert ids: uuid5(ALERT_NAMESPACE, "<rule>|<scope>|<trigger message id>").
+ALERT_NAMESPACE = uuid.UUID("0b8f3c2e-7d41-4a9b-8e6f-5c2a1d9e4f70")
 
 
 def utcnow() -> datetime:
@@ -135,4 +137,49 @@ class DeadLetter(_Record):
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "DeadLetter":
+        return cls.model_validate_json(raw)
+
+
+class AlertEvidence(_Record):
+    """One message behind an alert: which message, what it was labelled, how sure the model was."""
+
+    message_id: str
+    conversation_id: str
+    turn: int
+    speaker: str
+    label: str
+    probability: float = Field(description="The probability of ``label``.")
+    probabilities: dict[str, float] = Field(default_factory=dict, description="Every label's probability.")
+
+
+class Alert(_Record):
+    """An alert on ``chat.alerts``, keyed by its conversation (conversation rules) or tenant (tenant rules).
+
+    ``alert_id`` is deterministic (uuid5 of rule, scope and the message that triggered it): a redelivered
+    message that raises an alert again raises the same id, and readers keep the first copy.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    alert_id: str
+    rule: Literal["negative_streak", "shift_to_anger", "tenant_negative_rate"]
+    severity: Literal["warning", "critical"] = "warning"
+    summary: str
+    conversation_id: str | None = Field(None, description="Set by the conversation rules.")
+    tenant: str | None = None
+    trigger_message_id: str = Field(description="The message whose event raised the alert.")
+    evidence: list[AlertEvidence]
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="The rule's figures: streak length, negative rate, window size, ..."
+    )
+    label_set: str
+    model: str
+    adapter: str | None = None
+    raised_at: AwareDatetime = Field(default_factory=utcnow)
+
+    @staticmethod
+    def make_id(rule: str, scope: str, trigger_message_id: str) -> str:
+        return str(uuid.uuid5(ALERT_NAMESPACE, f"{rule}|{scope}|{trigger_message_id}"))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "Alert":
         return cls.model_validate_json(raw)

@@ -1,7 +1,7 @@
 """Local services for development and tests: a tansu Kafka broker and a Redis server.
 
 ``services_up`` makes sure both answer at the addresses in :class:`~erc_stream.settings.Settings`,
-starting them only when nothing listens there, and creates the three topics. What we start is
+starting them only when nothing listens there, and creates the four topics. What we start is
 recorded with a pid file in ``settings.services.run_dir`` (``tansu-<port>.pid``,
 ``redis-<port>.pid``); ``services_down`` stops only those, so a broker or Redis someone else runs
 is used but never killed.
@@ -324,7 +324,7 @@ def _log_tail(path: Path, lines: int = 15) -> str:
 
 
 def ensure_topics(settings: Settings) -> list[str]:
-    """Create the input, output and DLQ topics if missing; returns the names it created.
+    """Create the input, output, DLQ and alerts topics if missing; returns the names it created.
 
     Topics that already exist are left as they are (tansu cannot add partitions), with a warning
     when their partition count differs from ``kafka.partitions``.
@@ -332,7 +332,7 @@ def ensure_topics(settings: Settings) -> list[str]:
     from kafka import KafkaAdminClient
 
     k = settings.kafka
-    wanted = list(dict.fromkeys([k.input_topic, k.output_topic, k.dlq_topic]))
+    wanted = list(dict.fromkeys([k.input_topic, k.output_topic, k.dlq_topic, k.alerts_topic]))
     try:
         admin = KafkaAdminClient(client_id=f"{k.client_id}-admin", **k.client_options())
     except Exception as exc:

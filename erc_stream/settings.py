@@ -2,7 +2,8 @@
 
 Every knob of erc-stream lives here, one frozen model per concern (in the spirit of vLLM's
 ``config/lora.py``): ``Settings().kafka``, ``.redis``, ``.window``, ``.batch``, ``.model``,
-``.store``, ``.data``, ``.services``. Values come from, in order of precedence: keyword
+``.vllm``, ``.store``, ``.data``, ``.services``, ``.delivery``, ``.metrics``, ``.alerts``, ``.export``.
+Values come from, in order of precedence: keyword
 arguments, environment variables with the ``ERC_`` prefix and ``__`` as the nesting delimiter
 (``ERC_KAFKA__BOOTSTRAP_SERVERS=host:9092``, ``ERC_MODEL__BACKEND=null``), then the defaults below.
 """
@@ -19,34 +20,54 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # A string right under a field is its description (shown in the README's configuration reference).
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 class KafkaSettings(_Section):
     """Broker connection, topics and consumer-group behaviour."""
 
     bootstrap_servers: str = "127.0.0.1:9092"
+    """Broker(s), comma-separated host:port."""
     input_topic: str = "chat.messages"
+    """Chat messages in (keyed by conversation id)."""
     output_topic: str = "chat.emotions"
+    """Emotion events out."""
     dlq_topic: str = "chat.dlq"
+    """Dead letters: records that could not become events, with why."""
+    alerts_topic: str = Field(
+        "chat.alerts", description="Alerts raised by the rules in `alerts`, keyed by conversation or tenant."
+    )
     partitions: int = Field(4, ge=1, description="Partitions created for each topic by `services up`.")
     group_id: str = "erc-stream"
+    """The consumers' group."""
     client_id: str = "erc-stream"
+    """Client id prefix of every Kafka client."""
     # tansu runs a join in session_timeout/2; 6 s / 1 s keeps rebalances short on every broker.
     session_timeout_ms: int = 6000
+    """A member that sends no heartbeat this long leaves the group."""
     heartbeat_interval_ms: int = 1000
+    """How often a member heartbeats."""
     max_poll_interval_ms: int = 300_000
+    """Longest time between polls before the member is evicted."""
     request_timeout_ms: int = 30_000
+    """Kafka request timeout."""
     max_message_bytes: int = Field(1_048_576, description="Input records larger than this are dead-lettered.")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """How clients talk to the broker."""
     sasl_mechanism: str | None = None
+    """PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 ... (SASL_* protocols)."""
     sasl_username: str | None = None
+    """SASL user."""
     sasl_password: SecretStr | None = None
+    """SASL password; never logged."""
     ssl_cafile: str | None = None
+    """CA bundle that signed the broker's certificate."""
     ssl_certfile: str | None = Field(None, description="Client certificate (mutual TLS).")
     ssl_keyfile: str | None = Field(None, description="Client private key (mutual TLS).")
     ssl_password: SecretStr | None = Field(None, description="Password of the client private key.")
     ssl_check_hostname: bool = True
+    """Check the broker certificate's host name."""
     dlq_max_original_bytes: int = Field(
         524_288, ge=0,
         description="A dead letter keeps at most this many bytes of the original record (base64 grows it by a "
@@ -81,14 +102,20 @@ class RedisSettings(_Section):
     """Conversation state."""
 
     url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    """Redis URL (redis:// or rediss://); never logged."""
     key_prefix: str = "erc"
+    """Prefix of every key erc-stream writes."""
     socket_timeout_s: float = 5.0
+    """Connect and command timeout."""
     username: str | None = Field(None, description="ACL user (overrides the URL's).")
     password: SecretStr | None = Field(None, description="Password (overrides the URL's); never logged.")
     ssl_ca_certs: str | None = Field(None, description="CA bundle for rediss:// URLs.")
     ssl_certfile: str | None = None
+    """Client certificate (mutual TLS)."""
     ssl_keyfile: str | None = None
+    """Client private key (mutual TLS)."""
     ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
+    """Verification of the server certificate (rediss://)."""
 
     def client_options(self) -> dict[str, object]:
         """Keyword arguments for ``redis.Redis.from_url(url, **options)`` (TLS applies to rediss:// URLs)."""
@@ -127,6 +154,7 @@ class BatchSettings(_Section):
     """Micro-batching across conversations."""
 
     max_size: int = Field(16, ge=1)
+    """Most messages in one micro-batch (one backend call)."""
     max_wait_ms: int = Field(250, ge=0, description="How long a batch waits to fill after its first message.")
 
 
@@ -134,6 +162,7 @@ class ModelSettings(_Section):
     """Which model labels the stream, and how."""
 
     backend: Literal["hf", "vllm", "null"] = "hf"
+    """hf: transformers + peft; vllm: vLLM (multi-LoRA); null: no inference, uniform probabilities."""
     base: str = Field(
         "smollm2-135m",
         description="A base model name in the store, or a path to any local HF-format model directory.",
@@ -145,8 +174,11 @@ class ModelSettings(_Section):
     )
     adapter_poll_s: float = Field(2.0, gt=0, description="How often a consumer checks the registry for a promotion.")
     label_set: Literal["meld", "emorynlp", "iemocap", "unified"] = "meld"
+    """The labels events carry."""
     device: str = "cpu"
+    """torch device of the hf backend (cpu, cuda, cuda:1 ...)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights' dtype (hf backend)."""
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None leaves torch's default.")
     max_prompt_tokens: int = Field(
         384, ge=64, description="History is cut from the left past this; instruction, label statement and target stay."
@@ -180,12 +212,14 @@ class StoreSettings(_Section):
     """Where converted base models and trained adapters live."""
 
     dir: Path = Path.home() / ".cache" / "erc-stream" / "store"
+    """Converted base models, trained adapters and the registry."""
 
 
 class DataSettings(_Section):
     """Where the MELD / EmoryNLP / IEMOCAP files are read from (never copied into the project)."""
 
     dir: Path = PROJECT_ROOT.parent / "shared" / "data"
+    """Folder holding meld/ and emorynlp/ (and iemocap/), read in place."""
 
 
 class DeliverySettings(_Section):
@@ -214,11 +248,94 @@ class DeliverySettings(_Section):
     kafka_backoff_max_s: float = Field(10.0, gt=0, description="Longest wait between retries of a failed emit.")
 
 
+class MetricsSettings(_Section):
+    """The consumer's HTTP endpoint: Prometheus metrics, liveness and readiness."""
+
+    enabled: bool = Field(True, description="Serve /metrics, /healthz and /readyz from the consumer.")
+    host: str = Field("0.0.0.0", description="Address the endpoint listens on.")
+    port: int = Field(9400, ge=0, le=65535, description="Port of the endpoint (0 = any free port, logged at start).")
+    liveness_timeout_s: float = Field(
+        120.0, gt=0, description="/healthz fails when the main loop has not completed an iteration for this long "
+        "(keep it above the slowest batch's inference time).",
+    )
+    lag_interval_s: float = Field(
+        2.0, gt=0, description="While idle, how often the per-partition consumer lag is recomputed (and after each batch).",
+    )
+
+
+#: Negative emotions of each label set (what a streak and a tenant's negative rate count).
+DEFAULT_NEGATIVE_LABELS: dict[str, tuple[str, ...]] = {
+    "meld": ("angry", "disgust", "fear", "sad"),
+    "emorynlp": ("Mad", "Sad", "Scared"),
+    "iemocap": ("angry", "frustrated", "sad"),
+    "unified": ("mad", "disgust", "fear", "sad"),
+}
+#: Anger, the target of the shift rule.
+DEFAULT_ANGER_LABELS: dict[str, tuple[str, ...]] = {
+    "meld": ("angry",), "emorynlp": ("Mad",), "iemocap": ("angry",), "unified": ("mad",),
+}
+#: Neutral or positive emotions, the origin of the shift rule.
+DEFAULT_CALM_LABELS: dict[str, tuple[str, ...]] = {
+    "meld": ("neutral", "joyful"),
+    "emorynlp": ("Neutral", "Joyful", "Peaceful", "Powerful"),
+    "iemocap": ("neutral", "happy", "excited"),
+    "unified": ("neutral", "joyful", "excited", "peaceful", "powerful"),
+}
+
+
+class AlertSettings(_Section):
+    """Alert rules evaluated in the stream (state in Redis); alerts go to `kafka.alerts_topic`."""
+
+    enabled: bool = Field(True, description="Evaluate the rules and emit alerts.")
+    streak_length: int = Field(
+        3, ge=0, description="Alert when this many consecutive turns of a conversation are negative (0 = rule off). "
+        "Fires once per streak, when it first reaches this length.",
+    )
+    shift: bool = Field(
+        True, description="Alert when a speaker's turn is anger and that speaker's previous turn was neutral or positive.",
+    )
+    shift_lookback: int = Field(
+        10, ge=1, description="How many turns back the shift rule looks for the speaker's previous turn.",
+    )
+    tenant_window_s: float = Field(300.0, gt=0, description="Sliding window of the tenant rule, in seconds of `sent_at`.")
+    tenant_threshold: float = Field(
+        0.5, ge=0, le=1, description="Alert when a tenant's share of negative events in the window is above this "
+        "(1 = rule off).",
+    )
+    tenant_min_count: int = Field(20, ge=1, description="The tenant rule needs at least this many events in the window.")
+    tenant_cooldown_s: float = Field(
+        300.0, ge=0, description="After a tenant alert, the rule stays quiet for that tenant this long (seconds of `sent_at`).",
+    )
+    negative_labels: dict[str, tuple[str, ...]] = Field(
+        DEFAULT_NEGATIVE_LABELS, description="Negative labels per label set (JSON in the environment).",
+    )
+    anger_labels: dict[str, tuple[str, ...]] = Field(DEFAULT_ANGER_LABELS, description="Anger labels per label set.")
+    calm_labels: dict[str, tuple[str, ...]] = Field(
+        DEFAULT_CALM_LABELS, description="Neutral and positive labels per label set (where a shift starts).",
+    )
+    evidence_max: int = Field(20, ge=1, description="At most this many messages are listed in an alert's evidence.")
+    dedupe_ttl_s: int = Field(
+        7 * 86_400, ge=1, description="How long an emitted alert's id is remembered, so a redelivered message does not "
+        "raise it again.",
+    )
+
+
+class ExportSettings(_Section):
+    """`erc-stream export` to Parquet or CSV: a resumable sink for BI tools."""
+
+    group_id: str = Field("erc-stream-export", description="The exporter's consumer group (its committed offsets are "
+                          "where a next run resumes).")
+    flush_events: int = Field(5_000, ge=1, description="Write files and commit offsets after this many events.")
+    flush_interval_s: float = Field(10.0, gt=0, description="... or after this long, whichever comes first.")
+
+
 class ServicesSettings(_Section):
     """Local services started by ``erc-stream services up``."""
 
     run_dir: Path = Path.home() / ".cache" / "erc-stream" / "run"
+    """Pid files and logs of the services erc-stream started."""
     start_timeout_s: float = 20.0
+    """How long `services up` waits for a service to answer."""
 
 
 class Settings(BaseSettings):
@@ -238,8 +355,14 @@ class Settings(BaseSettings):
     data: DataSettings = DataSettings()
     services: ServicesSettings = ServicesSettings()
     delivery: DeliverySettings = DeliverySettings()
-    log_level: str = "INFO"
-    log_json: bool = False
+    metrics: MetricsSettings = MetricsSettings()
+    alerts: AlertSettings = AlertSettings()
+    export: ExportSettings = ExportSettings()
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR.")
+    log_json: bool = Field(False, description="JSON log lines (production) instead of a console rendering.")
+    log_texts: bool = Field(
+        False, description="Put message texts in DEBUG log lines. Off: logs carry ids, labels and reasons only.",
+    )
 
     def with_overrides(self, **sections: dict[str, object]) -> "Settings":
         """A copy with some fields of some sections replaced: ``s.with_overrides(kafka={"group_id": "g"})``."""

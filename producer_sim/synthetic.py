@@ -146,3 +146,20 @@ def synthetic_conversations(n: int, seed: int = 0) -> list[Conversation]:
         for conv in order[: n - len(out)]:
             out.append(Conversation(DATASET, f"{len(out):06d}-{conv.conversation_id}", conv.utterances))
     return out
+
+
+#: A conversation that turns sour at once and stays there: five angry turns by one customer. The demo sends
+#: it to show the negative-streak alert (exactly one per streak). It starts angry, so no shift-to-anger alert.
+_NEGATIVE_STREAK: tuple[_Turn, ...] = (
+    ("Customer", "This is the third time my internet has gone down this week. I am furious!", "anger"),
+    ("Customer", "I'm sick and tired of your useless excuses. Fix it now!", "anger"),
+    ("Customer", "You people are incompetent. I'm absolutely livid!", "anger"),
+    ("Customer", "This is outrageous! I want to cancel everything right now!", "anger"),
+    ("Customer", "I am so angry I could scream. Worst service ever!", "anger"),
+)
+NEGATIVE_STREAK_ID = "negative-streak"
+
+
+def negative_streak_conversation() -> Conversation:
+    """The scripted negative streak (conversation id ``negative-streak``)."""
+    return Conversation(DATASET, NEGATIVE_STREAK_ID, tuple(Utterance(s, t, label) for s, t, label in _NEGATIVE_STREAK))

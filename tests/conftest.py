@@ -4,7 +4,7 @@
   started through :mod:`erc_stream.services`; stopped, and waited for, at the end.
 - ``redis_url`` (session): ``"redis://127.0.0.1:PORT/0"`` of a fresh redis-server; stopped at the end.
 - ``settings`` (function): a :class:`Settings` on those two with unique topics, group id, client id
-  and Redis key prefix per test, its three topics created with 4 partitions.
+  and Redis key prefix per test, its four topics created with 4 partitions.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def settings(kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> Settings:
             input_topic=f"test-{suffix}.messages",
             output_topic=f"test-{suffix}.emotions",
             dlq_topic=f"test-{suffix}.dlq",
+            alerts_topic=f"test-{suffix}.alerts",
             partitions=4,
             group_id=f"erc-test-{suffix}",
             client_id=f"erc-test-{suffix}",

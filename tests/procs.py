@@ -86,6 +86,8 @@ def consumer_env(settings: Settings, **extra: str) -> dict[str, str]:
         "ERC_KAFKA__INPUT_TOPIC": k.input_topic,
         "ERC_KAFKA__OUTPUT_TOPIC": k.output_topic,
         "ERC_KAFKA__DLQ_TOPIC": k.dlq_topic,
+        "ERC_KAFKA__ALERTS_TOPIC": k.alerts_topic,
+        "ERC_METRICS__PORT": "0",
         "ERC_KAFKA__GROUP_ID": k.group_id,
         "ERC_KAFKA__CLIENT_ID": k.client_id,
         "ERC_KAFKA__SESSION_TIMEOUT_MS": str(k.session_timeout_ms),

@@ -1,0 +1,297 @@
+"""Alert rules evaluated in the stream, their state in Redis; alerts go to ``kafka.alerts_topic``.
+
+Three rules (settings section ``alerts``):
+
+- ``negative_streak``: ``streak_length`` consecutive turns of a conversation are negative. It fires
+  once per streak, on the turn where the streak *first reaches* the length; longer streaks do not fire
+  again, a new streak after a non-negative turn does.
+- ``shift_to_anger``: a speaker's turn is anger and the same speaker's previous turn (within
+  ``shift_lookback`` turns) was neutral or positive.
+- ``tenant_negative_rate``: over a sliding window of ``tenant_window_s`` seconds (of the messages'
+  ``sent_at``), more than ``tenant_threshold`` of a tenant's events are negative, with at least
+  ``tenant_min_count`` events in the window. It fires on a negative event, then stays quiet for that
+  tenant for ``tenant_cooldown_s``.
+
+State (atomic Lua scripts, keys hash-tagged per conversation / tenant like the windows):
+
+- ``<prefix>:alert:conv:{<conversation>}``: a sorted set of the conversation's recent turns, scored by
+  turn, each member the turn's message id, speaker, label and probabilities. A redelivered turn replaces
+  itself, so the rules are a pure function of the labels stored up to the turn being evaluated: a
+  redelivery recomputes the same alert.
+- ``<prefix>:alert:tenant:{<tenant>}:all`` / ``:neg`` (sorted sets of message ids by ``sent_at``),
+  ``:ev`` (evidence of the negative ones) and ``:cool`` (the last alert's id and time, for the cooldown).
+
+Redelivery: alert ids are deterministic (uuid5 of rule, scope and the triggering message), and an
+alert's id is recorded with ``SET NX`` once the broker acknowledged it (``mark_sent``); an alert whose
+id is recorded is not sent again (``unsent``). Between the acks and the record a crash can send an
+alert twice, with the same id: readers dedupe by ``alert_id`` (``erc_stream.readers.read_alerts``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+import structlog
+
+from erc_stream.schemas import Alert, AlertEvidence, ChatMessage, EmotionEvent
+from erc_stream.settings import AlertSettings
+
+log = structlog.get_logger(__name__)
+
+#: A message dated further in the future than this counts as sent now (a bad clock must not empty a window).
+_MAX_FUTURE_S = 60.0
+
+_CONV_LUA = """
+local key = KEYS[1]
+local turn = tonumber(ARGV[1])
+local keep = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', key, turn, turn)
+redis.call('ZADD', key, turn, ARGV[2])
+redis.call('ZREMRANGEBYRANK', key, 0, -(keep + 1))
+redis.call('EXPIRE', key, tonumber(ARGV[4]))
+local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+local stored = redis.call('ZRANGEBYSCORE', key, turn - keep + 1, turn, 'WITHSCORES')
+return {newest[2], stored}
+"""
+
+_TENANT_LUA = """
+local all, neg, ev, cool = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local id, ts, is_neg = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
+local window, threshold, min_count = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local cooldown, alert_id, evidence_max, ttl = tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11])
+redis.call('ZADD', all, ts, id)
+if is_neg then
+  redis.call('ZADD', neg, ts, id)
+  redis.call('HSET', ev, id, ARGV[4])
+else
+  redis.call('ZREM', neg, id)
+  redis.call('HDEL', ev, id)
+end
+local newest = tonumber(redis.call('ZRANGE', all, -1, -1, 'WITHSCORES')[2])
+local cutoff = '(' .. tostring(newest - window)
+local old = redis.call('ZRANGEBYSCORE', neg, '-inf', cutoff)
+if #old > 0 then redis.call('HDEL', ev, unpack(old)) end
+redis.call('ZREMRANGEBYSCORE', neg, '-inf', cutoff)
+redis.call('ZREMRANGEBYSCORE', all, '-inf', cutoff)
+local lo = '(' .. tostring(ts - window)
+local total = redis.call('ZCOUNT', all, lo, ts)
+local negs = redis.call('ZCOUNT', neg, lo, ts)
+for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end
+local fire = 0
+if is_neg and total >= min_count and negs > threshold * total then
+  local cur = redis.call('GET', cool)
+  if not cur then
+    fire = 1
+  else
+    local sep = string.find(cur, '|', 1, true)
+    local cur_id, cur_ts = string.sub(cur, 1, sep - 1), tonumber(string.sub(cur, sep + 1))
+    if cur_id == alert_id or ts >= cur_ts + cooldown then fire = 1 end
+  end
+  if fire == 1 then redis.call('SET', cool, alert_id .. '|' .. tostring(ts), 'EX', ttl) end
+end
+local evidence = {}
+if fire == 1 then
+  local ids = redis.call('ZREVRANGEBYSCORE', neg, ts, lo, 'LIMIT', 0, evidence_max)
+  if #ids > 0 then evidence = redis.call('HMGET', ev, unpack(ids)) end
+end
+return {fire, total, negs, evidence}
+"""
+
+
+@dataclass(frozen=True)
+class _Turn:
+    turn: int
+    message_id: str
+    speaker: str
+    label: str
+    probabilities: dict[str, float]
+
+    def to_json(self) -> str:
+        return json.dumps({"t": self.turn, "m": self.message_id, "s": self.speaker, "l": self.label,
+                           "p": self.probabilities}, separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> "_Turn":
+        d = json.loads(raw)
+        return cls(int(d["t"]), d["m"], d["s"], d["l"], d["p"])
+
+    def evidence(self, conversation_id: str) -> AlertEvidence:
+        return AlertEvidence(message_id=self.message_id, conversation_id=conversation_id, turn=self.turn,
+                             speaker=self.speaker, label=self.label,
+                             probability=self.probabilities.get(self.label, 0.0), probabilities=self.probabilities)
+
+
+def _turn(event: EmotionEvent) -> _Turn:
+    return _Turn(event.turn, event.message_id, event.speaker, event.label,
+                 {k: round(v, 4) for k, v in event.probabilities.items()})
+
+
+class AlertEngine:
+    """Evaluates the rules for a batch's events (``evaluate``) and remembers what was sent (``mark_sent``)."""
+
+    def __init__(self, client: redis.Redis, settings: AlertSettings, *, prefix: str, ttl_s: int) -> None:
+        self.redis = client
+        self.settings = settings
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self._conv = client.register_script(_CONV_LUA)
+        self._tenant = client.register_script(_TENANT_LUA)
+        s = settings
+        #: Turns a conversation keeps in its alert state: enough for the longest look-back of a rule.
+        self.keep = max(s.streak_length, s.shift_lookback) + 1
+
+    # -- keys --------------------------------------------------------------------------------
+
+    def _conv_key(self, conversation_id: str) -> str:
+        return f"{self.prefix}:alert:conv:{{{conversation_id}}}"
+
+    def _tenant_keys(self, tenant: str | None) -> list[str]:
+        base = f"{self.prefix}:alert:tenant:{{{tenant if tenant is not None else ''}}}"
+        return [f"{base}:all", f"{base}:neg", f"{base}:ev", f"{base}:cool"]
+
+    def _sent_key(self, alert_id: str) -> str:
+        return f"{self.prefix}:alert:sent:{alert_id}"
+
+    # -- rules ---------------------------------------------------------------------------------
+
+    def _labels(self, label_set: str, which: dict[str, tuple[str, ...]]) -> frozenset[str]:
+        return frozenset(which.get(label_set, ()))
+
+    def evaluate(self, items: Sequence[tuple[EmotionEvent, ChatMessage]]) -> list[Alert]:
+        """The alerts the batch's events raise, in order, each alert id once. Raises redis.RedisError
+        (the caller rewinds the batch); any other failure costs that event its alerts, never the batch."""
+        s = self.settings
+        if not s.enabled or not items:
+            return []
+        tenant_on = s.tenant_threshold < 1
+        conv_on = s.streak_length > 0 or s.shift
+        # One round trip for the whole batch. Events of one conversation run in order, so each
+        # sees the turns before it (Lua scripts of a pipeline run one after the other).
+        pipe = self.redis.pipeline(transaction=False)
+        now = time.time()
+        plan: list[tuple[EmotionEvent, ChatMessage, bool, bool]] = []
+        for event, msg in items:
+            negative = event.label in self._labels(event.label_set, s.negative_labels)
+            if conv_on:
+                self._conv(keys=[self._conv_key(event.conversation_id)],
+                           args=[event.turn, _turn(event).to_json(), self.keep, self.ttl_s], client=pipe)
+            if tenant_on:
+                ts = min(msg.sent_at.timestamp(), now + _MAX_FUTURE_S)
+                alert_id = Alert.make_id("tenant_negative_rate", event.tenant or "", event.message_id)
+                evidence = _turn(event).evidence(event.conversation_id).model_dump_json()
+                ttl = int(max(s.tenant_window_s, s.tenant_cooldown_s) * 2) + 3600
+                self._tenant(keys=self._tenant_keys(event.tenant),
+                             args=[event.message_id, ts, "1" if negative else "0", evidence, s.tenant_window_s,
+                                   s.tenant_threshold, s.tenant_min_count, s.tenant_cooldown_s, alert_id,
+                                   s.evidence_max, ttl], client=pipe)
+            plan.append((event, msg, conv_on, tenant_on))
+        replies = iter(pipe.execute())
+
+        alerts: dict[str, Alert] = {}
+        for event, msg, has_conv, has_tenant in plan:
+            conv_reply = next(replies) if has_conv else None
+            tenant_reply = next(replies) if has_tenant else None
+            try:
+                found: list[Alert] = []
+                if conv_reply is not None:
+                    found += self._conversation_rules(event, conv_reply)
+                if tenant_reply is not None:
+                    found += self._tenant_rule(event, tenant_reply)
+            except Exception as e:  # noqa: BLE001 - a rule's failure must never stop the stream
+                log.error("alert rules failed for an event; no alert from it", error=repr(e),
+                          conversation_id=event.conversation_id, message_id=event.message_id)
+                continue
+            for alert in found:
+                alerts.setdefault(alert.alert_id, alert)
+        return list(alerts.values())
+
+    def _conversation_rules(self, event: EmotionEvent, reply) -> list[Alert]:
+        newest, stored = reply
+        s = self.settings
+        if newest is not None and event.turn < float(newest) - self.keep + 1:
+            return []  # a replay older than the kept turns: its history is gone, do not guess
+        turns = {int(float(score)): _Turn.from_json(member) for member, score in zip(stored[::2], stored[1::2])}
+        found: list[Alert] = []
+        negative = self._labels(event.label_set, s.negative_labels)
+        if s.streak_length > 0 and event.label in negative:
+            streak: list[_Turn] = []
+            t = event.turn
+            while t in turns and turns[t].label in negative and len(streak) <= s.streak_length:
+                streak.append(turns[t])
+                t -= 1
+            if len(streak) == s.streak_length:  # first reaches the length: once per streak
+                streak.reverse()
+                found.append(self._alert(
+                    "negative_streak", event, scope=event.conversation_id,
+                    summary=f"{len(streak)} negative turns in a row in conversation {event.conversation_id}: "
+                            + ", ".join(t.label for t in streak),
+                    evidence=[t.evidence(event.conversation_id) for t in streak[-s.evidence_max:]],
+                    metrics={"streak_length": float(len(streak))}, conversation_id=event.conversation_id,
+                    severity="critical" if any(t.label in self._labels(event.label_set, s.anger_labels)
+                                               for t in streak) else "warning",
+                ))
+        if s.shift and event.label in self._labels(event.label_set, s.anger_labels):
+            previous = next((turns[t] for t in range(event.turn - 1, event.turn - s.shift_lookback - 1, -1)
+                             if t in turns and turns[t].speaker == event.speaker), None)
+            if previous is not None and previous.label in self._labels(event.label_set, s.calm_labels):
+                current = turns.get(event.turn) or _turn(event)
+                found.append(self._alert(
+                    "shift_to_anger", event, scope=event.conversation_id,
+                    summary=f"{event.speaker} went from {previous.label} to {event.label} in conversation "
+                            f"{event.conversation_id}",
+                    evidence=[previous.evidence(event.conversation_id), current.evidence(event.conversation_id)],
+                    metrics={"turns_between": float(event.turn - previous.turn)},
+                    conversation_id=event.conversation_id,
+                ))
+        return found
+
+    def _tenant_rule(self, event: EmotionEvent, reply) -> list[Alert]:
+        fire, total, negs, evidence = reply
+        if not int(fire):
+            return []
+        s = self.settings
+        items = [AlertEvidence.model_validate_json(e) for e in evidence if e is not None]
+        rate = int(negs) / int(total)
+        who = event.tenant if event.tenant is not None else "(no tenant)"
+        return [self._alert(
+            "tenant_negative_rate", event, scope=event.tenant or "", conversation_id=None,
+            summary=f"tenant {who}: {int(negs)} of {int(total)} events negative ({100 * rate:.0f} %) in the last "
+                    f"{s.tenant_window_s:g} s, over the {100 * s.tenant_threshold:.0f} % threshold",
+            evidence=items, metrics={"negative_rate": round(rate, 4), "events": float(total),
+                                     "negative_events": float(negs), "window_s": float(s.tenant_window_s)},
+            severity="critical",
+        )]
+
+    @staticmethod
+    def _alert(rule: str, event: EmotionEvent, *, scope: str, summary: str, evidence: list[AlertEvidence],
+               metrics: dict[str, float], conversation_id: str | None, severity: str = "warning") -> Alert:
+        return Alert(
+            alert_id=Alert.make_id(rule, scope, event.message_id), rule=rule, severity=severity, summary=summary,
+            conversation_id=conversation_id,
+            tenant=event.tenant, trigger_message_id=event.message_id, evidence=evidence, metrics=metrics,
+            label_set=event.label_set, model=event.model, adapter=event.adapter,
+        )
+
+    # -- redelivery ----------------------------------------------------------------------------
+
+    def unsent(self, alerts: Sequence[Alert]) -> list[Alert]:
+        """The alerts whose id was not recorded as sent yet (a redelivered message's alert was)."""
+        if not alerts:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for a in alerts:
+            pipe.exists(self._sent_key(a.alert_id))
+        return [a for a, seen in zip(alerts, pipe.execute()) if not seen]
+
+    def mark_sent(self, alerts: Sequence[Alert]) -> None:
+        """Record alert ids as sent (after the broker acknowledged them)."""
+        if not alerts:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for a in alerts:
+            pipe.set(self._sent_key(a.alert_id), "1", nx=True, ex=self.settings.dedupe_ttl_s)
+        pipe.execute()

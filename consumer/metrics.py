@@ -1,0 +1,186 @@
+"""The consumer's Prometheus metrics, and the HTTP endpoint that serves them with liveness and readiness.
+
+Each :class:`~consumer.app.StreamApp` owns one :class:`ConsumerMetrics` on a registry of its own (several
+apps in one process, as in the tests, never mix their counts). ``erc-stream consume`` serves it with
+:func:`start_http_server` on ``metrics.host:metrics.port``:
+
+- ``/metrics``: the Prometheus text format;
+- ``/healthz`` (liveness): 200 while the main loop completed an iteration within ``metrics.liveness_timeout_s``
+  (a wedged loop, e.g. a hung broker call, fails it and the orchestrator restarts the worker);
+- ``/readyz`` (readiness): 200 when the member holds partitions and Redis answers a PING.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+log = structlog.get_logger(__name__)
+
+#: Seconds; inference of one micro-batch on CPU takes 0.05-30 s, on a GPU milliseconds.
+_INFERENCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+#: Seconds from a message's receipt to its event's emission (batch wait + Redis + inference + send).
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+DEAD_LETTER_REASONS = ("invalid_json", "invalid_utf8", "schema", "too_large", "empty", "conflict", "duplicate_id",
+                       "inference")
+ALERT_RULES = ("negative_streak", "shift_to_anger", "tenant_negative_rate")
+#: Where a Redis call failed: the window update, the alert rules, a health ping.
+REDIS_OPERATIONS = ("window", "alerts", "ping")
+
+
+class ConsumerMetrics:
+    """Every metric of one consumer, on its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.messages_consumed = Counter("erc_messages_consumed", "Input records consumed (valid or not).",
+                                         registry=r)
+        self.events_emitted = Counter("erc_events_emitted", "Emotion events emitted (acknowledged by the broker).",
+                                      registry=r)
+        self.dead_letters = Counter("erc_dead_letters", "Records dead-lettered, by reason (error type).",
+                                    ["reason"], registry=r)
+        self.alerts_emitted = Counter("erc_alerts_emitted", "Alerts emitted, by rule.", ["rule"], registry=r)
+        self.batch_size = Histogram("erc_batch_size", "Records per micro-batch.", buckets=_BATCH_BUCKETS,
+                                    registry=r)
+        self.inference_seconds = Histogram("erc_inference_seconds", "Label scoring time of one micro-batch.",
+                                           buckets=_INFERENCE_BUCKETS, registry=r)
+        self.end_to_end_seconds = Histogram(
+            "erc_end_to_end_latency_seconds", "From a message's receipt by the consumer to its event's emission.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.consumer_lag = Gauge("erc_consumer_lag", "Records behind the partition's highwater (highwater - position).",
+                                  ["topic", "partition"], registry=r)
+        self.adapter_info = Gauge("erc_adapter_info", "The model and adapter labelling the stream (value 1).",
+                                  ["backend", "model", "adapter", "label_set"], registry=r)
+        self.redis_errors = Counter("erc_redis_errors", "Redis operations that failed (each pauses the stream or is "
+                                    "retried).", ["operation"], registry=r)
+        self.broker_errors = Counter("erc_broker_errors", "Batches whose emit or commit failed (redone).", registry=r)
+        self.rewinds = Counter("erc_rewinds", "Batches given up and redone from their first offsets.", registry=r)
+        self.degraded_windows = Counter("erc_degraded_windows", "Events whose window lacked turns.", registry=r)
+        self.assigned_partitions = Gauge("erc_assigned_partitions", "Input partitions held by this member.",
+                                         registry=r)
+        self.loop_heartbeat = Gauge("erc_loop_heartbeat_timestamp_seconds",
+                                    "Unix time of the main loop's last completed iteration.", registry=r)
+        # Every known label value starts at 0, so a series exists (and rate() works) before its first increment.
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_letters.labels(reason)
+        for rule in ALERT_RULES:
+            self.alerts_emitted.labels(rule)
+        for operation in REDIS_OPERATIONS:
+            self.redis_errors.labels(operation)
+        self._lag_labels: set[tuple[str, str]] = set()
+        self._adapter_labels: tuple[str, str, str, str] | None = None
+        self.last_beat = time.monotonic()
+
+    # -- updates ---------------------------------------------------------------------------
+
+    def beat(self) -> None:
+        """The main loop is alive (called once per iteration, also while paused for Redis)."""
+        self.last_beat = time.monotonic()
+        self.loop_heartbeat.set(time.time())
+
+    def set_adapter(self, backend: str, model: str, adapter: str | None, label_set: str) -> None:
+        labels = (backend, model, adapter or "none", label_set)
+        if labels == self._adapter_labels:
+            return
+        if self._adapter_labels is not None:
+            self.adapter_info.remove(*self._adapter_labels)
+        self.adapter_info.labels(*labels).set(1)
+        self._adapter_labels = labels
+
+    def set_lag(self, lags: dict[tuple[str, int], int]) -> None:
+        """Per-partition lag of the partitions held now; series of partitions no longer held are removed."""
+        current = {(topic, str(partition)) for topic, partition in lags}
+        for gone in self._lag_labels - current:
+            self.consumer_lag.remove(*gone)
+        for (topic, partition), lag in lags.items():
+            self.consumer_lag.labels(topic, str(partition)).set(lag)
+        self._lag_labels = current
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's current value (0 when absent): ``value("erc_events_emitted_total")``."""
+        return self.registry.get_sample_value(name, labels or {}) or 0.0
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """A small threaded HTTP server for /metrics, /healthz and /readyz."""
+
+    def __init__(self, httpd: ThreadingHTTPServer, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = self._httpd.server_address[0]
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5)
+
+
+def start_http_server(
+    metrics: ConsumerMetrics,
+    *,
+    host: str,
+    port: int,
+    liveness_timeout_s: float,
+    ready: Callable[[], tuple[bool, dict[str, object]]],
+) -> HealthServer:
+    """Serve the endpoints in a daemon thread. ``ready()`` says whether the consumer is ready, and why."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                age = time.monotonic() - metrics.last_beat
+                ok = age <= liveness_timeout_s
+                self._json(200 if ok else 503, {"alive": ok, "loop_age_s": round(age, 3)})
+            elif path == "/readyz":
+                try:
+                    ok, detail = ready()
+                except Exception as e:  # noqa: BLE001 - a probe answers, it never raises
+                    ok, detail = False, {"error": repr(e)}
+                self._json(200 if ok else 503, {"ready": ok, **detail})
+            else:
+                self._send(404, b"not found\n", "text/plain")
+
+        def _json(self, code: int, body: dict[str, object]) -> None:
+            self._send(code, json.dumps(body).encode(), "application/json")
+
+        def _send(self, code: int, body: bytes, content_type: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - scrapes are not log lines
+            return
+
+    httpd = ThreadingHTTPServer((host, port), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    server = HealthServer(httpd, thread)
+    log.info("metrics endpoint", url=server.url, paths=["/metrics", "/healthz", "/readyz"])
+    return server

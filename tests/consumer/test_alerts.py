@@ -1,0 +1,256 @@
+"""Alert rules on a real Redis (the engine alone), then in the stream on the real broker.
+
+The labels are scripted here (events built by hand, or a backend that reads the label from the text): the
+rules are under test, not the model. The demo test runs them behind the real model.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+
+from consumer.alerts import AlertEngine
+from consumer.app import StreamApp
+from erc_stream.readers import read_alerts, read_events
+from erc_stream.schemas import Alert, ChatMessage, EmotionEvent
+from erc_stream.settings import AlertSettings, Settings
+from model_store.backends.base import ScoreRequest
+from model_store.backends.null import NullBackend
+from tests.kafka_helpers import produce_raw
+
+LABELS = ("neutral", "surprise", "fear", "sad", "joyful", "disgust", "angry")
+T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+
+
+def _pair(conv: str, turn: int, label: str, *, speaker: str = "A", tenant: str | None = "acme",
+          sent_at: datetime | None = None, p: float = 0.7) -> tuple[EmotionEvent, ChatMessage]:
+    probs = {name: (p if name == label else (1 - p) / (len(LABELS) - 1)) for name in LABELS}
+    msg = ChatMessage(message_id=f"{conv}:{turn}", conversation_id=conv, turn=turn, speaker=speaker, text="x",
+                      sent_at=sent_at or T0 + timedelta(seconds=turn), tenant=tenant)
+    event = EmotionEvent(event_id=EmotionEvent.make_id(msg.message_id, "m", None), message_id=msg.message_id,
+                         conversation_id=conv, turn=turn, speaker=speaker, tenant=tenant, label=label,
+                         probabilities=probs, label_set="meld", model="m", window=1, latency_ms=1.0,
+                         emitted_at=T0)
+    return event, msg
+
+
+@pytest.fixture
+def client(redis_url: str):
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+def _engine(client: redis.Redis, **rules) -> AlertEngine:
+    # Rules not under test are off unless given.
+    base = {"streak_length": 0, "shift": False, "tenant_threshold": 1.0}
+    return AlertEngine(client, AlertSettings(**{**base, **rules}), prefix=f"t-{uuid.uuid4().hex[:8]}", ttl_s=600)
+
+
+def test_a_streak_alerts_once_when_it_first_reaches_its_length(client) -> None:
+    engine = _engine(client, streak_length=3)
+    labels = ["neutral", "angry", "sad", "angry", "disgust", "angry", "neutral", "sad", "sad", "fear", "fear"]
+    conv = "c-streak"
+    pairs = [_pair(conv, t, label) for t, label in enumerate(labels)]
+    alerts = [a for pair in pairs for a in engine.evaluate([pair])]  # one event per batch, like a slow stream
+
+    # Turns 1-5 are one streak of five (alert on its third turn, 3); turns 7-10 another (alert on turn 9).
+    assert [a.trigger_message_id for a in alerts] == [f"{conv}:3", f"{conv}:9"]
+    first = alerts[0]
+    assert first.rule == "negative_streak" and first.conversation_id == conv and first.tenant == "acme"
+    assert [(e.message_id, e.label) for e in first.evidence] == [(f"{conv}:1", "angry"), (f"{conv}:2", "sad"),
+                                                                (f"{conv}:3", "angry")]
+    assert all(e.probability == pytest.approx(0.7) and e.probabilities["angry"] > 0 for e in first.evidence)
+    assert first.metrics["streak_length"] == 3 and first.severity == "critical"  # anger in the streak
+    assert alerts[1].severity == "warning"  # sad, sad, fear
+    assert first.alert_id == Alert.make_id("negative_streak", conv, f"{conv}:3")
+
+    # The same events again (a redelivery), and all of them in one batch: the same alerts, same ids.
+    again = engine.evaluate(pairs)
+    assert [a.alert_id for a in again] == [a.alert_id for a in alerts]
+    # Once recorded as sent, a redelivered message's alert is not sent again.
+    assert engine.unsent(again) == again
+    engine.mark_sent(alerts[:1])
+    assert engine.unsent(again) == again[1:]
+
+
+def test_streaks_are_per_conversation_and_a_gap_breaks_them(client) -> None:
+    engine = _engine(client, streak_length=3)
+    a = [_pair("c-a", t, "sad") for t in range(2)]
+    b = [_pair("c-b", t, "sad") for t in range(2)]
+    gap = [_pair("c-gap", t, "sad") for t in (0, 1, 3, 4)]  # turn 2 never arrived
+    assert engine.evaluate(a + b + gap) == []
+    assert [x.trigger_message_id for x in engine.evaluate([_pair("c-b", 2, "angry")])] == ["c-b:2"]
+
+
+def test_a_shift_to_anger_compares_a_speaker_with_their_own_previous_turn(client) -> None:
+    engine = _engine(client, shift=True)
+    conv = "c-shift"
+    script = [("Customer", "neutral"), ("Agent", "neutral"), ("Customer", "angry"),  # shift: neutral -> angry
+              ("Agent", "joyful"), ("Customer", "angry"),  # still angry: no new shift
+              ("Agent", "angry")]  # the agent went from joyful to angry: a shift
+    alerts = engine.evaluate([_pair(conv, t, label, speaker=who) for t, (who, label) in enumerate(script)])
+    assert [(a.rule, a.trigger_message_id) for a in alerts] == [("shift_to_anger", f"{conv}:2"),
+                                                                ("shift_to_anger", f"{conv}:5")]
+    assert [(e.turn, e.speaker, e.label) for e in alerts[0].evidence] == [(0, "Customer", "neutral"),
+                                                                          (2, "Customer", "angry")]
+    # A sad customer turning angry is not a shift from neutral/positive.
+    assert engine.evaluate([_pair("c-2", 0, "sad"), _pair("c-2", 1, "angry")]) == []
+
+
+def test_a_tenants_negative_rate_over_a_sliding_window(client) -> None:
+    engine = _engine(client, tenant_threshold=0.5, tenant_min_count=6, tenant_window_s=60, tenant_cooldown_s=120)
+    pairs = []
+    second = 0
+
+    def add(tenant: str, labels: list[str]) -> None:
+        nonlocal second
+        for label in labels:
+            conv = f"{tenant}-conv-{second}"
+            pairs.append(_pair(conv, 0, label, tenant=tenant, sent_at=T0 + timedelta(seconds=second)))
+            second += 1
+
+    # acme: 3 neutral then negatives; the rate passes 50 % with 6+ events at the 7th event (4 of 7 negative).
+    add("acme", ["neutral", "joyful", "neutral", "sad", "angry", "fear", "disgust", "angry", "sad"])
+    add("other", ["angry"] * 5)  # 5 events: under the minimum count
+    alerts = engine.evaluate(pairs)
+    assert len(alerts) == 1, [a.summary for a in alerts]
+    alert = alerts[0]
+    assert alert.rule == "tenant_negative_rate" and alert.tenant == "acme" and alert.conversation_id is None
+    assert alert.trigger_message_id == pairs[6][0].message_id
+    assert alert.metrics["events"] == 7 and alert.metrics["negative_events"] == 4
+    assert alert.metrics["negative_rate"] == pytest.approx(4 / 7, abs=1e-4)
+    assert sorted(e.label for e in alert.evidence) == ["angry", "disgust", "fear", "sad"]  # newest first, negatives
+
+    # Redelivered: the same alert (same id), not a new one; the cooldown keeps later negatives quiet.
+    assert [a.alert_id for a in engine.evaluate(pairs)] == [alert.alert_id]
+    # 61 s later the old events left the window; past the cooldown a fresh burst alerts again.
+    late = [_pair(f"acme-late-{i}", 0, "angry", tenant="acme", sent_at=T0 + timedelta(seconds=200 + i))
+            for i in range(6)]
+    later = engine.evaluate(late)
+    assert [a.trigger_message_id for a in later] == [late[5][0].message_id]  # 6 of 6, the minimum count at the 6th
+    assert later[0].metrics["events"] == 6
+
+
+def test_bad_state_costs_an_event_its_alerts_not_the_batch(client) -> None:
+    engine = _engine(client, streak_length=2)
+    client.set(f"{engine.prefix}:alert:conv:{{c-bad}}", "not a sorted set")  # WRONGTYPE for this conversation
+    with pytest.raises(redis.ResponseError):
+        engine.evaluate([_pair("c-bad", 0, "sad")])  # a Redis error: the stream rewinds and retries
+    client.delete(f"{engine.prefix}:alert:conv:{{c-bad}}")
+    client.zadd(f"{engine.prefix}:alert:conv:{{c-bad}}", {"{not json": 0})
+    alerts = engine.evaluate([_pair("c-bad", 1, "sad"), _pair("c-ok", 0, "sad"), _pair("c-ok", 1, "sad")])
+    assert [a.trigger_message_id for a in alerts] == ["c-ok:1"]
+
+
+# -- in the stream -------------------------------------------------------------------------------
+
+
+class _KeywordBackend(NullBackend):
+    """Labels a message with the first label word in its own text ("so angry" -> angry), else neutral."""
+
+    model_id = "keyword"
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        out = []
+        for r in requests:
+            target = r.prompt.rsplit("Please select the emotional label of", 1)[-1].split("> from <", 1)[0]
+            label = next((c for c in r.choices if re.search(rf"\b{re.escape(c)}\b", target)), r.choices[0])
+            rest = 0.3 / (len(r.choices) - 1)
+            out.append([0.7 if c == label else rest for c in r.choices])
+        return out
+
+
+def _conversation(conv: str, texts: list[str], tenant: str = "acme") -> list[ChatMessage]:
+    now = datetime.now(UTC)
+    return [ChatMessage(message_id=f"{conv}:{t}", conversation_id=conv, turn=t, speaker="Customer", text=text,
+                        sent_at=now + timedelta(seconds=t), tenant=tenant) for t, text in enumerate(texts)]
+
+
+def _run(app: StreamApp, done, timeout_s: float = 60.0) -> None:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            app.run()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not done() and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.05)
+    finally:
+        app.stop()
+        thread.join(30)
+    assert not errors, errors
+    assert done(), f"timed out: {app.stats}"
+
+
+def test_a_scripted_negative_streak_raises_exactly_one_alert_on_the_topic(settings: Settings) -> None:
+    settings = settings.with_overrides(batch={"max_size": 4, "max_wait_ms": 50},
+                                       alerts={"streak_length": 3, "tenant_threshold": 1.0})
+    run = uuid.uuid4().hex[:6]
+    streak = _conversation(f"{run}-streak", ["I am angry about this bill", "still angry, nobody called back",
+                                             "so sad that it came to this", "disgust, honestly",
+                                             "angry, I am cancelling"])
+    calm = _conversation(f"{run}-calm", ["hello there", "joyful news, it works", "thanks a lot"])
+    msgs = [m for pair in zip(streak, calm + [None] * 2) for m in pair if m is not None]
+    produce_raw(settings, settings.kafka.input_topic, [(m.conversation_id.encode(), m.to_bytes()) for m in msgs])
+
+    app = StreamApp(settings, _KeywordBackend())
+    seen: list[Alert] = []
+    app.on_alert = seen.append
+    _run(app, lambda: app.stats.events >= len(msgs))
+
+    alerts, copies = read_alerts(settings, timeout_s=20)
+    assert len(alerts) == 1 and copies == 0, [a.summary for a in alerts]
+    alert = alerts[0]
+    assert seen == [alert] and app.metrics.value("erc_alerts_emitted_total", {"rule": "negative_streak"}) == 1
+    assert alert.rule == "negative_streak" and alert.conversation_id == streak[0].conversation_id
+    assert [(e.message_id, e.label) for e in alert.evidence] == [(streak[0].message_id, "angry"),
+                                                                (streak[1].message_id, "angry"),
+                                                                (streak[2].message_id, "sad")]
+    assert all(e.probability == pytest.approx(0.7) for e in alert.evidence)
+    assert alert.model == "keyword" and alert.trigger_message_id == streak[2].message_id
+
+    # A replay of the whole input under a fresh group: every event again (same ids), no alert again.
+    replay = StreamApp(settings.with_overrides(kafka={"group_id": f"{settings.kafka.group_id}-replay"}),
+                       _KeywordBackend())
+    _run(replay, lambda: replay.stats.events >= len(msgs))
+    assert replay.stats.alerts == 0
+    assert read_alerts(settings, timeout_s=10)[0] == alerts
+    assert len(read_events(settings, timeout_s=10).events) == len(msgs)
+
+
+def test_an_alert_of_a_batch_redone_after_a_failure_is_not_lost_and_keeps_its_id(settings: Settings) -> None:
+    from consumer.delivery import DeliveryError
+
+    settings = settings.with_overrides(batch={"max_size": 16, "max_wait_ms": 300},
+                                       alerts={"streak_length": 3, "tenant_threshold": 1.0})
+    streak = _conversation(f"{uuid.uuid4().hex[:6]}-streak", ["sad day", "so sad", "sad again"])
+    produce_raw(settings, settings.kafka.input_topic, [(m.conversation_id.encode(), m.to_bytes()) for m in streak])
+    fired: list[str] = []
+
+    def fail_first_batch(stage: str) -> None:  # after the batch's events and alert were sent, before the commit
+        if stage == "after_send" and not fired:
+            fired.append(stage)
+            raise DeliveryError("injected: broker lost after send")
+
+    app = StreamApp(settings, _KeywordBackend())
+    app.fault = fail_first_batch
+    _run(app, lambda: app.stats.events >= len(streak))
+    assert fired and app.stats.rewinds == 1 and app.stats.alerts == 1
+    alerts, copies = read_alerts(settings, timeout_s=20)
+    # Sent with the failed batch and again with its redo: two records, one alert id.
+    assert len(alerts) == 1 and copies == 1
+    assert alerts[0].alert_id == Alert.make_id("negative_streak", streak[0].conversation_id, streak[2].message_id)
