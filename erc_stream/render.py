@@ -41,3 +41,28 @@ def print_registry(registry) -> None:
                          f"{dev:.1f}" if dev is not None else "-", str(m.get("created", "-")),
                          "shipped" if a.shipped else "store", "yes" if active.get(a.label_set) == a.name else "")
     console.print(adapters)
+
+
+def print_bench(result: dict) -> None:
+    """The benchmark's paths as a table, then the machine and the stream's own overhead."""
+    table = Table(title=f"{result['messages']} messages · {result['source']}")
+    cols = [("path", "path"), ("utt/s", "utterances_per_s"), ("× naive", "speedup_vs_naive"),
+            ("prompt tok/utt", "prompt_tokens_per_utterance"), ("computed tok/utt", "computed_tokens_per_utterance"),
+            ("W-F1", "weighted_f1"), ("fraction of peak", "fraction_of_peak"), ("peak RSS MB", "peak_rss_mb")]
+    for name, _ in cols:
+        table.add_column(name, justify="left" if name == "path" else "right")
+    table.add_column("latency p50/p95/p99 ms (fixed rate)", justify="right")
+    table.add_column("(saturation)", justify="right")
+    for r in result["paths"].values():
+        if "error" in r:
+            table.add_row(r["path"], *["–"] * (len(cols) + 1), "failed")
+            continue
+        lat = lambda d: "/".join(f"{d[k]:.0f}" for k in ("p50", "p95", "p99"))  # noqa: E731
+        table.add_row(*[str(r.get(key, "–")) for _, key in cols], lat(r["latency_ms_fixed_rate"]),
+                      lat(r["latency_ms_saturation"]))
+    console.print(table)
+    console.print(f"machine: {result['machine']}; fp32 matmul peak {result['matmul_peak_gflops']} GFLOP/s; needed per "
+                  f"utterance: {result['needed_new_tokens_per_utterance']} new tokens, "
+                  f"{result['needed_gflop_per_utterance']} GFLOP")
+    if "consumer_overhead" in result:
+        console.print(f"consumer overhead (null backend): {result['consumer_overhead']}")

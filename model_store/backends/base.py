@@ -22,6 +22,24 @@ class ScoreRequest:
     adapter: str | None = None
 
 
+@dataclass
+class TokenCounter:
+    """What a backend's prompts held and what it really ran through the model.
+
+    ``computed`` counts every position the model processed: left padding of a batch, the extra rows of
+    multi-token choices and generated tokens included, prefix-cache hits excluded. The benchmark reads it.
+    """
+
+    prompts: int = 0
+    prompt_tokens: int = 0
+    computed: int = 0
+
+    def add(self, *, prompts: int = 0, prompt_tokens: int = 0, computed: int = 0) -> None:
+        self.prompts += prompts
+        self.prompt_tokens += prompt_tokens
+        self.computed += computed
+
+
 @runtime_checkable
 class Backend(Protocol):
     """Batched label scoring behind which the HF, vLLM and null implementations sit."""

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import structlog
 import torch
 
-from model_store.backends.base import ScoreRequest
+from model_store.backends.base import ScoreRequest, TokenCounter
 from model_store.backends.choices import ChoicePlan
 
 log = structlog.get_logger(__name__)
@@ -47,6 +47,7 @@ class HFBackend:
         self._peft = None  # a PeftModel wrapping self.model once the first adapter is added
         self._adapters: dict[str, Path] = {}
         self._plans: dict[tuple[str, ...], ChoicePlan] = {}
+        self.tokens = TokenCounter()
 
     # -- Backend interface ---------------------------------------------------------------
 
@@ -97,6 +98,7 @@ class HFBackend:
 
     def _score_group(self, requests: Sequence[ScoreRequest], adapter: str | None) -> list[list[float]]:
         prompt_ids = self.encode_prompts([r.prompt for r in requests])
+        self.tokens.add(prompts=len(requests), prompt_tokens=sum(map(len, prompt_ids)))
         plans = [self.plan(r.choices) for r in requests]
         # One row per (request, branch prefix); the empty prefix is the prompt itself.
         rows: list[list[int]] = []
@@ -122,6 +124,7 @@ class HFBackend:
             input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.tokens.add(computed=input_ids.numel())
         with torch.inference_mode(), self._adapter(adapter):
             model = self._peft if self._peft is not None else self.model
             logits = model(

@@ -5,13 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from model_store.backends.base import ScoreRequest
+from model_store.backends.base import ScoreRequest, TokenCounter
 
 
 class NullBackend:
     model_id = "null"
 
+    def __init__(self) -> None:
+        self.tokens = TokenCounter()
+
     def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        self.tokens.add(prompts=len(requests))
         return [[1.0 / len(r.choices)] * len(r.choices) for r in requests]
 
     def count_tokens(self, text: str) -> int:

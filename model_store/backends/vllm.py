@@ -37,7 +37,7 @@ from typing import Sequence
 import structlog
 
 from erc_stream.settings import VLLMSettings
-from model_store.backends.base import ScoreRequest
+from model_store.backends.base import ScoreRequest, TokenCounter
 from model_store.backends.choices import ChoicePlan
 
 log = structlog.get_logger(__name__)
@@ -99,6 +99,7 @@ class VLLMBackend:
         self._adapters: dict[str, object] = {}  # name -> LoRARequest
         self._next_lora_id = 0
         self._plans: dict[tuple[str, ...], ChoicePlan] = {}
+        self.tokens = TokenCounter()
 
     # -- Backend interface ---------------------------------------------------------------
 
@@ -154,9 +155,11 @@ class VLLMBackend:
         outputs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params,
                                     lora_request=lora_requests, use_tqdm=False)
         read: list[dict[int, float]] = []
+        self.tokens.add(prompts=len(requests), prompt_tokens=sum(map(len, prompt_ids)))
         for row, out in zip(rows, outputs, strict=True):
             if list(out.prompt_token_ids) != row:
                 raise RuntimeError("vLLM returned outputs out of order")
+            self.tokens.add(computed=len(row) - (out.num_cached_tokens or 0))
             read.append({int(t): float(lp.logprob) for t, lp in out.outputs[0].logprobs[0].items()})
 
         def reader(i: int, plan: ChoicePlan):
