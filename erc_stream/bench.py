@@ -5,7 +5,8 @@ Paths (each in its own process, so its peak RSS is its own):
 - ``naive``: the paper's loop — one prompt at a time, greedy generation, the label read off the text
   (:mod:`model_store.backends.naive`);
 - ``hf``: transformers + peft, micro-batches scored in one forward pass over the label tokens;
-- ``vllm``: vLLM with prefix caching (consecutive turns of a conversation share their prompt prefix).
+- ``vllm``: vLLM with prefix caching (consecutive turns of a conversation share their prompt prefix);
+  ``vllm-no-prefix-cache``, on request, is the same engine without it.
 
 Every path labels the same messages — the first MELD dev dialogues (synthetic conversations where no data
 directory exists), interleaved across conversations as a stream delivers them — through the same prompt
@@ -42,6 +43,10 @@ from typing import Sequence
 from erc_stream.settings import Settings
 
 PATHS: tuple[str, ...] = ("naive", "hf", "vllm")
+#: Paths measured on request only (``--paths``): the same engines with one optimisation off.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "vllm-no-prefix-cache": ("vllm", {"vllm": {"enable_prefix_caching": False}}),
+}
 
 
 @dataclass(frozen=True)
@@ -180,7 +185,8 @@ def run_path(path: str, settings: Settings, messages: int, rate: float | None) -
                                device=settings.model.device, dtype=settings.model.dtype, threads=settings.model.threads)
         max_size = 1
     else:
-        backend = load_backend(settings.with_overrides(model={"backend": path}))
+        engine, overrides = VARIANTS.get(path, (path, {}))
+        backend = load_backend(settings.with_overrides(model={"backend": engine}, **overrides))
         max_size = settings.batch.max_size
     load_s = time.monotonic() - started
     label_set = get_label_set(settings.model.label_set)
