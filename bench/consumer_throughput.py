@@ -109,17 +109,17 @@ class _Clock:
         setattr(obj, name, timed)
 
 
-def _consume(settings: Settings, expected: int, stages: bool, conn) -> None:  # pragma: no cover - child process
+def _consume(settings: Settings, expected: int, stages: bool, profile: str | None, conn) -> None:  # pragma: no cover - child process
     """Child: run one StreamApp until ``expected`` records are consumed and committed; send the figures back."""
     try:
-        conn.send(_run_consumer(settings, expected, stages))
+        conn.send(_run_consumer(settings, expected, stages, profile))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         conn.send({"error": f"{type(e).__name__}: {e}"})
     finally:
         conn.close()
 
 
-def _run_consumer(settings: Settings, expected: int, stages: bool) -> dict[str, Any]:
+def _run_consumer(settings: Settings, expected: int, stages: bool, profile: str | None = None) -> dict[str, Any]:
     import consumer.app as app_module
     from consumer.runner import build_app
     from erc_stream.logs import configure
@@ -165,7 +165,14 @@ def _run_consumer(settings: Settings, expected: int, stages: bool) -> dict[str, 
             app.stop()
 
     app._handle = handle_and_stop  # type: ignore[method-assign]
-    stats = app.run(idle_exit_s=60.0)
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        stats = profiler.runcall(app.run, idle_exit_s=60.0)
+        profiler.dump_stats(profile)
+    else:
+        stats = app.run(idle_exit_s=60.0)
     if "seconds" not in result:
         raise RuntimeError(f"consumed {stats.consumed} of {expected} records before going idle")
     out: dict[str, Any] = {
@@ -184,7 +191,7 @@ def _run_consumer(settings: Settings, expected: int, stages: bool) -> dict[str, 
 # -- the measurement ---------------------------------------------------------------------------
 
 
-def _bench_settings(settings: Settings, *, partitions: int, batch_size: int | None) -> Settings:
+def _bench_settings(settings: Settings, *, partitions: int, batch_size: int | None, stream_batch: int | None) -> Settings:
     suffix = uuid.uuid4().hex[:8]
     return settings.with_overrides(
         kafka={"input_topic": f"bench-{suffix}.messages", "output_topic": f"bench-{suffix}.emotions",
@@ -194,7 +201,8 @@ def _bench_settings(settings: Settings, *, partitions: int, batch_size: int | No
         redis={"key_prefix": f"erc-bench-{suffix}"},
         model={"backend": "null", "adapter": None},
         metrics={"enabled": False},
-        batch={"max_size": batch_size} if batch_size else {},
+        batch={**({"max_size": batch_size} if batch_size else {}),
+               **({"max_records": stream_batch} if stream_batch else {})},
     )
 
 
@@ -276,39 +284,44 @@ def measure(
     messages: int = 20_000,
     conversations: int = 500,
     batch_size: int | None = None,
+    stream_batch: int | None = 500,
     partitions: int = 4,
     stages: bool = True,
     verify: bool = False,
     seed: int = 0,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """Consumer throughput with the null backend (one consumer process); a flat dict of figures.
 
     ``settings``: use its broker and Redis (fresh topics, group and key prefix are made per run; the
     topics stay on that broker); None starts a throwaway tansu and Redis. ``batch_size`` overrides
-    ``batch.max_size``. ``verify`` reads the output topic back and counts events and distinct message ids
+    ``batch.max_size`` (the inference micro-batch), ``stream_batch`` ``batch.max_records`` (records per poll,
+    Redis round-trip, flush and commit; None keeps the settings'). ``verify`` reads the output topic back and counts events and distinct message ids
     (slow: kafka-python reads ~6k records/s).
 
     Keys: ``messages_per_s``, ``messages``, ``seconds`` (first records polled → last offsets committed),
     ``cpu_seconds`` (the consumer process's CPU over that span, all its threads), ``cpu_per_message_us``,
-    ``conversations``, ``partitions``, ``batch_size``, ``producer_msgs_per_s``, ``events``, ``dead_letters``,
+    ``conversations``, ``partitions``, ``batch_size``, ``stream_batch``, ``producer_msgs_per_s``, ``events``, ``dead_letters``,
     ``batches``, ``alerts``, ``rewinds``, ``stage_<name>_s`` for each of :data:`STAGES` (with ``stages``), and
-    with ``verify`` ``output_records`` and ``output_distinct_messages``.
+    with ``verify`` ``output_records`` and ``output_distinct_messages``. ``profile``: a file the consumer
+    process writes its cProfile statistics to (``python -m pstats FILE``; slows it down).
     """
     if settings is None:
         return _with_services(lambda base: measure(
-            base, messages=messages, conversations=conversations, batch_size=batch_size, partitions=partitions,
-            stages=stages, verify=verify, seed=seed))
+            base, messages=messages, conversations=conversations, batch_size=batch_size,
+            stream_batch=stream_batch, partitions=partitions,
+            stages=stages, verify=verify, seed=seed, profile=profile))
     from erc_stream.services import ensure_topics
     from producer_sim.replay import replay
 
-    s = _bench_settings(settings, partitions=partitions, batch_size=batch_size)
+    s = _bench_settings(settings, partitions=partitions, batch_size=batch_size, stream_batch=stream_batch)
     ensure_topics(s)
     stream = make_messages(messages, conversations, seed=seed)
     report = replay(s, stream, rate=None, progress=False)
 
     ctx = mp.get_context("spawn")  # a fresh interpreter: its CPU time is the consumer's alone
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_consume, args=(s, len(stream), stages, child), name="erc-bench-consumer")
+    proc = ctx.Process(target=_consume, args=(s, len(stream), stages, profile, child), name="erc-bench-consumer")
     proc.start()
     child.close()
     try:
@@ -332,6 +345,7 @@ def measure(
         "conversations": min(conversations, messages),
         "partitions": partitions,
         "batch_size": s.batch.max_size,
+        "stream_batch": s.batch.stream_size,
         "producer_msgs_per_s": round(report.rate, 1),
         **{k: v for k, v in figures.items() if k not in ("seconds", "cpu_seconds", "pid")},
     }
@@ -350,19 +364,25 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--messages", type=int, default=20_000)
     p.add_argument("--conversations", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=None, help="batch.max_size (default: the settings')")
+    p.add_argument("--batch-size", type=int, default=None, help="batch.max_size, the inference micro-batch "
+                   "(default: the settings')")
+    p.add_argument("--stream-batch", type=int, default=500, help="batch.max_records: records per poll, Redis "
+                   "round-trip, flush and commit (0: the settings')")
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--repeat", type=int, default=1, help="Run this many times (same services); report each and the best.")
     p.add_argument("--no-stages", action="store_true", help="No per-stage breakdown (no wrappers at all).")
     p.add_argument("--verify", action="store_true", help="Read the output topic back and count the events.")
     p.add_argument("--external", action="store_true",
                    help="Use the broker and Redis of ERC_KAFKA__BOOTSTRAP_SERVERS / ERC_REDIS__URL instead of fresh ones.")
+    p.add_argument("--profile", default=None, help="Write the consumer process's cProfile statistics to this file.")
     p.add_argument("--json", action="store_true", help="One JSON object (the best run, with every run's rate).")
     a = p.parse_args(argv)
 
     def runs(base: Settings) -> list[dict[str, Any]]:
         return [measure(base, messages=a.messages, conversations=a.conversations, batch_size=a.batch_size,
-                        partitions=a.partitions, stages=not a.no_stages, verify=a.verify, seed=i)
+                        stream_batch=a.stream_batch or None,
+                        partitions=a.partitions, stages=not a.no_stages, verify=a.verify, seed=i,
+                        profile=a.profile)
                 for i in range(a.repeat)]
 
     results = runs(Settings()) if a.external else _with_services(runs)

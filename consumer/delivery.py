@@ -90,13 +90,17 @@ class Emitter(Protocol):
 
 
 def producer_options(settings: Settings) -> dict[str, object]:
-    """Options every emitter's producer shares: acks from all replicas, room for the largest dead letter."""
+    """Options every emitter's producer shares: acks from all replicas, room for the largest dead letter,
+    batching as ``kafka.producer_*`` says."""
     k = settings.kafka
     dlq_bytes = k.dlq_max_original_bytes * 4 // 3 + 8192  # base64 + the dead letter's fields
+    max_request = max(1_048_576, k.max_message_bytes * 2 + 4096, dlq_bytes)
     return {
         "acks": "all",
-        "linger_ms": 5,
-        "max_request_size": max(1_048_576, k.max_message_bytes * 2 + 4096, dlq_bytes),
+        "linger_ms": k.producer_linger_ms,
+        "batch_size": min(k.producer_batch_bytes, max_request),
+        "compression_type": None if k.producer_compression == "none" else k.producer_compression,
+        "max_request_size": max_request,
         **k.client_options(),
     }
 
