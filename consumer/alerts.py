@@ -54,6 +54,7 @@ redis.call('ZADD', key, turn, ARGV[2])
 redis.call('ZREMRANGEBYRANK', key, 0, -(keep + 1))
 redis.call('EXPIRE', key, tonumber(ARGV[4]))
 local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+if ARGV[5] == '0' then return {newest[2], {}} end  -- no rule reads the stored turns of this event
 local stored = redis.call('ZRANGEBYSCORE', key, turn - keep + 1, turn, 'WITHSCORES')
 return {newest[2], stored}
 """
@@ -166,6 +167,12 @@ class AlertEngine:
     def _labels(self, label_set: str, which: dict[str, tuple[str, ...]]) -> frozenset[str]:
         return frozenset(which.get(label_set, ()))
 
+    def _reads_turns(self, event: EmotionEvent) -> bool:
+        """Whether a conversation rule looks at the turns stored before this event (only for negative or anger)."""
+        s = self.settings
+        return (s.streak_length > 0 and event.label in self._labels(event.label_set, s.negative_labels)) or (
+            s.shift and event.label in self._labels(event.label_set, s.anger_labels))
+
     def evaluate(self, items: Sequence[tuple[EmotionEvent, ChatMessage]]) -> list[Alert]:
         """The alerts the batch's events raise, in order, each alert id once. Raises redis.RedisError
         (the caller rewinds the batch); any other failure costs that event its alerts, never the batch."""
@@ -185,7 +192,8 @@ class AlertEngine:
             negative = event.label in self._labels(event.label_set, s.negative_labels)
             if conv_on:
                 self._conv(keys=[self._conv_key(event.conversation_id)],
-                           args=[event.turn, _turn(event).to_json(), self.keep, self.ttl_s], client=pipe)
+                           args=[event.turn, _turn(event).to_json(), self.keep, self.ttl_s,
+                                 "1" if self._reads_turns(event) else "0"], client=pipe)
             if tenant_on:
                 ts = min(msg.sent_at.timestamp(), now + _MAX_FUTURE_S)
                 # The script reads the evidence and the alert id of negative events only.
@@ -233,8 +241,8 @@ class AlertEngine:
         found: list[Alert] = []
         negative = self._labels(event.label_set, s.negative_labels)
         anger = self._labels(event.label_set, s.anger_labels)
-        if not ((s.streak_length > 0 and event.label in negative) or (s.shift and event.label in anger)):
-            return found  # no rule looks at the stored turns of a calm event: do not decode them
+        if not self._reads_turns(event):
+            return found  # no rule looks at the stored turns of a calm event (nor were they sent)
         turns = {int(float(score)): _Turn.from_json(member) for member, score in zip(stored[::2], stored[1::2])}
         if s.streak_length > 0 and event.label in negative:
             streak: list[_Turn] = []
