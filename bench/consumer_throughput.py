@@ -162,6 +162,7 @@ def _run_consumer(settings: Settings, expected: int, stages: bool, profile: str 
             app.emitter.commit_pending(app.consumer, force=True)  # the last offsets, whatever the interval
             result["seconds"] = time.perf_counter() - (clock.started or 0.0)
             result["cpu_seconds"] = time.process_time() - clock.cpu_started
+            clock.started = None  # the span is over: wrappers stop counting (the loop's lag update, close)
             app.stop()
 
     app._handle = handle_and_stop  # type: ignore[method-assign]
