@@ -14,7 +14,8 @@ inference". This measures it:
    over that span and, with ``stages=True``, a per-stage breakdown (wrapping the app's own calls in the
    child: no code path of the app is changed for it).
 
-``measure()`` returns a flat dict (``messages_per_s``, ``messages``, ``seconds``, ``cpu_seconds``, ``stage_*``
+The consumer runs in a ``multiprocessing`` "spawn" child, so a script that calls ``measure()`` needs the usual
+``if __name__ == "__main__":`` guard. ``measure()`` returns a flat dict (``messages_per_s``, ``messages``, ``seconds``, ``cpu_seconds``, ``stage_*``
 seconds …); ``erc-stream bench`` uses it for its "consumer overhead" figure. Run it alone::
 
     python bench/consumer_throughput.py --messages 20000 --conversations 500 --json
@@ -378,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default=None, help="Write the consumer process's cProfile statistics to this file.")
     p.add_argument("--json", action="store_true", help="One JSON object (the best run, with every run's rate).")
     a = p.parse_args(argv)
+    from erc_stream.logs import configure
+
+    configure("WARNING")  # stdout is the report (--json: one object); the consumer process logs to stderr
 
     def runs(base: Settings) -> list[dict[str, Any]]:
         return [measure(base, messages=a.messages, conversations=a.conversations, batch_size=a.batch_size,
@@ -397,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {i + 1}: {r['messages_per_s']:,.0f} msg/s, {r['messages']} messages in {r['seconds']:.2f} s, "
                   f"CPU {r['cpu_seconds']:.2f} s ({r['cpu_per_message_us']:.0f} µs/message), "
                   f"producer {r['producer_msgs_per_s']:,.0f} msg/s")
+            if "output_records" in r:
+                print(f"  output topic: {r['output_records']} events, {r['output_distinct_messages']} distinct "
+                      f"input messages of {r['messages']}")
         stage_cols = [(s, best.get(f"stage_{s}_s")) for s in STAGES if f"stage_{s}_s" in best]
         if stage_cols:
             print("best run, seconds per stage: " + ", ".join(f"{s} {v:.2f}" for s, v in stage_cols))
