@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import redis
 import structlog
 
+from consumer.redis_scripts import run_scripts
 from erc_stream.schemas import Alert, AlertEvidence, ChatMessage, EmotionEvent
 from erc_stream.settings import AlertSettings
 
@@ -184,16 +185,16 @@ class AlertEngine:
         # One round trip for the whole batch. Events of one conversation run in order, so each
         # sees the turns before it (Lua scripts of a pipeline run one after the other). The tenant rule
         # takes one call per tenant with its events in order (a tenant's keys share one hash tag).
-        pipe = self.redis.pipeline(transaction=False)
+        calls: list = []
         now = time.time()
         per_tenant: dict[str | None, list] = {}
         tenant_slot: list[tuple[str | None, int]] = []  # each event's tenant and its place in that tenant's call
         for event, msg in items:
             negative = event.label in self._labels(event.label_set, s.negative_labels)
             if conv_on:
-                self._conv(keys=[self._conv_key(event.conversation_id)],
-                           args=[event.turn, _turn(event).to_json(), self.keep, self.ttl_s,
-                                 "1" if self._reads_turns(event) else "0"], client=pipe)
+                calls.append((self._conv, [self._conv_key(event.conversation_id)],
+                              [event.turn, _turn(event).to_json(), self.keep, self.ttl_s,
+                               "1" if self._reads_turns(event) else "0"]))
             if tenant_on:
                 ts = min(msg.sent_at.timestamp(), now + _MAX_FUTURE_S)
                 # The script reads the evidence and the alert id of negative events only.
@@ -205,10 +206,10 @@ class AlertEngine:
         if per_tenant:
             ttl = int(max(s.tenant_window_s, s.tenant_cooldown_s) * 2) + 3600
             for tenant, args in per_tenant.items():
-                self._tenant(keys=self._tenant_keys(tenant),
-                             args=[s.tenant_window_s, s.tenant_threshold, s.tenant_min_count, s.tenant_cooldown_s,
-                                   s.evidence_max, ttl, *args], client=pipe)
-        replies = pipe.execute()
+                calls.append((self._tenant, self._tenant_keys(tenant),
+                              [s.tenant_window_s, s.tenant_threshold, s.tenant_min_count, s.tenant_cooldown_s,
+                               s.evidence_max, ttl, *args]))
+        replies = run_scripts(self.redis, calls)
         conv_replies = iter(replies[:len(items)] if conv_on else [])
         tenant_replies = dict(zip(per_tenant, replies[len(items) if conv_on else 0:]))
 

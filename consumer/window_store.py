@@ -11,7 +11,7 @@ lands in one slot. The script, in one atomic step:
    replayed old turn still sees its own past and never a future turn;
 3. trims the set to the newest ``retain`` turns and refreshes the TTL.
 
-Many messages go to Redis in one pipelined round-trip (``append_many``).
+Many messages go to Redis in one pipelined round-trip (``append_many``, via :func:`consumer.redis_scripts.run_scripts`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Sequence
 
 import redis
 
+from consumer.redis_scripts import run_scripts
 from model_store.prompts import Turn
 
 _APPEND_LUA = """
@@ -107,18 +108,15 @@ class WindowStore:
         """Append ``(conversation_id, turn)`` pairs in order, in one pipelined round-trip."""
         if not turns:
             return []
-        pipe = self.client.pipeline(transaction=False)
+        calls = []
         for conversation_id, t in turns:
             member = json.dumps(
                 {"t": t.turn, "s": t.speaker, "x": t.text, "m": t.message_id}, ensure_ascii=False, separators=(",", ":")
             )
             suffix = '"m":' + json.dumps(t.message_id, ensure_ascii=False) + "}"
-            self._append(
-                keys=[self.key(conversation_id)],
-                args=[t.turn, member, self.size, self.retain, self.ttl_s, suffix],
-                client=pipe,
-            )
-        return [self._parse(r) for r in pipe.execute()]
+            calls.append((self._append, [self.key(conversation_id)],
+                          [t.turn, member, self.size, self.retain, self.ttl_s, suffix]))
+        return [self._parse(r) for r in run_scripts(self.client, calls)]
 
     def get(self, conversation_id: str) -> list[WindowTurn]:
         """All retained turns of a conversation, oldest first."""
