@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import redis
 import structlog
 
+from consumer.redis_scripts import run_scripts
 from erc_stream.schemas import Alert, AlertEvidence, ChatMessage, EmotionEvent
 from erc_stream.settings import AlertSettings
 
@@ -54,51 +55,57 @@ redis.call('ZADD', key, turn, ARGV[2])
 redis.call('ZREMRANGEBYRANK', key, 0, -(keep + 1))
 redis.call('EXPIRE', key, tonumber(ARGV[4]))
 local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+if ARGV[5] == '0' then return {newest[2], {}} end  -- no rule reads the stored turns of this event
 local stored = redis.call('ZRANGEBYSCORE', key, turn - keep + 1, turn, 'WITHSCORES')
 return {newest[2], stored}
 """
 
 _TENANT_LUA = """
+-- One call per tenant and batch: ARGV[1..6] the rule's settings, then 5 values per event, in event order.
 local all, neg, ev, cool = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local id, ts, is_neg = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
-local window, threshold, min_count = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local cooldown, alert_id, evidence_max, ttl = tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11])
-redis.call('ZADD', all, ts, id)
-if is_neg then
-  redis.call('ZADD', neg, ts, id)
-  redis.call('HSET', ev, id, ARGV[4])
-else
-  redis.call('ZREM', neg, id)
-  redis.call('HDEL', ev, id)
-end
-local newest = tonumber(redis.call('ZRANGE', all, -1, -1, 'WITHSCORES')[2])
-local cutoff = '(' .. tostring(newest - window)
-local old = redis.call('ZRANGEBYSCORE', neg, '-inf', cutoff)
-if #old > 0 then redis.call('HDEL', ev, unpack(old)) end
-redis.call('ZREMRANGEBYSCORE', neg, '-inf', cutoff)
-redis.call('ZREMRANGEBYSCORE', all, '-inf', cutoff)
-local lo = '(' .. tostring(ts - window)
-local total = redis.call('ZCOUNT', all, lo, ts)
-local negs = redis.call('ZCOUNT', neg, lo, ts)
-for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end
-local fire = 0
-if is_neg and total >= min_count and negs > threshold * total then
-  local cur = redis.call('GET', cool)
-  if not cur then
-    fire = 1
+local window, threshold, min_count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local cooldown, evidence_max, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local replies = {}
+for i = 7, #ARGV, 5 do
+  local id, ts, is_neg, alert_id = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2] == '1', ARGV[i + 4]
+  redis.call('ZADD', all, ts, id)
+  if is_neg then
+    redis.call('ZADD', neg, ts, id)
+    redis.call('HSET', ev, id, ARGV[i + 3])
   else
-    local sep = string.find(cur, '|', 1, true)
-    local cur_id, cur_ts = string.sub(cur, 1, sep - 1), tonumber(string.sub(cur, sep + 1))
-    if cur_id == alert_id or ts >= cur_ts + cooldown then fire = 1 end
+    redis.call('ZREM', neg, id)
+    redis.call('HDEL', ev, id)
   end
-  if fire == 1 then redis.call('SET', cool, alert_id .. '|' .. tostring(ts), 'EX', ttl) end
+  local newest = tonumber(redis.call('ZRANGE', all, -1, -1, 'WITHSCORES')[2])
+  local cutoff = '(' .. tostring(newest - window)
+  local old = redis.call('ZRANGEBYSCORE', neg, '-inf', cutoff)
+  if #old > 0 then redis.call('HDEL', ev, unpack(old)) end
+  redis.call('ZREMRANGEBYSCORE', neg, '-inf', cutoff)
+  redis.call('ZREMRANGEBYSCORE', all, '-inf', cutoff)
+  local lo = '(' .. tostring(ts - window)
+  local total = redis.call('ZCOUNT', all, lo, ts)
+  local negs = redis.call('ZCOUNT', neg, lo, ts)
+  local fire = 0
+  if is_neg and total >= min_count and negs > threshold * total then
+    local cur = redis.call('GET', cool)
+    if not cur then
+      fire = 1
+    else
+      local sep = string.find(cur, '|', 1, true)
+      local cur_id, cur_ts = string.sub(cur, 1, sep - 1), tonumber(string.sub(cur, sep + 1))
+      if cur_id == alert_id or ts >= cur_ts + cooldown then fire = 1 end
+    end
+    if fire == 1 then redis.call('SET', cool, alert_id .. '|' .. tostring(ts), 'EX', ttl) end
+  end
+  local evidence = {}
+  if fire == 1 then
+    local ids = redis.call('ZREVRANGEBYSCORE', neg, ts, lo, 'LIMIT', 0, evidence_max)
+    if #ids > 0 then evidence = redis.call('HMGET', ev, unpack(ids)) end
+  end
+  replies[#replies + 1] = {fire, total, negs, evidence}
 end
-local evidence = {}
-if fire == 1 then
-  local ids = redis.call('ZREVRANGEBYSCORE', neg, ts, lo, 'LIMIT', 0, evidence_max)
-  if #ids > 0 then evidence = redis.call('HMGET', ev, unpack(ids)) end
-end
-return {fire, total, negs, evidence}
+for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end
+return replies
 """
 
 
@@ -161,6 +168,12 @@ class AlertEngine:
     def _labels(self, label_set: str, which: dict[str, tuple[str, ...]]) -> frozenset[str]:
         return frozenset(which.get(label_set, ()))
 
+    def _reads_turns(self, event: EmotionEvent) -> bool:
+        """Whether a conversation rule looks at the turns stored before this event (only for negative or anger)."""
+        s = self.settings
+        return (s.streak_length > 0 and event.label in self._labels(event.label_set, s.negative_labels)) or (
+            s.shift and event.label in self._labels(event.label_set, s.anger_labels))
+
     def evaluate(self, items: Sequence[tuple[EmotionEvent, ChatMessage]]) -> list[Alert]:
         """The alerts the batch's events raise, in order, each alert id once. Raises redis.RedisError
         (the caller rewinds the batch); any other failure costs that event its alerts, never the batch."""
@@ -170,31 +183,43 @@ class AlertEngine:
         tenant_on = s.tenant_threshold < 1
         conv_on = s.streak_length > 0 or s.shift
         # One round trip for the whole batch. Events of one conversation run in order, so each
-        # sees the turns before it (Lua scripts of a pipeline run one after the other).
-        pipe = self.redis.pipeline(transaction=False)
+        # sees the turns before it (Lua scripts of a pipeline run one after the other). The tenant rule
+        # takes one call per tenant with its events in order (a tenant's keys share one hash tag).
+        calls: list = []
         now = time.time()
-        plan: list[tuple[EmotionEvent, ChatMessage, bool, bool]] = []
+        per_tenant: dict[str | None, list] = {}
+        tenant_slot: list[tuple[str | None, int]] = []  # each event's tenant and its place in that tenant's call
         for event, msg in items:
             negative = event.label in self._labels(event.label_set, s.negative_labels)
             if conv_on:
-                self._conv(keys=[self._conv_key(event.conversation_id)],
-                           args=[event.turn, _turn(event).to_json(), self.keep, self.ttl_s], client=pipe)
+                calls.append((self._conv, [self._conv_key(event.conversation_id)],
+                              [event.turn, _turn(event).to_json(), self.keep, self.ttl_s,
+                               "1" if self._reads_turns(event) else "0"]))
             if tenant_on:
                 ts = min(msg.sent_at.timestamp(), now + _MAX_FUTURE_S)
-                alert_id = Alert.make_id("tenant_negative_rate", event.tenant or "", event.message_id)
-                evidence = _turn(event).evidence(event.conversation_id).model_dump_json()
-                ttl = int(max(s.tenant_window_s, s.tenant_cooldown_s) * 2) + 3600
-                self._tenant(keys=self._tenant_keys(event.tenant),
-                             args=[event.message_id, ts, "1" if negative else "0", evidence, s.tenant_window_s,
-                                   s.tenant_threshold, s.tenant_min_count, s.tenant_cooldown_s, alert_id,
-                                   s.evidence_max, ttl], client=pipe)
-            plan.append((event, msg, conv_on, tenant_on))
-        replies = iter(pipe.execute())
+                # The script reads the evidence and the alert id of negative events only.
+                alert_id = Alert.make_id("tenant_negative_rate", event.tenant or "", event.message_id) if negative else ""
+                evidence = _turn(event).evidence(event.conversation_id).model_dump_json() if negative else ""
+                args = per_tenant.setdefault(event.tenant, [])
+                tenant_slot.append((event.tenant, len(args) // 5))
+                args += [event.message_id, ts, "1" if negative else "0", evidence, alert_id]
+        if per_tenant:
+            ttl = int(max(s.tenant_window_s, s.tenant_cooldown_s) * 2) + 3600
+            for tenant, args in per_tenant.items():
+                calls.append((self._tenant, self._tenant_keys(tenant),
+                              [s.tenant_window_s, s.tenant_threshold, s.tenant_min_count, s.tenant_cooldown_s,
+                               s.evidence_max, ttl, *args]))
+        replies = run_scripts(self.redis, calls)
+        conv_replies = iter(replies[:len(items)] if conv_on else [])
+        tenant_replies = dict(zip(per_tenant, replies[len(items) if conv_on else 0:]))
 
         alerts: dict[str, Alert] = {}
-        for event, msg, has_conv, has_tenant in plan:
-            conv_reply = next(replies) if has_conv else None
-            tenant_reply = next(replies) if has_tenant else None
+        for i, (event, msg) in enumerate(items):
+            conv_reply = next(conv_replies) if conv_on else None
+            tenant_reply = None
+            if tenant_on:
+                tenant, slot = tenant_slot[i]
+                tenant_reply = tenant_replies[tenant][slot]
             try:
                 found: list[Alert] = []
                 if conv_reply is not None:
@@ -214,9 +239,12 @@ class AlertEngine:
         s = self.settings
         if newest is not None and event.turn < float(newest) - self.keep + 1:
             return []  # a replay older than the kept turns: its history is gone, do not guess
-        turns = {int(float(score)): _Turn.from_json(member) for member, score in zip(stored[::2], stored[1::2])}
         found: list[Alert] = []
         negative = self._labels(event.label_set, s.negative_labels)
+        anger = self._labels(event.label_set, s.anger_labels)
+        if not self._reads_turns(event):
+            return found  # no rule looks at the stored turns of a calm event (nor were they sent)
+        turns = {int(float(score)): _Turn.from_json(member) for member, score in zip(stored[::2], stored[1::2])}
         if s.streak_length > 0 and event.label in negative:
             streak: list[_Turn] = []
             t = event.turn
@@ -234,7 +262,7 @@ class AlertEngine:
                     severity="critical" if any(t.label in self._labels(event.label_set, s.anger_labels)
                                                for t in streak) else "warning",
                 ))
-        if s.shift and event.label in self._labels(event.label_set, s.anger_labels):
+        if s.shift and event.label in anger:
             previous = next((turns[t] for t in range(event.turn - 1, event.turn - s.shift_lookback - 1, -1)
                              if t in turns and turns[t].speaker == event.speaker), None)
             if previous is not None and previous.label in self._labels(event.label_set, s.calm_labels):

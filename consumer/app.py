@@ -185,7 +185,7 @@ class StreamApp:
             session_timeout_ms=k.session_timeout_ms,
             heartbeat_interval_ms=k.heartbeat_interval_ms,
             max_poll_interval_ms=k.max_poll_interval_ms,
-            max_poll_records=settings.batch.max_size,
+            max_poll_records=settings.batch.stream_size,
             fetch_max_bytes=max(52_428_800, k.max_message_bytes * 2),
             max_partition_fetch_bytes=max(1_048_576, k.max_message_bytes * 2),
             **k.client_options(),
@@ -316,8 +316,8 @@ class StreamApp:
     # -- the pipeline ----------------------------------------------------------------------
 
     def _poll_batch(self) -> list[_Polled]:
-        """Up to ``batch.max_size`` records, waiting at most ``batch.max_wait_ms`` after the first one."""
-        max_size = self.settings.batch.max_size
+        """Up to ``batch.stream_size`` records, waiting at most ``batch.max_wait_ms`` after the first one."""
+        max_size = self.settings.batch.stream_size
         max_wait = self.settings.batch.max_wait_ms / 1000
         batch: list[_Polled] = []
         deadline: float | None = None
@@ -379,9 +379,12 @@ class StreamApp:
         except REDIS_DOWN as e:  # wait for it, lose nothing
             raise _RedisDown(f"{type(e).__name__}: {e}", "window") from e
         valid, updates = self._drop_conflicts(valid, updates, dead)
-        inference_started = time.monotonic()
-        results = self.labeler.label([[t.as_prompt_turn() for t in u.window] for u in updates]) if valid else []
-        if valid:
+        windows = [[t.as_prompt_turn() for t in u.window] for u in updates]
+        results = []
+        step = self.settings.batch.max_size
+        for start in range(0, len(windows), step):  # one backend call per micro-batch of the stream batch
+            inference_started = time.monotonic()
+            results += self.labeler.label(windows[start:start + step])
             self.metrics.inference_seconds.observe(time.monotonic() - inference_started)
 
         labelled: list[tuple[EmotionEvent, ChatMessage]] = []

@@ -30,6 +30,7 @@ from typing import Callable, Protocol, TypeVar
 import structlog
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as Errors
+from kafka.partitioner.default import DefaultPartitioner, murmur2
 from kafka.structs import OffsetAndMetadata
 
 from erc_stream.settings import Settings
@@ -89,14 +90,41 @@ class Emitter(Protocol):
     def close(self, timeout_s: float) -> None: ...
 
 
+class CachingPartitioner(DefaultPartitioner):
+    """kafka-python's default partitioner (murmur2 of the key, as the Java client: a conversation's records go
+    where any other Kafka producer would put them), remembering each key's hash: kafka-python computes
+    murmur2 in pure Python, ~20 µs a record, and a conversation's key repeats with each of its events."""
+
+    MAX_KEYS = 100_000
+
+    def __init__(self) -> None:
+        self._hashes: dict[bytes, int] = {}
+
+    def partition(self, topic, key, serialized_key, value, serialized_value, cluster):
+        if serialized_key is None or topic not in cluster.topics():
+            return super().partition(topic, key, serialized_key, value, serialized_value, cluster)
+        h = self._hashes.get(serialized_key)
+        if h is None:
+            if len(self._hashes) >= self.MAX_KEYS:
+                self._hashes.clear()
+            h = self._hashes[serialized_key] = murmur2(serialized_key) & 0x7FFFFFFF
+        all_partitions = sorted(cluster.partitions_for_topic(topic))
+        return all_partitions[h % len(all_partitions)]
+
+
 def producer_options(settings: Settings) -> dict[str, object]:
-    """Options every emitter's producer shares: acks from all replicas, room for the largest dead letter."""
+    """Options every emitter's producer shares: acks from all replicas, room for the largest dead letter,
+    batching as ``kafka.producer_*`` says."""
     k = settings.kafka
     dlq_bytes = k.dlq_max_original_bytes * 4 // 3 + 8192  # base64 + the dead letter's fields
+    max_request = max(1_048_576, k.max_message_bytes * 2 + 4096, dlq_bytes)
     return {
         "acks": "all",
-        "linger_ms": 5,
-        "max_request_size": max(1_048_576, k.max_message_bytes * 2 + 4096, dlq_bytes),
+        "linger_ms": k.producer_linger_ms,
+        "batch_size": min(k.producer_batch_bytes, max_request),
+        "compression_type": None if k.producer_compression == "none" else k.producer_compression,
+        "max_request_size": max_request,
+        "partitioner": CachingPartitioner(),
         **k.client_options(),
     }
 

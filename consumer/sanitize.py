@@ -44,6 +44,8 @@ def _strip_controls(text: str) -> str:
 
 def has_control_chars(value: str) -> bool:
     """True if an identifier holds characters that cannot be shown or logged safely."""
+    if value.isprintable():  # the common case, in C: Cc, Cs and every bidi control (Cf) are not printable
+        return False
     return any(ch in _BIDI or unicodedata.category(ch) in ("Cc", "Cs") for ch in value)
 
 

@@ -11,17 +11,19 @@ lands in one slot. The script, in one atomic step:
    replayed old turn still sees its own past and never a future turn;
 3. trims the set to the newest ``retain`` turns and refreshes the TTL.
 
-Many messages go to Redis in one pipelined round-trip (``append_many``).
+Many messages go to Redis in one pipelined round-trip (``append_many``, via :func:`consumer.redis_scripts.run_scripts`).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import redis
 
+from consumer.redis_scripts import run_scripts
 from model_store.prompts import Turn
 
 _APPEND_LUA = """
@@ -57,7 +59,12 @@ class WindowTurn:
     message_id: str
 
     def as_prompt_turn(self) -> Turn:
-        return Turn(self.speaker, self.text)
+        # Built once per stored turn: decoded turns are shared by every window that holds them (see _decode).
+        prompt_turn = self.__dict__.get("_prompt_turn")
+        if prompt_turn is None:
+            prompt_turn = Turn(self.speaker, self.text)
+            object.__setattr__(self, "_prompt_turn", prompt_turn)
+        return prompt_turn
 
 
 @dataclass(frozen=True)
@@ -75,9 +82,12 @@ class WindowUpdate:
     def degraded(self, turn: int, size: int) -> bool:
         """True if the window lacks turns it should hold: it is not exactly turns max(0, turn-size+1)..turn."""
         first = max(0, turn - size + 1)
-        if len(self.window) != turn - first + 1:
+        window = self.window
+        if len(window) != turn - first + 1:
             return True
-        return any(t.turn != first + i for i, t in enumerate(self.window))
+        # A window's turns strictly increase (one member per turn, by the script): with the right length,
+        # it is exactly first..turn when both ends are.
+        return window[0].turn != first or window[-1].turn != turn
 
 
 class WindowStore:
@@ -98,18 +108,15 @@ class WindowStore:
         """Append ``(conversation_id, turn)`` pairs in order, in one pipelined round-trip."""
         if not turns:
             return []
-        pipe = self.client.pipeline(transaction=False)
+        calls = []
         for conversation_id, t in turns:
             member = json.dumps(
                 {"t": t.turn, "s": t.speaker, "x": t.text, "m": t.message_id}, ensure_ascii=False, separators=(",", ":")
             )
             suffix = '"m":' + json.dumps(t.message_id, ensure_ascii=False) + "}"
-            self._append(
-                keys=[self.key(conversation_id)],
-                args=[t.turn, member, self.size, self.retain, self.ttl_s, suffix],
-                client=pipe,
-            )
-        return [self._parse(r) for r in pipe.execute()]
+            calls.append((self._append, [self.key(conversation_id)],
+                          [t.turn, member, self.size, self.retain, self.ttl_s, suffix]))
+        return [self._parse(r) for r in run_scripts(self.client, calls)]
 
     def get(self, conversation_id: str) -> list[WindowTurn]:
         """All retained turns of a conversation, oldest first."""
@@ -125,6 +132,9 @@ class WindowStore:
         )
 
 
+@lru_cache(maxsize=65_536)
 def _decode(member: bytes | str) -> WindowTurn:
+    # Cached by the member's bytes: consecutive windows of a conversation share all but one turn, so a
+    # batch's replies repeat members ~size times; WindowTurn is frozen, the same bytes decode alike.
     d = json.loads(member)
     return WindowTurn(turn=int(d["t"]), speaker=d["s"], text=d["x"], message_id=d["m"])

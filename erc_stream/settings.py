@@ -68,6 +68,19 @@ class KafkaSettings(_Section):
     ssl_password: SecretStr | None = Field(None, description="Password of the client private key.")
     ssl_check_hostname: bool = True
     """Check the broker certificate's host name."""
+    producer_linger_ms: int = Field(
+        20, ge=0, description="The consumer's producer waits up to this long to fill a record batch before sending "
+        "it. Each stream batch ends with a flush, which sends at once, so this only groups the batch's outputs into "
+        "fewer, larger requests while they are being produced (kafka-python `linger_ms`).",
+    )
+    producer_batch_bytes: int = Field(
+        262_144, ge=1024, description="Bytes of one producer record batch per partition (kafka-python `batch_size`; "
+        "its default, 16 KiB, holds ~25 events and splits a stream batch into many requests).",
+    )
+    producer_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="Compression of the consumer's outputs. Costs the consumer's CPU; worth it only when the "
+        "network to the broker is the bottleneck (snappy/lz4/zstd need their Python packages).",
+    )
     dlq_max_original_bytes: int = Field(
         524_288, ge=0,
         description="A dead letter keeps at most this many bytes of the original record (base64 grows it by a "
@@ -156,6 +169,18 @@ class BatchSettings(_Section):
     max_size: int = Field(16, ge=1)
     """Most messages in one micro-batch (one backend call)."""
     max_wait_ms: int = Field(250, ge=0, description="How long a batch waits to fill after its first message.")
+    max_records: int | None = Field(
+        None, ge=1, description="Most records in one stream batch: one Kafka poll, one pipelined Redis round-trip "
+        "per stage, one producer flush and one offset commit; inference runs over it in micro-batches of `max_size`. "
+        "Unset = `max_size`, right for a model on a CPU, where a batch's inference time is its latency and must stay "
+        "under `metrics.liveness_timeout_s` and `kafka.max_poll_interval_ms`. With a fast backend (null, vLLM on a "
+        "GPU) raise it, e.g. 500: the per-batch round-trips are then shared by many messages (docs/benchmarks.md).",
+    )
+
+    @property
+    def stream_size(self) -> int:
+        """Records one stream batch takes: ``max_records``, or ``max_size`` when unset."""
+        return self.max_records or self.max_size
 
 
 class ModelSettings(_Section):

@@ -22,7 +22,14 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from consumer.app import StreamApp
-from consumer.delivery import DeliveryError, FatalDeliveryError, Transactional, transactional_id, with_watchdog
+from consumer.delivery import (
+    CachingPartitioner,
+    DeliveryError,
+    FatalDeliveryError,
+    Transactional,
+    transactional_id,
+    with_watchdog,
+)
 from erc_stream.readers import read_events
 from erc_stream.schemas import EmotionEvent
 from erc_stream.services import ensure_topics, kafka_down, kafka_up
@@ -221,3 +228,33 @@ def test_the_watchdog_ends_a_commit_to_a_frozen_broker(tmp_path: Path) -> None:
         emitter.close(1)
         consumer.close(autocommit=False)
         kafka_down(base)
+
+
+class _Cluster:
+    """The two ClusterMetadata calls a partitioner makes."""
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions = set(range(partitions))
+
+    def topics(self) -> set[str]:
+        return {"t"}
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return self.partitions
+
+    def available_partitions_for_topic(self, topic: str) -> set[int]:
+        return self.partitions
+
+
+def test_the_caching_partitioner_places_keys_as_kafkas_default_does() -> None:
+    from kafka.partitioner.default import DefaultPartitioner
+
+    ours, default = CachingPartitioner(), DefaultPartitioner()
+    for partitions in (1, 4, 7):
+        cluster = _Cluster(partitions)
+        for i in range(300):
+            key = f"conversation-{i}".encode() * (1 + i % 3)
+            expected = default.partition("t", None, key, None, None, cluster)
+            assert ours.partition("t", None, key, None, None, cluster) == expected  # computed
+            assert ours.partition("t", None, key, None, None, cluster) == expected  # remembered
+    assert ours.partition("t", None, None, None, None, _Cluster(4)) in range(4)  # no key: any partition
