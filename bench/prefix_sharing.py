@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from erc_stream.labels import get_label_set
 from erc_stream.settings import Settings

@@ -36,6 +36,7 @@ from typing import Callable
 import redis
 import structlog
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaConnectionError
 from kafka.structs import OffsetAndMetadata
 
 from consumer.alerts import AlertEngine
@@ -244,7 +245,14 @@ class StreamApp:
                 self._update_lag()
                 self._follow_registry()
                 self.emitter.commit_pending(self.consumer)
-                batch = self._poll_batch()
+                try:
+                    batch = self._poll_batch()
+                except KafkaConnectionError as e:
+                    # The broker is away (restart, network): kafka-python's coordinator lookup can raise out
+                    # of poll. Nothing of a batch was taken yet; wait and poll again, the client reconnects.
+                    log.warning("broker unreachable while polling; retrying", error=str(e))
+                    self._stop.wait(1.0)
+                    continue
                 if batch:
                     self._handle(batch)
                     self._update_lag(force=True)  # positions moved: the gauge follows each batch
@@ -323,7 +331,12 @@ class StreamApp:
         deadline: float | None = None
         while len(batch) < max_size and not self._stop.is_set():
             timeout_s = 0.5 if deadline is None else max(0.0, deadline - time.monotonic())
-            polled = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_size - len(batch))
+            try:
+                polled = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_size - len(batch))
+            except KafkaConnectionError:
+                if batch:  # records already taken must be processed, or the next commit would skip them
+                    return batch
+                raise
             now = time.monotonic()
             for records in polled.values():
                 batch.extend(_Polled(r, now) for r in records)

@@ -7,8 +7,6 @@ rules are under test, not the model. The demo test runs them behind the real mod
 from __future__ import annotations
 
 import re
-import threading
-import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -23,6 +21,7 @@ from erc_stream.schemas import Alert, ChatMessage, EmotionEvent
 from erc_stream.settings import AlertSettings, Settings
 from model_store.backends.base import ScoreRequest
 from model_store.backends.null import NullBackend
+from tests.app_threads import run_until
 from tests.kafka_helpers import produce_raw
 
 LABELS = ("neutral", "surprise", "fear", "sad", "joyful", "disgust", "angry")
@@ -174,28 +173,6 @@ def _conversation(conv: str, texts: list[str], tenant: str = "acme") -> list[Cha
                         sent_at=now + timedelta(seconds=t), tenant=tenant) for t, text in enumerate(texts)]
 
 
-def _run(app: StreamApp, done, timeout_s: float = 60.0) -> None:
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            app.run()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not done() and time.monotonic() < deadline and thread.is_alive():
-            time.sleep(0.05)
-    finally:
-        app.stop()
-        thread.join(30)
-    assert not errors, errors
-    assert done(), f"timed out: {app.stats}"
-
-
 def test_a_scripted_negative_streak_raises_exactly_one_alert_on_the_topic(settings: Settings) -> None:
     settings = settings.with_overrides(batch={"max_size": 4, "max_wait_ms": 50},
                                        alerts={"streak_length": 3, "tenant_threshold": 1.0})
@@ -210,7 +187,7 @@ def test_a_scripted_negative_streak_raises_exactly_one_alert_on_the_topic(settin
     app = StreamApp(settings, _KeywordBackend())
     seen: list[Alert] = []
     app.on_alert = seen.append
-    _run(app, lambda: app.stats.events >= len(msgs))
+    run_until(app, lambda: app.stats.events >= len(msgs))
 
     alerts, copies = read_alerts(settings, timeout_s=20)
     assert len(alerts) == 1 and copies == 0, [a.summary for a in alerts]
@@ -226,7 +203,7 @@ def test_a_scripted_negative_streak_raises_exactly_one_alert_on_the_topic(settin
     # A replay of the whole input under a fresh group: every event again (same ids), no alert again.
     replay = StreamApp(settings.with_overrides(kafka={"group_id": f"{settings.kafka.group_id}-replay"}),
                        _KeywordBackend())
-    _run(replay, lambda: replay.stats.events >= len(msgs))
+    run_until(replay, lambda: replay.stats.events >= len(msgs))
     assert replay.stats.alerts == 0
     assert read_alerts(settings, timeout_s=10)[0] == alerts
     assert len(read_events(settings, timeout_s=10).events) == len(msgs)
@@ -248,7 +225,7 @@ def test_an_alert_of_a_batch_redone_after_a_failure_is_not_lost_and_keeps_its_id
 
     app = StreamApp(settings, _KeywordBackend())
     app.fault = fail_first_batch
-    _run(app, lambda: app.stats.events >= len(streak))
+    run_until(app, lambda: app.stats.events >= len(streak))
     assert fired and app.stats.rewinds == 1 and app.stats.alerts == 1
     alerts, copies = read_alerts(settings, timeout_s=20)
     # Sent with the failed batch and again with its redo: two records, one alert id.

@@ -24,7 +24,6 @@ from kafka.structs import OffsetAndMetadata
 from consumer.app import StreamApp
 from consumer.delivery import (
     CachingPartitioner,
-    DeliveryError,
     FatalDeliveryError,
     Transactional,
     transactional_id,
@@ -35,37 +34,10 @@ from erc_stream.schemas import EmotionEvent
 from erc_stream.services import ensure_topics, kafka_down, kafka_up
 from erc_stream.settings import KafkaSettings, ServicesSettings, Settings
 from model_store.backends.null import NullBackend
+from tests.app_threads import FailOnce, run_until, start
 from tests.conftest import free_port
 from tests.kafka_helpers import committed_offsets, produce_raw, read_all
 from tests.procs import stream_messages
-
-
-def _start(app: StreamApp) -> tuple[threading.Thread, list[BaseException]]:
-    """Run an app in a thread; what it raises lands in the returned list."""
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            app.run()
-        except BaseException as e:  # noqa: BLE001 - the test inspects it
-            errors.append(e)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, errors
-
-
-def _run_until(app: StreamApp, done, timeout_s: float = 60.0) -> None:
-    thread, errors = _start(app)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not done() and time.monotonic() < deadline and thread.is_alive():
-            time.sleep(0.05)
-    finally:
-        app.stop()
-        thread.join(30)
-    assert not errors, errors
-    assert done(), f"timed out: {app.stats}"
 
 
 def _produce(settings: Settings, n_conv: int = 6, turns: int = 5):
@@ -77,24 +49,12 @@ def _produce(settings: Settings, n_conv: int = 6, turns: int = 5):
     return msgs, ends
 
 
-class _FailOnce:
-    """Fault injection: the first batch fails after its outputs were sent, before its commit."""
-
-    def __init__(self) -> None:
-        self.fired = 0
-
-    def __call__(self, stage: str) -> None:
-        if stage == "after_send" and not self.fired:
-            self.fired += 1
-            raise DeliveryError("injected: broker lost after send")
-
-
 def test_at_least_once_redo_emits_copies_with_the_same_event_id(settings: Settings) -> None:
     settings = settings.with_overrides(batch={"max_size": 10, "max_wait_ms": 50})
     msgs, ends = _produce(settings)
     app = StreamApp(settings, NullBackend())
-    app.fault = _FailOnce()
-    _run_until(app, lambda: app.stats.consumed >= len(msgs))
+    app.fault = FailOnce()
+    run_until(app, lambda: app.stats.consumed >= len(msgs))
     assert app.stats.rewinds == 1 and app.stats.events == len(msgs)
 
     out = read_events(settings, timeout_s=20)
@@ -112,8 +72,8 @@ def test_transactional_batches_commit_outputs_with_offsets_and_abort_then_redo(s
     )
     msgs, ends = _produce(settings)
     app = StreamApp(settings, NullBackend())
-    app.fault = _FailOnce()
-    _run_until(app, lambda: app.stats.consumed >= len(msgs))
+    app.fault = FailOnce()
+    run_until(app, lambda: app.stats.consumed >= len(msgs))
     assert app.fault.fired == 1 and app.stats.rewinds == 1
 
     records = read_all(settings, settings.kafka.output_topic, expected=len(msgs), timeout_s=20,
@@ -165,7 +125,7 @@ def test_a_fenced_consumer_exits(settings: Settings, tmp_path: Path) -> None:
         delivery={"mode": "transactional", "worker_id": f"w-{uuid.uuid4().hex[:6]}", "commit_watchdog_s": 20},
     )
     old = StreamApp(settings, NullBackend())
-    thread, errors = _start(old)
+    thread, errors = start(old)
     new = StreamApp(settings, NullBackend())  # init_transactions fences `old`
     new_thread = threading.Thread(target=new.run, daemon=True)
     new_thread.start()

@@ -14,10 +14,10 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.app import StreamApp
-from consumer.delivery import DeliveryError
 from erc_stream.settings import Settings
 from model_store.backends.base import ScoreRequest
 from model_store.backends.null import NullBackend
+from tests.app_threads import FailOnce
 from tests.conftest import free_port
 from tests.kafka_helpers import produce_raw
 from tests.procs import ConsumerProc, RedisProc, stream_messages
@@ -50,16 +50,6 @@ class _SlowBackend(NullBackend):
         return super().score(requests)
 
 
-class _FailOnce:
-    def __init__(self) -> None:
-        self.fired = 0
-
-    def __call__(self, stage: str) -> None:
-        if stage == "after_send" and not self.fired:
-            self.fired += 1
-            raise DeliveryError("injected: broker lost after send")
-
-
 def _start(app: StreamApp) -> threading.Thread:
     thread = threading.Thread(target=app.run, daemon=True)
     thread.start()
@@ -83,7 +73,7 @@ def test_the_endpoint_serves_the_stream_metrics_and_probes(settings: Settings) -
     total = len(msgs) + len(bad)
 
     app = StreamApp(settings, _SlowBackend())
-    app.fault = _FailOnce()
+    app.fault = FailOnce()
     server = app.serve_metrics()
     base = server.url
     assert _get(base + "/readyz")[0] == 503  # no partitions yet
