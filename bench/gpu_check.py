@@ -92,6 +92,7 @@ def build_backend(device: str, dtype: torch.dtype, seed: int = 0, layers: int | 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from model_store.backends.choices import ChoicePlan
+    from model_store.backends.base import TokenCounter
     from model_store.backends.hf import HFBackend
 
     class TokenIdBackend(HFBackend):
@@ -103,6 +104,7 @@ def build_backend(device: str, dtype: torch.dtype, seed: int = 0, layers: int | 
             self._peft = None
             self._adapters = {}
             self._plans = {}
+            self.tokens = TokenCounter()
 
         def encode_prompts(self, prompts):
             return [[int(t) for t in p.split()] for p in prompts]

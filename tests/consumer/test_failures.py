@@ -118,6 +118,7 @@ class _PoisonBackend(NullBackend):
     """Fails any batch holding a prompt with POISON in it (a real exception, from a real scoring call)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.calls = 0
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:

@@ -19,6 +19,7 @@ from tests.kafka_helpers import produce_raw
 
 class _CallSizes(NullBackend):
     def __init__(self) -> None:
+        super().__init__()
         self.sizes: list[int] = []
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:

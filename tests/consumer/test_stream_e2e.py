@@ -221,6 +221,7 @@ class _RecordingBackend(NullBackend):
     """The null backend, remembering every prompt it was asked to score."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.prompts: list[str] = []
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
