@@ -77,11 +77,10 @@ class RedisProc:
                 self.kill()
 
 
-def consumer_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The ``ERC_*`` environment that makes ``erc-stream consume`` use these settings' broker, Redis and topics."""
-    k, r, b, w, d = settings.kafka, settings.redis, settings.batch, settings.window, settings.delivery
-    env = {key: value for key, value in os.environ.items() if not key.startswith("ERC_")}
-    env.update({
+def service_env(settings: Settings) -> dict[str, str]:
+    """The ``ERC_*`` variables that point a CLI process at these settings' broker, topics, group and Redis."""
+    k = settings.kafka
+    return {
         "ERC_KAFKA__BOOTSTRAP_SERVERS": k.bootstrap_servers,
         "ERC_KAFKA__INPUT_TOPIC": k.input_topic,
         "ERC_KAFKA__OUTPUT_TOPIC": k.output_topic,
@@ -89,12 +88,21 @@ def consumer_env(settings: Settings, **extra: str) -> dict[str, str]:
         "ERC_KAFKA__ALERTS_TOPIC": k.alerts_topic,
         "ERC_METRICS__PORT": "0",
         "ERC_KAFKA__GROUP_ID": k.group_id,
+        "ERC_REDIS__URL": settings.redis.url.get_secret_value(),
+        "ERC_REDIS__KEY_PREFIX": settings.redis.key_prefix,
+    }
+
+
+def consumer_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The ``ERC_*`` environment that makes ``erc-stream consume`` use these settings' broker, Redis and topics."""
+    k, b, w, d = settings.kafka, settings.batch, settings.window, settings.delivery
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ERC_")}
+    env.update(service_env(settings))
+    env.update({
         "ERC_KAFKA__CLIENT_ID": k.client_id,
         "ERC_KAFKA__SESSION_TIMEOUT_MS": str(k.session_timeout_ms),
         "ERC_KAFKA__HEARTBEAT_INTERVAL_MS": str(k.heartbeat_interval_ms),
         "ERC_KAFKA__MAX_MESSAGE_BYTES": str(k.max_message_bytes),
-        "ERC_REDIS__URL": r.url.get_secret_value(),
-        "ERC_REDIS__KEY_PREFIX": r.key_prefix,
         "ERC_BATCH__MAX_SIZE": str(b.max_size),
         "ERC_BATCH__MAX_WAIT_MS": str(b.max_wait_ms),
         "ERC_WINDOW__SIZE": str(w.size),
@@ -108,8 +116,8 @@ def consumer_env(settings: Settings, **extra: str) -> dict[str, str]:
         "ERC_LOG_LEVEL": "INFO",
         "PYTHONUNBUFFERED": "1",
     })
-    if r.password:
-        env["ERC_REDIS__PASSWORD"] = r.password.get_secret_value()
+    if settings.redis.password:
+        env["ERC_REDIS__PASSWORD"] = settings.redis.password.get_secret_value()
     if d.worker_id:
         env["ERC_DELIVERY__WORKER_ID"] = d.worker_id
     env.update(extra)

@@ -18,6 +18,7 @@ from erc_stream.export import read_dataset
 from erc_stream.readers import read_alerts, read_events
 from erc_stream.settings import Settings
 from producer_sim.synthetic import synthetic_conversations
+from tests.procs import service_env
 
 
 def test_help_lists_the_subcommands() -> None:
@@ -28,21 +29,8 @@ def test_help_lists_the_subcommands() -> None:
 
 
 def _env(settings: Settings) -> dict[str, str]:
-    k = settings.kafka
-    return {
-        **os.environ,
-        "ERC_KAFKA__BOOTSTRAP_SERVERS": k.bootstrap_servers,
-        "ERC_KAFKA__INPUT_TOPIC": k.input_topic,
-        "ERC_KAFKA__OUTPUT_TOPIC": k.output_topic,
-        "ERC_KAFKA__DLQ_TOPIC": k.dlq_topic,
-        "ERC_KAFKA__ALERTS_TOPIC": k.alerts_topic,
-        "ERC_METRICS__PORT": "0",
-        "ERC_KAFKA__GROUP_ID": k.group_id,
-        "ERC_REDIS__URL": settings.redis.url.get_secret_value(),
-        "ERC_REDIS__KEY_PREFIX": settings.redis.key_prefix,
-        "ERC_SERVICES__RUN_DIR": str(settings.services.run_dir),
-        "COLUMNS": "200",
-    }
+    return {**os.environ, **service_env(settings), "ERC_SERVICES__RUN_DIR": str(settings.services.run_dir),
+            "COLUMNS": "200"}
 
 
 def _metric(out: str, name: str) -> str:
