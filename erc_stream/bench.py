@@ -240,14 +240,18 @@ def _torch_threads() -> int:
 # -- the machine ---------------------------------------------------------------------------------
 
 
-def matmul_peak_gflops(threads: int | None = None, size: int = 1536, repeats: int = 6) -> float:
-    """Best fp32 matrix-product throughput of this machine through torch (the roofline's compute limit)."""
+def matmul_peak_gflops(threads: int | None = None, size: int = 1536, repeats: int = 12) -> float:
+    """Best fp32 matrix-product throughput of this machine through torch (the roofline's compute limit).
+
+    Several warm-up products first: a CPU that just left idle (or a shared VM) runs the first ones slowly,
+    and an underestimated peak would make every path look closer to the limit than it is."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
+    for _ in range(4):
+        torch.mm(a, b)
     best = math.inf
     for _ in range(repeats):
         t = time.perf_counter()
