@@ -220,11 +220,15 @@ def models() -> None:
 
 
 @models.command("train")
-@click.option("--dataset", type=click.Choice(["meld", "emorynlp", "iemocap", "jsonl"]), required=True)
-@click.option("--file", "file_", type=click.Path(path_type=Path), default=None,
-              help="Training file (default: the dataset's train split under ERC_DATA__DIR).")
+@click.option("--dataset", "datasets", type=click.Choice(["meld", "emorynlp", "iemocap", "jsonl"]), required=True,
+              multiple=True, help="Repeat to train on several datasets at once (with --label-set unified).")
+@click.option("--file", "files", type=click.Path(path_type=Path), multiple=True,
+              help="Training file of each --dataset, in order (default: its train split under ERC_DATA__DIR).")
 @click.option("--label-set", type=click.Choice(["meld", "emorynlp", "iemocap", "unified"]), default=None,
-              help="Default: the dataset's own label set.")
+              help="Default: the dataset's own; several datasets need one shared set (unified).")
+@click.option("--mix", type=click.Choice(["total", "ratio"]), default="total", show_default=True,
+              help="Several datasets: sample --fraction of the pooled utterances (total) or of each dataset (ratio).")
+@click.option("--full", is_flag=True, help="Fine-tune all parameters instead of a LoRA adapter (small models).")
 @click.option("--name", required=True, help="Adapter name in the store.")
 @click.option("--base", default="smollm2-135m", show_default=True)
 @click.option("--window", type=int, default=12, show_default=True)
@@ -236,62 +240,63 @@ def models() -> None:
 @click.option("--aux-weight", type=float, default=0.1, show_default=True, help="Emotion-impact loss weight (0 = off).")
 @click.option("--no-demonstrations", is_flag=True, help="Train without retrieved demonstrations.")
 @click.option("--demo-pairing", type=click.Choice(["same_label", "nearest"]), default="same_label", show_default=True,
-              help="Training demonstrations: nearest of the same label (the paper) or nearest of any label (as served).")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+              help="same_label: the paper's pairing; nearest: the nearest utterance of any label, as at inference.")
+@click.option("--lr", type=float, default=None, help="Learning rate (default: 1e-3 LoRA, 5e-5 --full).")
 @click.option("--lora-r", type=int, default=8, show_default=True)
 @click.option("--lora-alpha", type=int, default=16, show_default=True)
 @click.option("--fraction", type=float, default=1.0, show_default=True)
 @click.option("--limit", type=int, default=None, help="At most this many training utterances.")
 @click.option("--balance", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Label balancing of the main task's draws: 0 = the data's distribution, 1 = labels equally often.")
+              help="Label-balanced draws: 0 = natural distribution, 1 = every label equally often.")
 @click.option("--calibration", type=click.IntRange(0), default=0, show_default=True,
-              help="Hold out this many training utterances and fit the label-prior correction on them (0 = none).")
+              help="Hold out N training utterances and fit a label-prior correction on them.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--checkpoint-every", type=int, default=10, show_default=True)
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
-def models_train(ctx, dataset, file_, label_set, name, base, window, max_tokens, speaker_steps, steps, epochs,
-                 batch_size, aux_weight, no_demonstrations, demo_pairing, lr, lora_r, lora_alpha, fraction, limit, balance, calibration,
-                 seed, threads, device, checkpoint_every, no_progress):
-    """Train a LoRA adapter with the InstructERC recipe; resumes from its checkpoint if one exists."""
-    import math
+def models_train(ctx, datasets, files, label_set, mix, full, name, base, window, max_tokens, speaker_steps, steps,
+                 epochs, batch_size, aux_weight, no_demonstrations, demo_pairing, lr, lora_r, lora_alpha, fraction,
+                 limit, balance, calibration, seed, threads, device, checkpoint_every, no_progress):
+    """Train a LoRA adapter (or, --full, a whole model) with the InstructERC recipe; resumes from its checkpoint."""
     import shlex
 
     from model_store.data import default_file
-    from model_store.training import TrainConfig, train
+    from model_store.training import TrainConfig, train, with_epochs
 
     settings = _settings(ctx)
-    path = file_ or default_file(settings.data.dir, dataset, "train")
-    if epochs is not None:
-        from model_store.examples import sample, targets
-        from model_store.data import load_conversations
-        from erc_stream.labels import get_label_set
-
-        n = len(sample(targets(load_conversations(dataset, path, split="train"), get_label_set(label_set or dataset)),
-                       fraction=fraction, limit=limit, seed=seed))
-        steps = math.ceil(epochs * n / batch_size)
+    if files and len(files) != len(datasets):
+        raise click.BadParameter(f"{len(files)} --file for {len(datasets)} --dataset; give one per dataset or none")
+    if len(datasets) > 1 and label_set is None:
+        label_set = "unified"
+    paths = [str(f) for f in files] or [str(default_file(settings.data.dir, d, "train")) for d in datasets]
     cfg = TrainConfig(
-        name=name, dataset=dataset, train_file=str(path), label_set=label_set or dataset, base=base, window=window,
+        name=name, dataset=datasets[0], train_file=paths[0], more_sources=tuple(zip(datasets[1:], paths[1:])),
+        mix=mix, full=full, label_set=label_set or datasets[0], base=base, window=window,
         max_tokens=max_tokens, speaker_steps=speaker_steps, steps=steps, batch_size=batch_size,
-        aux_weight=aux_weight, demonstrations=not no_demonstrations, demo_pairing=demo_pairing, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
+        aux_weight=aux_weight, demonstrations=not no_demonstrations, demo_pairing=demo_pairing,
+        lr=lr if lr is not None else (5e-5 if full else 1e-3), lora_r=lora_r, lora_alpha=lora_alpha,
         fraction=fraction, limit=limit, balance=balance, calibration=calibration, seed=seed, threads=threads,
-        device=device, checkpoint_every=checkpoint_every,
-        demo_position=settings.model.demo_position,
+        device=device, checkpoint_every=checkpoint_every, demo_position=settings.model.demo_position,
     )
+    if epochs is not None:
+        cfg = with_epochs(cfg, epochs)
     out = train(cfg, store_dir=settings.store.dir, progress=not no_progress,
                 command="erc-stream " + shlex.join(sys.argv[1:]))
-    click.echo(f"adapter written to {out}")
+    click.echo(f"{'model' if full else 'adapter'} written to {out}")
 
 
 @models.command("eval")
-@click.option("--dataset", type=click.Choice(["meld", "emorynlp", "iemocap", "jsonl"]), required=True)
+@click.option("--dataset", "datasets", type=click.Choice(["meld", "emorynlp", "iemocap", "jsonl"]), required=True,
+              multiple=True, help="Repeat for per-dataset scores of one adapter (with --label-set unified).")
 @click.option("--file", "file_", type=click.Path(path_type=Path), default=None,
-              help="Any file in the dataset's format (default: its dev split under ERC_DATA__DIR).")
+              help="Any file in the dataset's format (default: its dev split under ERC_DATA__DIR); one --dataset only.")
 @click.option("--split", type=click.Choice(["train", "dev", "test"]), default="dev")
-@click.option("--label-set", type=click.Choice(["meld", "emorynlp", "iemocap", "unified"]), default=None)
+@click.option("--label-set", type=click.Choice(["meld", "emorynlp", "iemocap", "unified"]), default=None,
+              help="Default: the dataset's own; unified with several datasets.")
 @click.option("--adapter", default=None, help="Adapter name/path, 'none' for zero-shot; default: the active one.")
+@click.option("--base", default=None, help="Base model: a store name or a local HF model directory (a --full model).")
 @click.option("--dialogues", type=int, default=None, help="Only the first N dialogues.")
 @click.option("--limit", type=int, default=None, help="Only the first N utterances.")
 @click.option("--window", type=int, default=None)
@@ -301,11 +306,11 @@ def models_train(ctx, dataset, file_, label_set, name, base, window, max_tokens,
               help="Also report the base model without adapter on the same items (cached in the store).")
 @click.option("--confusion", type=click.Path(path_type=Path), default=None, help="Write a confusion-matrix PNG here.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (several datasets: keyed by dataset).")
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default=None,
               help="Inference backend (default: ERC_MODEL__BACKEND or hf).")
 @click.pass_context
-def models_eval(ctx, dataset, file_, split, label_set, adapter, dialogues, limit, window, no_demonstrations,
+def models_eval(ctx, datasets, file_, split, label_set, adapter, base, dialogues, limit, window, no_demonstrations,
                 no_calibration, zero_shot, confusion, batch_size, as_json, backend=None):
     """Weighted F1 (all classes), accuracy and per-label F1 through the serving path."""
     import json
@@ -313,21 +318,75 @@ def models_eval(ctx, dataset, file_, split, label_set, adapter, dialogues, limit
     from model_store.evaluation_runs import run_eval
 
     settings = _settings(ctx)
+    if file_ is not None and len(datasets) > 1:
+        raise click.BadParameter("--file names one dataset's file; give one --dataset with it")
     if backend:
         settings = settings.with_overrides(model={"backend": backend})
-    if label_set:
-        settings = settings.with_overrides(model={"label_set": label_set})
-    elif dataset in ("meld", "emorynlp", "iemocap"):
-        settings = settings.with_overrides(model={"label_set": dataset})
-    result = run_eval(settings, dataset=dataset, file=file_, split=split, adapter=adapter, dialogues=dialogues,
-                      limit=limit, window=window, demonstrations=not no_demonstrations, zero_shot=zero_shot,
-                      confusion=confusion, batch_size=batch_size, progress=not as_json, calibrated=not no_calibration)
+    if base:
+        settings = settings.with_overrides(model={"base": base})
+    if label_set is None and len(datasets) > 1:
+        label_set = "unified"
+    results = {}
+    for dataset in datasets:
+        s = settings
+        if label_set:
+            s = s.with_overrides(model={"label_set": label_set})
+        elif dataset in ("meld", "emorynlp", "iemocap"):
+            s = s.with_overrides(model={"label_set": dataset})
+        png = confusion.with_name(f"{confusion.stem}-{dataset}{confusion.suffix}") if confusion and len(datasets) > 1 \
+            else confusion
+        results[dataset] = run_eval(s, dataset=dataset, file=file_, split=split, adapter=adapter, dialogues=dialogues,
+                                    limit=limit, window=window, demonstrations=not no_demonstrations,
+                                    zero_shot=zero_shot, confusion=png, batch_size=batch_size,
+                                    progress=not as_json, calibrated=not no_calibration)
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json.dumps(results[datasets[0]] if len(datasets) == 1 else results))
     else:
-        from erc_stream.render import print_eval
+        from erc_stream.render import print_eval, print_eval_summary
 
-        print_eval(result)
+        for result in results.values():
+            print_eval(result)
+        if len(results) > 1:
+            print_eval_summary(results)
+
+
+@models.command("sweep")
+@click.option("--dataset", "datasets", type=click.Choice(["meld", "emorynlp", "iemocap"]), multiple=True,
+              default=("meld", "emorynlp"), show_default=True, help="Datasets mixed (repeat).")
+@click.option("--fractions", default="1/8,1/16,1/32,1/64", show_default=True, help="Comma-separated, e.g. 1,1/4,1/64.")
+@click.option("--strategies", default="single,total,ratio", show_default=True)
+@click.option("--full-at", default="1/64", show_default=True,
+              help="Fractions at which a --full twin of the total-mix cell also trains ('' = none).")
+@click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over each cell's utterances.")
+@click.option("--min-steps", type=int, default=20, show_default=True, help="At least this many steps per cell.")
+@click.option("--window", type=int, default=12, show_default=True)
+@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--eval-limit", type=int, default=200, show_default=True,
+              help="Evaluate on the first N dev utterances of each dataset (0 = all).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("docs/sweep"), show_default=True,
+              help="Cell results, sweep.csv, sweep.md and sweep.png go here; rerun to resume.")
+@click.pass_context
+def models_sweep(ctx, datasets, fractions, strategies, full_at, epochs, min_steps, window, max_tokens, eval_limit,
+                 seed, threads, device, out):
+    """Data scaling on the unified label set: (mix strategy x fraction x LoRA/full), each trained and evaluated."""
+    from fractions import Fraction
+
+    from model_store.sweep import STRATEGIES, SweepPlan, run_sweep
+
+    def parse(text: str) -> tuple[Fraction, ...]:
+        return tuple(Fraction(x.strip()) for x in text.split(",") if x.strip())
+
+    chosen = tuple(x.strip() for x in strategies.split(",") if x.strip())
+    if unknown := set(chosen) - set(STRATEGIES):
+        raise click.BadParameter(f"unknown strategies {sorted(unknown)}; known: {', '.join(STRATEGIES)}")
+    plan = SweepPlan(datasets=tuple(datasets), fractions=parse(fractions), strategies=chosen,  # type: ignore[arg-type]
+                     full_fractions=parse(full_at), epochs=epochs, min_steps=min_steps, window=window,
+                     max_tokens=max_tokens, eval_limit=eval_limit or None, seed=seed, threads=threads, device=device)
+    rows = run_sweep(plan, _settings(ctx), out)
+    click.echo((out / "sweep.md").read_text() if rows else "no cells")
 
 
 @models.command("list")

@@ -22,6 +22,19 @@ def print_eval(r: dict) -> None:
     console.print(t)
 
 
+def print_eval_summary(results: dict[str, dict]) -> None:
+    """One adapter on several datasets: a row per dataset."""
+    first = next(iter(results.values()))
+    t = Table(title=f"{first['adapter'] or 'zero-shot'} · label set {first['label_set']}")
+    for col in ("dataset", "n", "weighted F1", "accuracy", "majority", "zero-shot"):
+        t.add_column(col, justify="left" if col == "dataset" else "right")
+    for dataset, r in results.items():
+        zs = r["baselines"].get("zero_shot_weighted_f1")
+        t.add_row(dataset, str(r["n"]), f"{r['weighted_f1']:.2f}", f"{r['accuracy']:.2f}",
+                  f"{r['baselines']['majority_weighted_f1']:.2f}", f"{zs:.2f}" if zs is not None else "-")
+    console.print(t)
+
+
 def print_registry(registry) -> None:
     bases = Table(title="base models")
     for col in ("name", "converted", "path"):

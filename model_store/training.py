@@ -1,4 +1,4 @@
-"""LoRA training with the InstructERC recipe, on CPU or GPU.
+"""LoRA (or full-parameter) training with the InstructERC recipe, on CPU or GPU.
 
 Stages (each optional): 1. speaker identification; 2. the main task with emotion-impact prediction
 as an auxiliary task: ``loss = mean(main) + aux_weight * mean(impact)`` (aux_weight 0.1, as the
@@ -8,6 +8,12 @@ computed (``logits_to_keep``), which makes a CPU step ~40 % cheaper than full lo
 The batch schedule is drawn up front from the seed, so a run resumed from its checkpoint sees
 exactly the batches it would have seen. Checkpoints (adapter, optimizer, scheduler, step) are
 written every ``checkpoint_every`` steps into ``<out>/checkpoint``.
+
+Several datasets train together under one label set (the unified one, normally): each source's
+conversations keep their dataset, so gold labels map through that dataset's table, and their ids
+are prefixed with it. ``mix`` says how ``fraction`` samples them: ``total`` pools every utterance
+and samples the pool, ``ratio`` samples each dataset by the same fraction and combines them (the
+paper's two strategies; ``total`` lets the larger dataset's share drift with the draw).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import structlog
@@ -71,6 +77,11 @@ class TrainConfig:
     # Training utterances held out of training and used afterwards to fit the label-prior correction
     # (see model_store/calibration.py); 0 = no calibration.
     calibration: int = 0
+    # Further (dataset, train file) pairs trained with the first one; see the module docstring.
+    more_sources: tuple[tuple[str, str], ...] = ()
+    mix: Literal["total", "ratio"] = "total"
+    # All parameters instead of a LoRA adapter: the output is a whole model directory, served as a base.
+    full: bool = False
     seed: int = 0
     threads: int | None = None
     device: str = "cpu"
@@ -79,19 +90,60 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
+    @property
+    def sources(self) -> tuple[tuple[str, str], ...]:
+        """Every (dataset, train file) of the run, the first one first."""
+        return ((self.dataset, self.train_file), *self.more_sources)
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.full else "lora"
+
+
 def file_hash(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def sources_hash(cfg: TrainConfig) -> str:
+    """The training data's identity: the one file's hash, or a hash over every source's."""
+    if not cfg.more_sources:
+        return file_hash(cfg.train_file)
+    joined = ",".join(f"{d}:{file_hash(f)}" for d, f in cfg.sources)
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+def load_sources(cfg: TrainConfig) -> list:
+    """The training conversations of every source. With several sources each conversation id is
+    prefixed with its dataset (``meld/12``), so ids (and the speakers in them) never meet across datasets."""
+    from dataclasses import replace
+
+    from model_store.data import load_conversations
+
+    if not cfg.more_sources:
+        return load_conversations(cfg.dataset, cfg.train_file, split="train")
+    out = []
+    for dataset, path in cfg.sources:
+        out += [replace(c, conversation_id=f"{dataset}/{c.conversation_id}")
+                for c in load_conversations(dataset, path, split="train")]
+    return out
+
+
 def split_targets(cfg: TrainConfig, conversations, label_set) -> tuple[list[Target], list[Target]]:
     """(training targets, held-out calibration targets): ``cfg.calibration`` utterances are set aside
-    (drawn from the seed) before the fraction/limit sampling of the rest."""
+    (drawn from the seed) before the fraction/limit sampling of the rest, which follows ``cfg.mix``."""
     pool = targets(conversations, label_set)
     held: set[int] = set()
     if cfg.calibration > 0:
         held = set(random.Random(cfg.seed + 2).sample(range(len(pool)), min(cfg.calibration, len(pool) // 2)))
     rest = [t for i, t in enumerate(pool) if i not in held]
-    chosen = sample(rest, fraction=cfg.fraction, limit=cfg.limit, seed=cfg.seed)
+    if cfg.mix == "ratio":
+        by_dataset: dict[str, list[Target]] = {}
+        for t in rest:
+            by_dataset.setdefault(t.conversation.dataset, []).append(t)
+        chosen = [t for part in by_dataset.values() for t in sample(part, fraction=cfg.fraction, seed=cfg.seed)]
+        chosen = sample(chosen, limit=cfg.limit, seed=cfg.seed)
+    else:
+        chosen = sample(rest, fraction=cfg.fraction, limit=cfg.limit, seed=cfg.seed)
     return chosen, [pool[i] for i in sorted(held)]
 
 
@@ -153,8 +205,15 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         ckpt = out_dir / "checkpoint"
+        if cfg.full:
+            # Every parameter trains; a checkpoint is a whole model directory.
+            resume = (ckpt / "config.json").exists()
+            self.model = AutoModelForCausalLM.from_pretrained(ckpt if resume else base_dir, dtype=torch.float32)
+            self.model.requires_grad_(True)
+            self.model.to(self.device)
+            return
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         if (ckpt / "adapter_config.json").exists():
             from peft import PeftModel
 
@@ -252,6 +311,8 @@ class Trainer:
 
     def save(self, meta: dict) -> None:
         self.model.save_pretrained(self.out_dir)
+        if self.cfg.full:  # a whole model: loadable as a base (``--base <dir>``) with its tokenizer
+            self.tokenizer.save_pretrained(self.out_dir)
         (self.out_dir / "erc_meta.json").write_text(json.dumps(meta, indent=2, default=str))
         shutil.rmtree(self.out_dir / "checkpoint", ignore_errors=True)
 
@@ -262,7 +323,7 @@ def training_index(cfg: TrainConfig, conversations, store_dir: Path):
     from model_store.retrieval import DemoIndex
 
     label_set = get_label_set(cfg.label_set)
-    cache = store_dir / "retrieval-cache" / f"{file_hash(cfg.train_file)}-{label_set.name}-{cfg.seed}"
+    cache = store_dir / "retrieval-cache" / f"{sources_hash(cfg)}-{label_set.name}-{cfg.seed}"
     if (cache / "items.json").exists():
         return DemoIndex.load(cache)
     index = DemoIndex.build(conversations, label_set, per_label=10**9, seed=cfg.seed)
@@ -272,15 +333,17 @@ def training_index(cfg: TrainConfig, conversations, store_dir: Path):
 
 def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, progress: bool = True,
           command: str | None = None) -> Path:
-    """Run one training job end to end and write the adapter with its metadata; returns its directory."""
+    """Run one training job end to end and write the adapter (or, ``full``, the model) with its metadata;
+    returns its directory."""
     from model_store.base_models import resolve_base
-    from model_store.data import load_conversations
 
+    if cfg.full and cfg.calibration:
+        raise ValueError("calibration is stored with a LoRA adapter; train --full without --calibration")
     out_dir = out_dir or store_dir / "adapters" / cfg.name
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     label_set = get_label_set(cfg.label_set)
-    conversations = load_conversations(cfg.dataset, cfg.train_file, split="train")
+    conversations = load_sources(cfg)
     trainer = Trainer(cfg, resolve_base(cfg.base, store_dir), out_dir)
     builder = PromptBuilder(label_set, max_tokens=cfg.max_tokens, count_tokens=trainer.count_tokens,
                             demo_position=cfg.demo_position)  # type: ignore[arg-type]
@@ -294,9 +357,11 @@ def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, pro
     log.info("examples", **{k: len(v) for k, v in examples.items()})
     result = trainer.train(examples, progress=progress)
     meta = {
-        "name": cfg.name, "kind": "lora", "base": cfg.base, "label_set": cfg.label_set, "dataset": cfg.dataset,
+        "name": cfg.name, "kind": cfg.kind, "base": cfg.base, "label_set": cfg.label_set,
+        "dataset": "+".join(d for d, _ in cfg.sources), "datasets": [d for d, _ in cfg.sources], "mix": cfg.mix,
+        "examples": {k: len(v) for k, v in examples.items()},
         "window": cfg.window, "max_tokens": cfg.max_tokens, "demonstrations": cfg.demonstrations,
-        "demo_position": cfg.demo_position, "data_hash": file_hash(cfg.train_file),
+        "demo_position": cfg.demo_position, "data_hash": sources_hash(cfg),
         "created": datetime.now(UTC).isoformat(timespec="seconds"), "train": result, "config": asdict(cfg),
         "command": command, "dev": None,
     }
@@ -345,3 +410,12 @@ def calibrate(cfg: TrainConfig, store_dir: Path, adapter_dir: Path, held: Sequen
         return fit(dists, gold)
     finally:
         backend.close()
+
+
+def with_epochs(cfg: TrainConfig, epochs: float) -> TrainConfig:
+    """``cfg`` with its main stage sized to ``epochs`` passes over the utterances it samples."""
+    import math
+    from dataclasses import replace
+
+    chosen, _ = split_targets(cfg, load_sources(cfg), get_label_set(cfg.label_set))
+    return replace(cfg, steps=max(1, math.ceil(epochs * len(chosen) / cfg.batch_size)))

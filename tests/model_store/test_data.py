@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import pickle
 import re
@@ -22,20 +21,7 @@ from model_store.data import (
     load_jsonl,
     load_meld,
 )
-
-MELD_COLUMNS = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID",
-                "Season", "Episode", "StartTime", "EndTime"]
-EMORY_COLUMNS = ["Utterance", "Speaker", "Emotion", "Scene_ID", "Utterance_ID", "Season", "Episode",
-                 "Start_Time", "End_Time"]
-
-
-def _write_csv(path: Path, columns: list[str], rows: list[dict[str, object]]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row.get(c, "") for c in columns})
-    return path
+from tests.datasets import EMORY_COLUMNS, MELD_COLUMNS, write_csv
 
 
 @pytest.fixture()
@@ -45,7 +31,7 @@ def meld_csv(tmp_path: Path) -> Path:
                 "Dialogue_ID": dia, "Utterance_ID": utt, "Season": 1, "Episode": 1,
                 "StartTime": "00:00:01,000", "EndTime": "00:00:02,000"}
 
-    return _write_csv(tmp_path / "dev_sent_emo.csv", MELD_COLUMNS, [
+    return write_csv(tmp_path / "dev_sent_emo.csv", MELD_COLUMNS, [
         row(1, "Second line of ten.", "Ross", "neutral", 10, 1),
         row(2, "He\u00e2\x80\x99s here\x85", "Rachel", "surprise", 2, 1),
         row(3, "First line of ten, with a\nnewline.", "Monica", "joy", 10, 0),
@@ -109,7 +95,7 @@ def emory_csv(tmp_path: Path) -> Path:
                 "Utterance_ID": utt, "Season": season, "Episode": episode,
                 "Start_Time": "00:00:03.795", "End_Time": "00:00:05.004"}
 
-    return _write_csv(tmp_path / "emorynlp_dev_final.csv", EMORY_COLUMNS, [
+    return write_csv(tmp_path / "emorynlp_dev_final.csv", EMORY_COLUMNS, [
         row("Thank you.", ["Joey Tribbiani"], "Neutral", 1, 2),
         row("Coffee.", ["Rachel Green"], "Joyful", 1, 1),
         row("Shut up!", ["Monica Geller", "Phoebe Buffay"], "Mad", 12, 5, season=1, episode=4),

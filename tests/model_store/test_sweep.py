@@ -1,0 +1,81 @@
+"""``models sweep`` end to end on a tiny data directory: every cell trains and is evaluated, and a rerun resumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from erc_stream.cli import main
+from model_store.sweep import Cell, SweepPlan, plot, write_table
+from tests.datasets import write_data_dir
+
+
+def test_the_grid_has_a_cell_per_strategy_dataset_and_fraction() -> None:
+    plan = SweepPlan(datasets=("meld", "emorynlp"), fractions=(Fraction(1, 8), Fraction(1, 64)),
+                     full_fractions=(Fraction(1, 64),))
+    names = [c.name for c in plan.cells()]
+    assert len(names) == len(set(names)) == 2 * 4 + 1
+    assert "sweep-single-emorynlp-lora-f1_8" in names and "sweep-ratio-lora-f1_64" in names
+    assert Cell("total", Fraction(1, 64), kind="full").name in names
+
+
+def _row(strategy: str, fraction: Fraction, trained_on: str, kind: str = "lora", meld: float = 40.0) -> dict:
+    return {"cell": f"{strategy}-{trained_on}-{kind}-{fraction}", "strategy": strategy, "trained_on": trained_on,
+            "kind": kind, "fraction": str(fraction), "fraction_value": float(fraction), "train_utterances": 10,
+            "steps": 5, "train_seconds": 1.0, "meld_weighted_f1": meld, "emorynlp_weighted_f1": 20.0,
+            "meld_majority_weighted_f1": 25.0, "emorynlp_majority_weighted_f1": 15.0, "meld_n": 9, "emorynlp_n": 9}
+
+
+def test_table_and_plot_from_rows(tmp_path: Path) -> None:
+    rows = [_row("total", Fraction(1, 8), "meld+emorynlp", meld=45.5), _row("single", Fraction(1, 8), "meld"),
+            _row("total", Fraction(1, 64), "meld+emorynlp", kind="full", meld=30.0)]
+    write_table(rows, ("meld", "emorynlp"), tmp_path)
+    plot(rows, ("meld", "emorynlp"), tmp_path / "sweep.png")
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| 1/8 | total | meld+emorynlp | lora | 10 | 5 | 1 | 45.50 | 20.00 |" in md
+    assert "| 1/64 | total | meld+emorynlp | full |" in md and "meld 25.00 (n=9)" in md
+    assert len(list(csv.DictReader((tmp_path / "sweep.csv").open()))) == 3
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_sweep_trains_evaluates_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from erc_stream.settings import Settings
+    from model_store.base_models import ensure_embedded
+
+    # the shared embedded model, not a second conversion in the test's store
+    embedded = ensure_embedded(Settings().store.dir)
+    (tmp_path / "store" / "base").mkdir(parents=True)
+    (tmp_path / "store" / "base" / "smollm2-135m").symlink_to(embedded)
+    data = write_data_dir(tmp_path / "data", conversations=4)
+    monkeypatch.setenv("ERC_DATA__DIR", str(data))
+    monkeypatch.setenv("ERC_STORE__DIR", str(tmp_path / "store"))
+    args = ["models", "sweep", "--fractions", "1/2", "--strategies", "single,ratio", "--full-at", "",
+            "--epochs", "0.1", "--min-steps", "1", "--window", "2", "--max-tokens", "96", "--eval-limit", "4",
+            "--threads", "1", "--out", str(tmp_path / "sweep")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    cells = sorted((tmp_path / "sweep" / "cells").glob("*.json"))
+    assert [c.stem for c in cells] == ["sweep-ratio-lora-f1_2", "sweep-single-emorynlp-lora-f1_2",
+                                       "sweep-single-meld-lora-f1_2"]
+    ratio = json.loads(cells[0].read_text())
+    assert ratio["trained_on"] == "meld+emorynlp" and ratio["meld_n"] == 4 and ratio["emorynlp_n"] == 4
+    assert 0 <= ratio["meld_weighted_f1"] <= 100 and ratio["steps"] >= 1
+    assert (tmp_path / "store" / "adapters" / "sweep-ratio-lora-f1_2" / "adapter_config.json").exists()
+    assert "| 1/2 | ratio | meld+emorynlp | lora |" in result.output
+    # A rerun finds every cell done: nothing trains again.
+    stamps = [c.stat().st_mtime_ns for c in cells]
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and [c.stat().st_mtime_ns for c in cells] == stamps
+    # The unified adapter on both datasets from one eval command.
+    out = CliRunner().invoke(main, ["models", "eval", "--dataset", "meld", "--dataset", "emorynlp", "--adapter",
+                                    "sweep-ratio-lora-f1_2", "--limit", "4", "--no-zero-shot", "--json"])
+    assert out.exit_code == 0, out.output
+    # the JSON object among the log lines of the captured output
+    per, _ = json.JSONDecoder().raw_decode(out.output[out.output.index('{"meld"'):])
+    assert set(per) == {"meld", "emorynlp"} and {r["label_set"] for r in per.values()} == {"unified"}
