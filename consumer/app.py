@@ -43,16 +43,14 @@ from consumer.alerts import AlertEngine
 from consumer.delivery import DeliveryError, Emitter, FatalDeliveryError, make_emitter
 from consumer.labeler import Failed, Labeler
 from consumer.metrics import ConsumerMetrics, HealthServer, start_http_server
+from consumer.routes import Routes
 from consumer.sanitize import clean_text
 from consumer.validation import decode
 from consumer.window_store import WindowStore, WindowTurn
-from erc_stream.labels import get_label_set
 from erc_stream.schemas import Alert, ChatMessage, DeadLetter, EmotionEvent, utcnow
 from erc_stream.settings import Settings
 from model_store.backends.base import Backend
-from model_store.loading import choose_adapter
 from model_store.registry import Registry
-from model_store.prompts import PromptBuilder
 
 log = structlog.get_logger(__name__)
 
@@ -150,15 +148,9 @@ class StreamApp:
         self.fault: Callable[[str], None] | None = None
         self._stop = threading.Event()
         self._paused_for_redis = False
-        label_set = get_label_set(settings.model.label_set)
-        builder = PromptBuilder(
-            label_set,
-            max_tokens=settings.model.max_prompt_tokens,
-            count_tokens=backend.count_tokens,
-            demo_position=settings.model.demo_position,
-            max_turn_chars=settings.window.max_turn_chars,
-        )
-        self.labeler = Labeler(backend, builder, adapter=adapter)
+        #: Which labeler (adapter, label set) labels each tenant's messages; adapters are loaded by
+        #: ``routes.choose_adapters()`` (``consumer.runner.build_app`` does), not here.
+        self.routes = Routes(settings, backend, adapter=adapter)
         self._registry = Registry(settings.store.dir)
         self._registry_version = self._registry.version()
         self._registry_checked = time.monotonic()
@@ -198,6 +190,11 @@ class StreamApp:
         self._http: HealthServer | None = None
         self._held: set[TopicPartition] = set()  # kept by the rebalance listener, read by readiness
 
+    @property
+    def labeler(self) -> Labeler:
+        """The default route's labeler (the only one without ``model.tenants``)."""
+        return self.routes.default.labeler
+
     # -- control ---------------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -235,6 +232,8 @@ class StreamApp:
         Raises FatalDeliveryError when this worker must not go on (fenced, commit watchdog)."""
         log.info("consumer running", group=self.settings.kafka.group_id, topic=self.settings.kafka.input_topic,
                  model=self.backend.model_id, adapter=self.labeler.adapter, label_set=self.settings.model.label_set,
+                 tenant_routes={t: f"{r.label_set}:{r.adapter or 'registry'}"
+                                for t, r in self.settings.model.tenants.items()},
                  delivery=self.emitter.mode)
         last_input = time.monotonic()
         fatal = False
@@ -281,8 +280,8 @@ class StreamApp:
                      dead_letters=self.stats.dead_letters, rewinds=self.stats.rewinds)
 
     def _follow_registry(self) -> None:
-        """Between batches: if no adapter is pinned in settings, switch to a newly promoted one."""
-        if self.settings.model.adapter is not None or self.settings.model.backend == "null":
+        """Between batches: switch each route whose adapter is not pinned in settings to a newly promoted one."""
+        if not self.routes.follow_any:
             return
         now = time.monotonic()
         if now - self._registry_checked < self.settings.model.adapter_poll_s:
@@ -292,15 +291,12 @@ class StreamApp:
         if version == self._registry_version:
             return
         self._registry_version = version
-        choice = choose_adapter(self.settings)
-        if choice.name != self.labeler.adapter:
-            log.info("adapter promoted; switching", old=self.labeler.adapter, new=choice.name)
-            self.labeler.use(choice)
+        if self.routes.follow_registry():
             self._publish_adapter()
 
     def _publish_adapter(self) -> None:
-        self.metrics.set_adapter(type(self.backend).__name__, self.backend.model_id, self.labeler.adapter,
-                                 self.labeler.label_set.name)
+        self.metrics.set_adapters(type(self.backend).__name__, self.backend.model_id,
+                                  [(r.labeler.adapter, r.labeler.label_set.name) for r in self.routes.routes])
 
     def _update_lag(self, force: bool = False) -> None:
         """Per-partition lag, highwater (from fetch responses) minus position, every ``metrics.lag_interval_s``."""
@@ -393,11 +389,12 @@ class StreamApp:
             raise _RedisDown(f"{type(e).__name__}: {e}", "window") from e
         valid, updates = self._drop_conflicts(valid, updates, dead)
         windows = [[t.as_prompt_turn() for t in u.window] for u in updates]
+        tenants = [m.tenant for _, m in valid]
         results = []
         step = self.settings.batch.max_size
         for start in range(0, len(windows), step):  # one backend call per micro-batch of the stream batch
             inference_started = time.monotonic()
-            results += self.labeler.label(windows[start:start + step])
+            results += self.routes.label(windows[start:start + step], tenants[start:start + step])
             self.metrics.inference_seconds.observe(time.monotonic() - inference_started)
 
         labelled: list[tuple[EmotionEvent, ChatMessage]] = []
@@ -488,9 +485,10 @@ class StreamApp:
 
     def _event(self, item: _Polled, msg: ChatMessage, update, result) -> EmotionEvent:
         w = self.settings.window
-        label_set = self.labeler.label_set
+        labeler = self.routes.labeler(msg.tenant)
+        label_set = labeler.label_set
         return EmotionEvent(
-            event_id=EmotionEvent.make_id(msg.message_id, self.backend.model_id, self.labeler.adapter),
+            event_id=EmotionEvent.make_id(msg.message_id, self.backend.model_id, labeler.adapter),
             message_id=msg.message_id,
             conversation_id=msg.conversation_id,
             turn=msg.turn,
@@ -500,7 +498,7 @@ class StreamApp:
             probabilities=result.probabilities,
             label_set=label_set.name,
             model=self.backend.model_id,
-            adapter=self.labeler.adapter,
+            adapter=labeler.adapter,
             window=result.turns_used,
             latency_ms=round((time.monotonic() - item.received) * 1000, 3),
             emitted_at=utcnow(),

@@ -11,7 +11,7 @@ from erc_stream.labels import LabelSet
 from model_store.backends.base import Backend, ScoreRequest
 from model_store.calibration import Calibration
 from model_store.loading import AdapterChoice
-from model_store.prompts import Demonstration, PromptBuilder, Turn
+from model_store.prompts import Demonstration, Prompt, PromptBuilder, Turn
 
 log = structlog.get_logger(__name__)
 
@@ -62,26 +62,53 @@ class Labeler:
         return self.builder.label_set
 
     def label(self, windows: Sequence[Sequence[Turn]]) -> list[Labelled | Failed]:
+        return label_together([(self, windows)])[0]
+
+    def _prompts(self, windows: Sequence[Sequence[Turn]]) -> list[Prompt]:
         demos = self.demonstrations([w[-1].text for w in windows]) if self.demonstrations else [None] * len(windows)
-        prompts = [self.builder.emotion(window, demo) for window, demo in zip(windows, demos)]
-        requests = [ScoreRequest(p.text, p.choices, self.adapter) for p in prompts]
+        return [self.builder.emotion(window, demo) for window, demo in zip(windows, demos)]
+
+    def _result(self, prompt: Prompt, probs: Sequence[float] | Exception) -> Labelled | Failed:
+        if isinstance(probs, Exception):
+            return Failed(f"{type(probs).__name__}: {probs}")
+        dist = dict(zip(prompt.choices, (float(p) for p in probs)))
+        if self.calibration is not None:
+            dist = self.calibration.apply(dist)
+        return Labelled(max(dist, key=dist.__getitem__), dist, prompt.turns_used)
+
+
+def label_together(
+    groups: Sequence[tuple[Labeler, Sequence[Sequence[Turn]]]],
+) -> list[list[Labelled | Failed]]:
+    """Each labeler's windows, labelled by its own prompts, adapter and calibration, in ONE backend call.
+
+    The labelers must share their backend (a multi-LoRA backend mixes adapters in a call). Results come
+    back per group, in order. If the call fails, each item is retried alone (see :class:`Labeler`).
+    """
+    if not groups:
+        return []
+    backend = groups[0][0].backend
+    if any(labeler.backend is not backend for labeler, _ in groups):
+        raise ValueError("labelers scored together must share one backend")
+    prompted = [(labeler, labeler._prompts(windows)) for labeler, windows in groups]
+    requests = [ScoreRequest(p.text, p.choices, labeler.adapter) for labeler, prompts in prompted for p in prompts]
+    scored = iter(_score(backend, requests))
+    return [[labeler._result(p, next(scored)) for p in prompts] for labeler, prompts in prompted]
+
+
+def _score(backend: Backend, requests: list[ScoreRequest]) -> list[list[float] | Exception]:
+    """The batch in one call; if that fails, item by item, a failing item's exception in its place."""
+    try:
+        scored: list[list[float] | Exception] = list(backend.score(requests))
+        if len(scored) != len(requests):
+            raise RuntimeError(f"the backend answered {len(scored)} of {len(requests)} requests")
+        return scored
+    except Exception as e:  # noqa: BLE001 - any backend failure falls back to item by item
+        log.warning("batch inference failed; retrying item by item", error=repr(e), size=len(requests))
+    one_by_one: list[list[float] | Exception] = []
+    for r in requests:
         try:
-            scored: list[list[float] | Exception] = list(self.backend.score(requests))
-        except Exception as e:  # noqa: BLE001 - any backend failure falls back to item by item
-            log.warning("batch inference failed; retrying item by item", error=repr(e), size=len(requests))
-            scored = []
-            for r in requests:
-                try:
-                    scored.append(self.backend.score([r])[0])
-                except Exception as item_error:  # noqa: BLE001
-                    scored.append(item_error)
-        out: list[Labelled | Failed] = []
-        for prompt, probs in zip(prompts, scored):
-            if isinstance(probs, Exception):
-                out.append(Failed(f"{type(probs).__name__}: {probs}"))
-                continue
-            dist = dict(zip(prompt.choices, (float(p) for p in probs)))
-            if self.calibration is not None:
-                dist = self.calibration.apply(dist)
-            out.append(Labelled(max(dist, key=dist.__getitem__), dist, prompt.turns_used))
-        return out
+            one_by_one.append(backend.score([r])[0])
+        except Exception as item_error:  # noqa: BLE001
+            one_by_one.append(item_error)
+    return one_by_one

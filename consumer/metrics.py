@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import structlog
@@ -59,7 +59,8 @@ class ConsumerMetrics:
             buckets=_LATENCY_BUCKETS, registry=r)
         self.consumer_lag = Gauge("erc_consumer_lag", "Records behind the partition's highwater (highwater - position).",
                                   ["topic", "partition"], registry=r)
-        self.adapter_info = Gauge("erc_adapter_info", "The model and adapter labelling the stream (value 1).",
+        self.adapter_info = Gauge("erc_adapter_info",
+                                  "The model and adapters labelling the stream, one series per route (value 1).",
                                   ["backend", "model", "adapter", "label_set"], registry=r)
         self.redis_errors = Counter("erc_redis_errors", "Redis operations that failed (each pauses the stream or is "
                                     "retried).", ["operation"], registry=r)
@@ -78,7 +79,7 @@ class ConsumerMetrics:
         for operation in REDIS_OPERATIONS:
             self.redis_errors.labels(operation)
         self._lag_labels: set[tuple[str, str]] = set()
-        self._adapter_labels: tuple[str, str, str, str] | None = None
+        self._adapter_labels: set[tuple[str, str, str, str]] = set()
         self.last_beat = time.monotonic()
 
     # -- updates ---------------------------------------------------------------------------
@@ -88,14 +89,14 @@ class ConsumerMetrics:
         self.last_beat = time.monotonic()
         self.loop_heartbeat.set(time.time())
 
-    def set_adapter(self, backend: str, model: str, adapter: str | None, label_set: str) -> None:
-        labels = (backend, model, adapter or "none", label_set)
-        if labels == self._adapter_labels:
-            return
-        if self._adapter_labels is not None:
-            self.adapter_info.remove(*self._adapter_labels)
-        self.adapter_info.labels(*labels).set(1)
-        self._adapter_labels = labels
+    def set_adapters(self, backend: str, model: str, routes: Iterable[tuple[str | None, str]]) -> None:
+        """One series per route's (adapter, label set) now serving; series of routes no longer served are removed."""
+        current = {(backend, model, adapter or "none", label_set) for adapter, label_set in routes}
+        for gone in self._adapter_labels - current:
+            self.adapter_info.remove(*gone)
+        for labels in current - self._adapter_labels:
+            self.adapter_info.labels(*labels).set(1)
+        self._adapter_labels = current
 
     def set_lag(self, lags: dict[tuple[str, int], int]) -> None:
         """Per-partition lag of the partitions held now; series of partitions no longer held are removed."""

@@ -1,13 +1,13 @@
-"""Assemble a StreamApp from settings: the backend, the chosen adapter and the app."""
+"""Assemble a StreamApp from settings: the backend, every route's chosen adapter and the app."""
 
 from __future__ import annotations
 
 from consumer.app import StreamApp
 from erc_stream.settings import Settings
-from model_store.loading import choose_adapter, load_backend
+from model_store.loading import load_backend
 
 
 def build_app(settings: Settings) -> StreamApp:
     app = StreamApp(settings, load_backend(settings))
-    app.labeler.use(choose_adapter(settings))
+    app.routes.choose_adapters()
     return app

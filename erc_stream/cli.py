@@ -26,7 +26,12 @@ def main(ctx: click.Context, log_level: str | None) -> None:
     """
     from erc_stream.logs import configure
 
-    settings = Settings()
+    from pydantic import ValidationError
+
+    try:
+        settings = Settings()
+    except ValidationError as e:  # a bad ERC_* variable: say which, not a traceback
+        raise click.ClickException(f"invalid configuration (ERC_* environment): {e}") from e
     if log_level:
         settings = settings.model_copy(update={"log_level": log_level})
     configure(settings.log_level, settings.log_json)

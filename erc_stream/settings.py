@@ -18,6 +18,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
+#: The label sets a route may use (``erc_stream.labels.LABEL_SETS``); anything else fails at startup.
+LabelSetName = Literal["meld", "emorynlp", "iemocap", "unified"]
+
 
 class _Section(BaseModel):
     # A string right under a field is its description (shown in the README's configuration reference).
@@ -183,6 +186,16 @@ class BatchSettings(_Section):
         return self.max_records or self.max_size
 
 
+class TenantModel(_Section):
+    """One tenant's route: the adapter and label set its messages are labelled with."""
+
+    adapter: str | None = None
+    """A peft LoRA adapter (a name in the store or a directory), 'none' for zero-shot, or unset to follow the
+    registry's active adapter for this route's label set."""
+    label_set: LabelSetName
+    """The labels this tenant's events carry."""
+
+
 class ModelSettings(_Section):
     """Which model labels the stream, and how."""
 
@@ -198,8 +211,13 @@ class ModelSettings(_Section):
         "or unset to follow the registry's active adapter for the label set (switched between batches).",
     )
     adapter_poll_s: float = Field(2.0, gt=0, description="How often a consumer checks the registry for a promotion.")
-    label_set: Literal["meld", "emorynlp", "iemocap", "unified"] = "meld"
+    label_set: LabelSetName = "meld"
     """The labels events carry."""
+    tenants: dict[str, TenantModel] = Field(
+        {}, description="Per-tenant routes, JSON: `{\"acme\": {\"adapter\": \"unified-lora\", \"label_set\": "
+        "\"unified\"}}` (adapter unset = the registry's active one for that label set). One consumer and one "
+        "backend serve them all; messages of other tenants, or of none, use `adapter` and `label_set`.",
+    )
     device: str = "cpu"
     """torch device of the hf backend (cpu, cuda, cuda:1 ...)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -212,6 +230,13 @@ class ModelSettings(_Section):
         "after_history",
         description="Where the retrieved demonstration goes. After the history keeps each conversation's prefix stable.",
     )
+
+    def for_tenant(self, tenant: str | None) -> "ModelSettings":
+        """This section as ``tenant``'s route sees it: the tenant's adapter and label set, else the default route's."""
+        route = self.tenants.get(tenant) if tenant is not None else None
+        if route is None:
+            return self
+        return self.model_copy(update={"adapter": route.adapter, "label_set": route.label_set})
 
 
 class VLLMSettings(_Section):

@@ -34,6 +34,7 @@ class AdapterChoice:
     ref: AdapterRef | None
     demos: "DemoIndex | None" = None
     calibration: "Calibration | None" = None
+    label_set: str | None = None  # the label set it was trained for (its erc_meta.json), when known
 
     @property
     def name(self) -> str | None:
@@ -75,7 +76,7 @@ def choose_adapter(settings: Settings, adapter: str | None = None) -> AdapterCho
         demos = DemoIndex.load(ref.path / "demos")
     from model_store.calibration import Calibration
 
-    return AdapterChoice(ref, demos, Calibration.from_dict(meta.get("calibration")))
+    return AdapterChoice(ref, demos, Calibration.from_dict(meta.get("calibration")), meta.get("label_set"))
 
 
 def load_backend(settings: Settings, model: ModelSettings | None = None) -> Backend:

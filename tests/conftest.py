@@ -133,6 +133,23 @@ def hf_backend():
         backend.close()
 
 
+@pytest.fixture
+def own_hf_backend():
+    """A backend of the test's own: loading an adapter injects LoRA layers into the model, which would
+    change what other tests read from the session's shared model."""
+    import os
+
+    from model_store.backends.hf import HFBackend
+    from model_store.base_models import ensure_embedded
+
+    backend = HFBackend(ensure_embedded(Settings().store.dir), model_id="smollm2-135m",
+                        threads=max(1, (os.cpu_count() or 2) // 2))
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
 @pytest.fixture(scope="session")
 def lora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small LoRA adapter for the embedded model (random, non-zero B: it really changes the scores),
@@ -180,3 +197,26 @@ def vllm_backend():
         yield backend
     finally:
         backend.close()
+
+
+@pytest.fixture(scope="session")
+def unified_lora_adapter(lora_adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second adapter, for the unified label set: ``lora_adapter``'s files with B redrawn (seed 1), so the
+    two really score differently, and ``label_set: unified`` in its metadata."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("adapters") / "test-unified-lora"
+    shutil.copytree(lora_adapter, out)
+    weights = load_file(out / "adapter_model.safetensors")
+    gen = torch.Generator().manual_seed(1)
+    for name, tensor in weights.items():
+        if "lora_B" in name:
+            weights[name] = torch.randn(tensor.shape, generator=gen, dtype=tensor.dtype) * 0.02
+    save_file(weights, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    meta = json.loads((out / "erc_meta.json").read_text())
+    (out / "erc_meta.json").write_text(json.dumps({**meta, "name": "test-unified-lora", "label_set": "unified"}))
+    return out

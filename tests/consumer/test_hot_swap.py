@@ -7,8 +7,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from consumer.app import StreamApp
 from erc_stream.schemas import EmotionEvent
 from erc_stream.settings import Settings
@@ -17,23 +15,6 @@ from model_store.registry import Registry
 from producer_sim.replay import interleave, to_messages
 from producer_sim.synthetic import synthetic_conversations
 from tests.kafka_helpers import produce_raw, read_all
-
-
-@pytest.fixture
-def own_hf_backend():
-    """A backend of this test's own: loading an adapter injects LoRA layers into the model, which would
-    change what other tests read from the session's shared model."""
-    import os
-
-    from model_store.backends.hf import HFBackend
-    from model_store.base_models import ensure_embedded
-
-    backend = HFBackend(ensure_embedded(Settings().store.dir), model_id="smollm2-135m",
-                        threads=max(1, (os.cpu_count() or 2) // 2))
-    try:
-        yield backend
-    finally:
-        backend.close()
 
 
 def test_promoted_adapter_is_used_between_batches(settings: Settings, own_hf_backend, lora_adapter: Path,

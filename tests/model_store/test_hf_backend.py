@@ -148,3 +148,25 @@ def test_a_choice_encoding_to_nothing_is_refused() -> None:
 def test_an_unknown_adapter_is_refused(hf_backend: HFBackend) -> None:
     with pytest.raises(KeyError, match="never added"):
         hf_backend.score([ScoreRequest("Hello:", ("yes", "no"), adapter="missing")])
+
+
+def test_a_mixed_adapter_batch_scores_like_each_request_alone(
+    own_hf_backend: HFBackend, lora_adapter, unified_lora_adapter
+) -> None:
+    """One call mixing base rows and two adapters (what a consumer serving several tenants sends):
+    each row is scored through its own adapter only."""
+    backend = own_hf_backend
+    backend.add_adapter("meld-lora", lora_adapter)
+    backend.add_adapter("unified-lora", unified_lora_adapter)
+    meld = PromptBuilder(get_label_set("meld"), count_tokens=backend.count_tokens).emotion(WINDOW)
+    unified = PromptBuilder(get_label_set("unified"), count_tokens=backend.count_tokens).emotion(WINDOW[-1:])
+    requests = [ScoreRequest(p.text, p.choices, adapter) for p, adapter in (
+        (meld, None), (unified, "unified-lora"), (meld, "meld-lora"), (meld, "unified-lora"), (unified, None))]
+    mixed = backend.score(requests)
+    alone = [backend.score([r])[0] for r in requests]
+    for r, got, want in zip(requests, mixed, alone):
+        assert len(got) == len(r.choices)
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-5, (r.adapter, got, want)
+    # the adapters really differ, from the base and from each other
+    assert max(abs(a - b) for a, b in zip(alone[0], alone[2])) > 1e-3
+    assert max(abs(a - b) for a, b in zip(alone[2], alone[3])) > 1e-3
