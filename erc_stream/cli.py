@@ -258,12 +258,14 @@ def models() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="Autocast dtype; auto = bfloat16 where the machine runs it natively, else float32.")
 @click.option("--checkpoint-every", type=int, default=10, show_default=True)
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 def models_train(ctx, datasets, files, label_set, mix, full, name, base, window, max_tokens, speaker_steps, steps,
                  epochs, batch_size, aux_weight, no_demonstrations, demo_pairing, lr, lora_r, lora_alpha, fraction,
-                 limit, balance, calibration, seed, threads, device, checkpoint_every, no_progress):
+                 limit, balance, calibration, seed, threads, device, dtype, checkpoint_every, no_progress):
     """Train a LoRA adapter (or, --full, a whole model) with the InstructERC recipe; resumes from its checkpoint."""
     import shlex
 
@@ -283,7 +285,7 @@ def models_train(ctx, datasets, files, label_set, mix, full, name, base, window,
         aux_weight=aux_weight, demonstrations=not no_demonstrations, demo_pairing=demo_pairing,
         lr=lr if lr is not None else (5e-5 if full else 1e-3), lora_r=lora_r, lora_alpha=lora_alpha,
         fraction=fraction, limit=limit, balance=balance, calibration=calibration, seed=seed, threads=threads,
-        device=device, checkpoint_every=checkpoint_every, demo_position=settings.model.demo_position,
+        device=device, dtype=dtype, checkpoint_every=checkpoint_every, demo_position=settings.model.demo_position,
     )
     if epochs is not None:
         cfg = with_epochs(cfg, epochs)
@@ -371,11 +373,13 @@ def models_eval(ctx, datasets, file_, split, label_set, adapter, base, dialogues
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="Training autocast and evaluation dtype (auto: bfloat16 where native).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("docs/sweep"), show_default=True,
               help="Cell results, sweep.csv, sweep.md and sweep.png go here; rerun to resume.")
 @click.pass_context
 def models_sweep(ctx, datasets, fractions, strategies, full_at, epochs, min_steps, window, max_tokens, eval_limit,
-                 seed, threads, device, out):
+                 seed, threads, device, dtype, out):
     """Data scaling on the unified label set: (mix strategy x fraction x LoRA/full), each trained and evaluated."""
     from fractions import Fraction
 
@@ -389,7 +393,8 @@ def models_sweep(ctx, datasets, fractions, strategies, full_at, epochs, min_step
         raise click.BadParameter(f"unknown strategies {sorted(unknown)}; known: {', '.join(STRATEGIES)}")
     plan = SweepPlan(datasets=tuple(datasets), fractions=parse(fractions), strategies=chosen,  # type: ignore[arg-type]
                      full_fractions=parse(full_at), epochs=epochs, min_steps=min_steps, window=window,
-                     max_tokens=max_tokens, eval_limit=eval_limit or None, seed=seed, threads=threads, device=device)
+                     max_tokens=max_tokens, eval_limit=eval_limit or None, seed=seed, threads=threads, device=device,
+                     dtype=dtype)
     rows = run_sweep(plan, _settings(ctx), out)
     click.echo((out / "sweep.md").read_text() if rows else "no cells")
 

@@ -62,6 +62,7 @@ class SweepPlan:
     seed: int = 0
     threads: int | None = None
     device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     def cells(self) -> list[Cell]:
         out: list[Cell] = []
@@ -85,7 +86,7 @@ class SweepPlan:
             mix="ratio" if cell.strategy == "ratio" else "total", full=cell.kind == "full", label_set="unified",
             window=self.window, max_tokens=self.max_tokens, speaker_steps=self.speaker_steps, demonstrations=False,
             fraction=float(cell.fraction), lr=5e-5 if cell.kind == "full" else 1e-3, seed=self.seed,
-            threads=self.threads, device=self.device, checkpoint_every=25,
+            threads=self.threads, device=self.device, dtype=self.dtype, checkpoint_every=25,
         )
         cfg = with_epochs(cfg, self.epochs)
         return replace(cfg, steps=max(cfg.steps, self.min_steps))
@@ -131,7 +132,8 @@ def evaluate_on(plan: SweepPlan, settings: Settings, model_dir: Path, kind: str,
     from model_store.evaluation import evaluate
     from model_store.loading import choose_adapter, load_backend
 
-    model = {"label_set": "unified", "backend": "hf", "device": plan.device, "threads": plan.threads}
+    model = {"label_set": "unified", "backend": "hf", "device": plan.device, "threads": plan.threads,
+             "dtype": plan.dtype}
     if kind == "full":  # a whole model: served as the base, without adapter
         model |= {"base": str(model_dir), "adapter": "none"}
     else:

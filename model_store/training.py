@@ -85,6 +85,9 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     device: str = "cpu"
+    # Autocast dtype of forward and backward (weights and optimizer stay fp32). "auto": bfloat16 where the
+    # machine runs it natively (model_store/hardware.py; ~2.3x faster per step on an AVX-512 BF16 CPU), else fp32.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     checkpoint_every: int = 10
     index_per_label: int = 400
     extra: dict = field(default_factory=dict)
@@ -196,8 +199,11 @@ class Trainer:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from model_store.hardware import auto_dtype
+
         self.cfg = cfg
         self.out_dir = out_dir
+        self.autocast_dtype = auto_dtype(cfg.device) if cfg.dtype == "auto" else cfg.dtype
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -284,7 +290,9 @@ class Trainer:
             task = bar.add_task(f"training {cfg.name}", total=len(batches), completed=start_step, loss=float("nan"))
             for step in range(start_step, len(batches)):
                 batch = [examples[t][i] for t, i in batches[step]]
-                loss = self.batch_loss(batch, [weight[t] for t, _ in batches[step]])
+                with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                    enabled=self.autocast_dtype == "bfloat16"):
+                    loss = self.batch_loss(batch, [weight[t] for t, _ in batches[step]])
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
@@ -296,6 +304,7 @@ class Trainer:
                     self._checkpoint(opt, sched, step + 1, elapsed0 + time.monotonic() - t0, losses)
         self.model.eval()
         return {"steps": len(batches), "seconds": round(elapsed0 + time.monotonic() - t0, 1),
+                "dtype": self.autocast_dtype,
                 "loss_first": losses[0] if losses else None, "loss_last10": float(np.mean(losses[-10:])) if losses else None}
 
     def _checkpoint(self, opt, sched, step: int, elapsed: float, losses: list[float]) -> None:
@@ -387,7 +396,7 @@ def calibrate(cfg: TrainConfig, store_dir: Path, adapter_dir: Path, held: Sequen
     settings = Settings().with_overrides(
         store={"dir": str(store_dir)},
         model={"base": cfg.base, "device": cfg.device, "threads": cfg.threads, "label_set": cfg.label_set,
-               "backend": "hf", "demo_position": cfg.demo_position},
+               "backend": "hf", "demo_position": cfg.demo_position, "dtype": cfg.dtype},
     )
     backend = load_backend(settings)
     try:

@@ -42,6 +42,11 @@ class HFBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        if dtype == "auto":
+            from model_store.hardware import auto_dtype
+
+            dtype = auto_dtype(device)
+        self.dtype = dtype
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
         self.model.to(self.device).eval()
         self._peft = None  # a PeftModel wrapping self.model once the first adapter is added

@@ -39,6 +39,7 @@ import structlog
 from erc_stream.settings import VLLMSettings
 from model_store.backends.base import ScoreRequest, TokenCounter
 from model_store.backends.choices import ChoicePlan
+from model_store.hardware import auto_dtype
 
 log = structlog.get_logger(__name__)
 
@@ -66,7 +67,7 @@ class VLLMBackend:
         self.on_cpu = current_platform.is_cpu()
         if self.on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
-        dtype = settings.dtype if settings.dtype != "auto" else ("float32" if self.on_cpu else "bfloat16")
+        dtype = settings.dtype if settings.dtype != "auto" else auto_dtype("cpu" if self.on_cpu else "cuda")
         from vllm import LLM
 
         engine_args: dict[str, object] = dict(
