@@ -48,6 +48,8 @@ FIXED_RATE_MESSAGES = 32
 #: Paths measured on request only (``--paths``): the same engines with one optimisation off.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "vllm-no-prefix-cache": ("vllm", {"vllm": {"enable_prefix_caching": False}}),
+    "vllm-fp32": ("vllm", {"vllm": {"dtype": "float32"}}),
+    "hf-bf16": ("hf", {"model": {"dtype": "bfloat16"}}),
 }
 
 
@@ -188,7 +190,8 @@ def run_path(path: str, settings: Settings, messages: int, rate: float | None) -
         max_size = 1
     else:
         engine, overrides = VARIANTS.get(path, (path, {}))
-        backend = load_backend(settings.with_overrides(model={"backend": engine}, **overrides))
+        backend = load_backend(settings.with_overrides(**{**overrides,
+                                                          "model": {**overrides.get("model", {}), "backend": engine}}))
         max_size = settings.batch.max_size
     load_s = time.monotonic() - started
     label_set = get_label_set(settings.model.label_set)
@@ -227,7 +230,7 @@ def run_path(path: str, settings: Settings, messages: int, rate: float | None) -
         "latency_ms_fixed_rate": _percentiles(fixed_latency), "fixed_rate_messages": len(fixed_latency), **tokens,
         "weighted_f1": m["weighted_f1"], "accuracy": m["accuracy"],
         "unparsed": getattr(backend, "unparsed", None), "peak_rss_mb": round(rss.stop() / 2**20),
-        "max_batch": max_size, "torch_threads": _torch_threads(),
+        "max_batch": max_size, "torch_threads": _torch_threads(), "dtype": getattr(backend, "dtype", "float32"),
     }
 
 
@@ -240,8 +243,9 @@ def _torch_threads() -> int:
 # -- the machine ---------------------------------------------------------------------------------
 
 
-def matmul_peak_gflops(threads: int | None = None, size: int = 1536, repeats: int = 12) -> float:
-    """Best fp32 matrix-product throughput of this machine through torch (the roofline's compute limit).
+def matmul_peak_gflops(threads: int | None = None, size: int = 1536, repeats: int = 12,
+                       dtype: str = "float32") -> float:
+    """Best matrix-product throughput of this machine in ``dtype`` through torch (the roofline's compute limit).
 
     Several warm-up products first: a CPU that just left idle (or a shared VM) runs the first ones slowly,
     and an underestimated peak would make every path look closer to the limit than it is."""
@@ -249,7 +253,7 @@ def matmul_peak_gflops(threads: int | None = None, size: int = 1536, repeats: in
 
     if threads:
         torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=getattr(torch, dtype)), torch.randn(size, size, dtype=getattr(torch, dtype))
     for _ in range(4):
         torch.mm(a, b)
     best = math.inf
@@ -324,9 +328,15 @@ def run_bench(settings: Settings, *, paths: Sequence[str] = PATHS, messages: int
     started = time.monotonic()
     items, source = stream_items(settings, messages)
     new_tokens, flops = needed_flops_per_utterance(settings, items)
-    peak = matmul_peak_gflops(settings.model.threads)
+    from model_store.hardware import fast_bf16
+
+    # The limit of a path is the peak in its own dtype; bf16 only where the CPU runs it natively.
+    peaks = {"float32": matmul_peak_gflops(settings.model.threads)}
+    if fast_bf16(settings.model.device):
+        peaks["bfloat16"] = matmul_peak_gflops(settings.model.threads, dtype="bfloat16")
+    peak = peaks["float32"]
     log(f"{len(items)} messages from {source}; {new_tokens:.0f} new tokens and {flops / 1e9:.1f} GFLOP needed per "
-        f"utterance; matmul peak {peak} GFLOP/s")
+        f"utterance; matmul peak {peaks} GFLOP/s")
     results: dict[str, dict] = {}
     for path in paths:
         log(f"path {path}…")
@@ -334,7 +344,8 @@ def run_bench(settings: Settings, *, paths: Sequence[str] = PATHS, messages: int
         if path == "naive" and rate is None and "fixed_rate_per_s" in r:
             rate = r["fixed_rate_per_s"]  # every other path runs at the naive loop's sustainable rate
         if "utterances_per_s" in r:
-            r["fraction_of_peak"] = round(r["utterances_per_s"] * flops / (peak * 1e9), 4)
+            limit = peaks.get(r.get("dtype", "float32"), peak)
+            r["fraction_of_peak"] = round(r["utterances_per_s"] * flops / (limit * 1e9), 4)
         results[path] = r
         log(f"  {json.dumps({k: r.get(k) for k in ('utterances_per_s', 'weighted_f1', 'computed_tokens_per_utterance')})}")
     base = results.get("naive", {})
@@ -348,7 +359,8 @@ def run_bench(settings: Settings, *, paths: Sequence[str] = PATHS, messages: int
     best = max(scored, key=lambda r: r["utterances_per_s"]) if scored else None
     report = {
         "machine": machine(), "messages": len(items), "source": source, "model": settings.model.base,
-        "matmul_peak_gflops": peak, "needed_new_tokens_per_utterance": round(new_tokens, 1),
+        "matmul_peak_gflops": peak, "matmul_peak_gflops_by_dtype": peaks,
+        "needed_new_tokens_per_utterance": round(new_tokens, 1),
         "needed_gflop_per_utterance": round(flops / 1e9, 3), "paths": results,
         "best_path": best["path"] if best else None,
     }
@@ -382,7 +394,10 @@ def machine() -> dict:
                      if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpus": os.cpu_count(), "cpu": model or platform.processor(), "python": platform.python_version()}
+    from model_store.hardware import fast_bf16
+
+    return {"cpus": os.cpu_count(), "cpu": model or platform.processor(), "python": platform.python_version(),
+            "native_bf16": fast_bf16()}
 
 
 if __name__ == "__main__":  # a path's process: python -m erc_stream.bench PATH MESSAGES RATE OUT

@@ -61,7 +61,8 @@ def print_bench(result: dict) -> None:
     table = Table(title=f"{result['messages']} messages · {result['source']}")
     cols = [("path", "path"), ("utt/s", "utterances_per_s"), ("× naive", "speedup_vs_naive"),
             ("prompt tok/utt", "prompt_tokens_per_utterance"), ("computed tok/utt", "computed_tokens_per_utterance"),
-            ("W-F1", "weighted_f1"), ("fraction of peak", "fraction_of_peak"), ("peak RSS MB", "peak_rss_mb")]
+            ("W-F1", "weighted_f1"), ("dtype", "dtype"), ("fraction of peak", "fraction_of_peak"),
+            ("peak RSS MB", "peak_rss_mb")]
     for name, _ in cols:
         table.add_column(name, justify="left" if name == "path" else "right")
     table.add_column("latency p50/p95/p99 ms (fixed rate)", justify="right")
@@ -74,7 +75,8 @@ def print_bench(result: dict) -> None:
         table.add_row(*[str(r.get(key, "–")) for _, key in cols], lat(r["latency_ms_fixed_rate"]),
                       lat(r["latency_ms_saturation"]))
     console.print(table)
-    console.print(f"machine: {result['machine']}; fp32 matmul peak {result['matmul_peak_gflops']} GFLOP/s; needed per "
+    peaks = result.get("matmul_peak_gflops_by_dtype") or {"float32": result["matmul_peak_gflops"]}
+    console.print(f"machine: {result['machine']}; matmul peak GFLOP/s {peaks}; needed per "
                   f"utterance: {result['needed_new_tokens_per_utterance']} new tokens, "
                   f"{result['needed_gflop_per_utterance']} GFLOP")
     if "consumer_overhead" in result:

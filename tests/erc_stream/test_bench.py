@@ -10,6 +10,7 @@ from erc_stream.labels import get_label_set
 from erc_stream.settings import Settings
 from model_store.backends.naive import parse_label
 from model_store.backends.null import NullBackend
+from model_store.hardware import fast_bf16
 from model_store.prompts import PromptBuilder
 
 
@@ -64,10 +65,13 @@ def test_needed_tokens_count_only_what_a_turn_does_not_share(synthetic_settings:
 
 @pytest.mark.slow
 def test_a_small_bench_measures_naive_and_batched_paths_on_the_same_messages(synthetic_settings: Settings) -> None:
-    result = run_bench(synthetic_settings, paths=["naive", "hf"], messages=4, consumer_overhead=False,
+    result = run_bench(synthetic_settings, paths=["naive", "hf", "hf-bf16"], messages=4, consumer_overhead=False,
                        log=lambda *_: None)
-    naive, hf = result["paths"]["naive"], result["paths"]["hf"]
-    for r in (naive, hf):
+    naive, hf, bf16 = result["paths"]["naive"], result["paths"]["hf"], result["paths"]["hf-bf16"]
+    assert (naive["dtype"], hf["dtype"], bf16["dtype"]) == ("float32", "float32", "bfloat16")
+    # each path is measured against the peak in its own dtype (bf16 only where the CPU has it natively)
+    assert set(result["matmul_peak_gflops_by_dtype"]) == {"float32"} | ({"bfloat16"} if fast_bf16() else set())
+    for r in (naive, hf, bf16):
         assert "error" not in r, r.get("error")
         assert r["messages"] == 4 and r["utterances_per_s"] > 0 and r["peak_rss_mb"] > 100
         assert r["latency_ms_fixed_rate"]["p50"] > 0 and 0 <= r["weighted_f1"] <= 100
