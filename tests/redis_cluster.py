@@ -42,6 +42,9 @@ class RedisClusterProcs:
                 ["redis-server", "--port", str(port), "--bind", self.host, "--cluster-enabled", "yes",
                  "--cluster-config-file", str(node_dir / f"nodes-{port}.conf"), "--cluster-announce-ip", self.host,
                  "--cluster-port", str(bus_port),
+                 # Off the loopback, protected mode refuses password-less clients; these nodes listen only on
+                 # this machine (loopback or the test's bridge to its own namespaces).
+                 "--protected-mode", "no" if self.host != "127.0.0.1" else "yes",
                  "--cluster-node-timeout", "5000", "--save", "", "--appendonly", "no", "--dir", str(node_dir)],
                 stdout=(node_dir / "redis.log").open("a"), stderr=subprocess.STDOUT,
             ))

@@ -137,6 +137,18 @@ def test_a_tenants_negative_rate_over_a_sliding_window(client) -> None:
     assert later[0].metrics["events"] == 6
 
 
+@pytest.mark.parametrize("tenant", [None, "acme", "a}b{c"])
+def test_every_script_touches_one_hash_slot(client, tenant: str | None) -> None:
+    """On Redis Cluster a script may only touch keys of one slot: a conversation's, or a tenant's, even without one."""
+    from redis.crc import key_slot
+
+    engine = _engine(client, tenant_threshold=0.5, tenant_min_count=2)
+    assert len({key_slot(k.encode()) for k in engine._tenant_keys(tenant)}) == 1
+    # Tenant-less and tenant events through the scripts on this Redis (standalone or cluster): no CROSSSLOT.
+    pairs = [_pair(f"c-slot-{i}", 0, "angry", tenant=tenant, sent_at=T0 + timedelta(seconds=i)) for i in range(3)]
+    assert [a.rule for a in engine.evaluate(pairs)] == ["tenant_negative_rate"]
+
+
 def test_bad_state_costs_an_event_its_alerts_not_the_batch(client) -> None:
     engine = _engine(client, streak_length=2)
     client.set(f"{engine.prefix}:alert:conv:{{c-bad}}", "not a sorted set")  # WRONGTYPE for this conversation
