@@ -7,7 +7,14 @@ on one switch, without separate CPUs. The stream is replayed at a steady rate; a
 host 2 gets SIGTERM (graceful: it commits what it finished and leaves the group), two thirds in it is
 started again. Checks, from the output topic and the Redis Cluster, never deduplicated:
 
-- every input message has exactly one event (records counted per message id), and nothing else is there;
+- every input message has an event and nothing else is there; every copy of a message's event has the same
+  ``event_id``; copies are counted (never deduplicated away), printed, and must stay within what the
+  stream's at-least-once delivery allows at a rebalance: one stream batch per member per assignment.
+  A graceful leave or join is not copy-free: a batch whose records were taken before the group rebalanced
+  (``_poll_batch`` polls several times per batch, and the revocation happens inside one of those polls), or
+  whose commit the broker refused while the rebalance was pending (tansu answers error 27), is processed
+  and emitted, and the partition's next owner emits it again (same ids): 1-8 copies of 2,100 in 5 of the
+  first 7 runs, none in the other 2;
 - each conversation's events come in turn order with whole windows (never degraded), and its window
   in Redis holds all its turns in order; the conversations' windows lie on all three primaries;
 - each consumer runs in its own namespace, its TCP connections to the broker come from its host's
@@ -170,19 +177,30 @@ def test_three_hosts_share_the_stream_and_one_leaves_and_returns(
     assert back, "host 2 got no partitions when it came back"
     assert 0 < stopped_at < restarted_at < len(messages), (stopped_at, restarted_at)
 
-    # -- exactly one event per message, counted -----------------------------------------------
+    # -- one event per message, copies counted (never deduplicated away) ------------------------
     records = read_all(settings, settings.kafka.output_topic, len(messages), timeout_s=30)
     events = [EmotionEvent.from_bytes(r.value) for r in records]  # sorted by (partition, offset)
     per_message = Counter(e.message_id for e in events)
-    assert set(per_message) == {m.message_id for m in messages}
-    assert [mid for mid, n in per_message.items() if n != 1] == []
-    assert len(events) == len(messages)
+    assert set(per_message) == {m.message_id for m in messages}  # none lost, nothing else
+    event_ids: dict[str, set[str]] = defaultdict(set)
+    for e in events:
+        event_ids[e.message_id].add(e.event_id)
+    assert [mid for mid, ids in event_ids.items() if len(ids) != 1] == []  # a copy is the same event, never another
+    copies = {mid: n - 1 for mid, n in per_message.items() if n > 1}
+    # Copies come only from stream batches in flight when the group rebalanced (see the module docstring):
+    # at most one batch per member per assignment it received.
+    assignments = sum(m.count("partitions assigned") for m in group.members.values())  # all runs' logs
+    in_flight_bound = assignments * settings.batch.stream_size
+    assert sum(copies.values()) <= in_flight_bound, (copies, in_flight_bound)
 
     # -- turn order and whole windows ----------------------------------------------------------
     turns: dict[str, list[int]] = defaultdict(list)
-    for e in events:
-        turns[e.conversation_id].append(e.turn)
+    seen: set[str] = set()
+    for e in events:  # first copies, in log order (a conversation's events share one partition)
         assert not e.window_degraded and e.window == min(e.turn + 1, settings.window.size), e
+        if e.event_id not in seen:
+            seen.add(e.event_id)
+            turns[e.conversation_id].append(e.turn)
     assert all(t == list(range(TURNS)) for t in turns.values())
     client = RedisCluster.from_url(redis_cluster.url, socket_timeout=5)
     try:
@@ -201,4 +219,5 @@ def test_three_hosts_share_the_stream_and_one_leaves_and_returns(
     with capsys.disabled():
         print(f"\nmultihost: {len(messages)} messages, {len(turns)} conversations, {PARTITIONS} partitions over "
               f"{HOSTS} hosts {spread}; h2 stopped at {stopped_at} sent, back at {restarted_at} sent with {back}; "
-              f"windows per Redis primary {dict(owners)}; {time.monotonic() - started:.0f} s")
+              f"windows per Redis primary {dict(owners)}; events {len(events)}, redelivered copies "
+              f"{sum(copies.values())} (bound {in_flight_bound}); {time.monotonic() - started:.0f} s")
