@@ -20,7 +20,8 @@ Run it alone (keep it short on a shared machine)::
     python bench/scale_out.py --backend null --messages 24000 --conversations 600 --configs 1x6,2x6,3x6,3x2
     python bench/scale_out.py --backend hf --messages 64 --conversations 16 --configs 1x6,2x6,3x6 --threads 1
 
-``--configs`` lists ``NxP`` (N processes on P partitions). ``--json`` prints one JSON object per line.
+``--configs`` lists ``NxP`` (N processes on P partitions). ``--redis-cluster`` keeps the state in a local
+three-master Redis Cluster instead. ``--json`` prints one JSON object per line.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def measure_group(base: Settings, *, processes: int, partitions: int, messages: 
         raise RuntimeError(f"the group consumed {consumed} of {len(stream)} messages")
     _drop_redis_keys(s)
     return {
-        "backend": backend, "processes": processes, "partitions": partitions, "messages": len(stream),
+        "backend": backend, "redis": "cluster" if s.redis.cluster else "standalone", "processes": processes, "partitions": partitions, "messages": len(stream),
         "conversations": min(conversations, messages), "threads_per_process": threads,
         "adapter": adapter if backend != "null" else None, "batch_size": s.batch.max_size,
         "stream_batch": stream_batch,
@@ -203,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (hf backend)")
     p.add_argument("--adapter", default="meld-smollm2-lora", help="hf backend: the LoRA adapter (default: the shipped one)")
     p.add_argument("--batch-size", type=int, default=None, help="batch.max_size, the inference micro-batch")
+    p.add_argument("--redis-cluster", action="store_true",
+                   help="state in a local three-master Redis Cluster (tests/redis_cluster.py) instead of one Redis")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     from erc_stream.logs import configure
@@ -223,7 +226,20 @@ def main(argv: list[str] | None = None) -> int:
                       f"CPU s {r['cpu_s_per_process']}; broker CPU s {r.get('kafka_cpu_s')}, redis CPU s {r.get('redis_cpu_s')} "
                       f"in {r['run_wall_s']} s; load {r['loadavg_1m_after']}", flush=True)
 
-    _with_services(run)
+    def on_cluster(base: Settings) -> None:
+        import tempfile
+
+        from tests.redis_cluster import RedisClusterProcs
+
+        with tempfile.TemporaryDirectory(prefix="erc-bench-cluster-") as workdir:
+            cluster = RedisClusterProcs(Path(workdir))
+            cluster.start()
+            try:
+                run(base.with_overrides(redis={"url": cluster.url, "cluster": True}))
+            finally:
+                cluster.stop()
+
+    _with_services(on_cluster if a.redis_cluster else run)
     return 0
 
 
