@@ -33,6 +33,8 @@ demo: setup
 	$(BIN)/erc-stream demo
 
 # pytest exits 5 when it collected no test: that is not a failure of the suite.
+# `test` leaves out the long chaos run (-m chaos); the multi-host test (-m multihost, ~40 s, needs root for
+# `ip netns`, skipped otherwise) is in it.
 test: setup
 	$(BIN)/pytest -q -m "not chaos"; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
 

@@ -236,9 +236,9 @@ def _count_output(settings: Settings, expected: int, timeout_s: float = 60.0) ->
 
 
 def _drop_redis_keys(settings: Settings) -> None:
-    import redis
+    from consumer.redis_client import connect
 
-    client = redis.Redis.from_url(settings.redis.url.get_secret_value(), **settings.redis.client_options())
+    client = connect(settings.redis)
     try:
         batch = []
         for key in client.scan_iter(match=f"{settings.redis.key_prefix}:*", count=1000):

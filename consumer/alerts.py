@@ -18,8 +18,9 @@ State (atomic Lua scripts, keys hash-tagged per conversation / tenant like the w
   turn, each member the turn's message id, speaker, label and probabilities. A redelivered turn replaces
   itself, so the rules are a pure function of the labels stored up to the turn being evaluated: a
   redelivery recomputes the same alert.
-- ``<prefix>:alert:tenant:{<tenant>}:all`` / ``:neg`` (sorted sets of message ids by ``sent_at``),
-  ``:ev`` (evidence of the negative ones) and ``:cool`` (the last alert's id and time, for the cooldown).
+- ``<prefix>:alert:tenant:{t=<tenant>}:all`` / ``:neg`` (sorted sets of message ids by ``sent_at``),
+  ``:ev`` (evidence of the negative ones) and ``:cool`` (the last alert's id and time, for the cooldown);
+  ``t=`` keeps the hash tag non-empty for events without a tenant.
 
 Redelivery: alert ids are deterministic (uuid5 of rule, scope and the triggering message), and an
 alert's id is recorded with ``SET NX`` once the broker acknowledged it (``mark_sent``); an alert whose
@@ -157,7 +158,9 @@ class AlertEngine:
         return f"{self.prefix}:alert:conv:{{{conversation_id}}}"
 
     def _tenant_keys(self, tenant: str | None) -> list[str]:
-        base = f"{self.prefix}:alert:tenant:{{{tenant if tenant is not None else ''}}}"
+        # The hash tag is never empty: Redis Cluster hashes a key with an empty `{}` whole, which would
+        # scatter a tenant-less stream's four keys over slots (the script would fail with CROSSSLOT).
+        base = f"{self.prefix}:alert:tenant:{{t={tenant or ''}}}"
         return [f"{base}:all", f"{base}:neg", f"{base}:ev", f"{base}:cool"]
 
     def _sent_key(self, alert_id: str) -> str:

@@ -39,6 +39,7 @@ from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaConnectionError
 from kafka.structs import OffsetAndMetadata
 
+from consumer import redis_client
 from consumer.alerts import AlertEngine
 from consumer.delivery import DeliveryError, Emitter, FatalDeliveryError, make_emitter
 from consumer.labeler import Failed, Labeler
@@ -154,7 +155,7 @@ class StreamApp:
         self._registry = Registry(settings.store.dir)
         self._registry_version = self._registry.version()
         self._registry_checked = time.monotonic()
-        self.redis = redis.Redis.from_url(settings.redis.url.get_secret_value(), **settings.redis.client_options())
+        self.redis = redis_client.connect(settings.redis)  # standalone, or Redis Cluster with redis.cluster
         self.windows = WindowStore(
             self.redis,
             prefix=settings.redis.key_prefix,

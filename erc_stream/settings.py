@@ -132,6 +132,11 @@ class RedisSettings(_Section):
     """Client private key (mutual TLS)."""
     ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
     """Verification of the server certificate (rediss://)."""
+    cluster: bool = Field(
+        False, description="`url` is a seed node of a Redis Cluster: the client discovers the other nodes and routes "
+        "each conversation's keys (one hash slot per conversation, `{conversation_id}` tags) to their primary. The "
+        "URL's database must be 0. Off: one standalone Redis.",
+    )
 
     def client_options(self) -> dict[str, object]:
         """Keyword arguments for ``redis.Redis.from_url(url, **options)`` (TLS applies to rediss:// URLs)."""

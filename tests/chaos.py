@@ -32,7 +32,7 @@ from kafka import KafkaProducer
 from erc_stream.readers import read_dead_letters, read_records
 from erc_stream.schemas import EmotionEvent
 from erc_stream.settings import Settings
-from tests.procs import ConsumerProc, RedisProc, stream_messages
+from tests.procs import ConsumerGroupProcs, RedisProc, stream_messages
 
 
 @dataclass(frozen=True)
@@ -106,45 +106,6 @@ def _malformed(rng: random.Random, key: bytes) -> bytes:
     ])
 
 
-class _Cluster:
-    """The consumer processes of one run, and the group's settling."""
-
-    def __init__(self, settings: Settings, workdir: Path, plan: ChaosPlan, log) -> None:
-        self.settings, self.workdir, self.plan, self.log = settings, workdir, plan, log
-        self.members: dict[str, ConsumerProc] = {}
-        self.partitions = {f"{settings.kafka.input_topic}/{p}" for p in range(settings.kafka.partitions)}
-
-    def start(self, name: str) -> ConsumerProc:
-        proc = self.members.get(name) or ConsumerProc(self.settings, self.workdir, name)
-        self.members[name] = proc
-        proc.start()
-        return proc
-
-    def live(self) -> list[ConsumerProc]:
-        return [m for m in self.members.values() if m.alive]
-
-    def settle(self, marks: dict[str, int]) -> None:
-        """Until every live member got a new assignment since ``marks`` and together they hold every partition."""
-        deadline = time.monotonic() + self.plan.settle_timeout_s
-        while True:
-            live = self.live()
-            fresh = all(m.count("partitions assigned") > marks.get(m.name, 0) for m in live)
-            held = [p for m in live for p in (m.assigned() or [])]
-            if live and fresh and sorted(held) == sorted(self.partitions):
-                time.sleep(0.5)  # let the new owners fetch and commit at least once
-                return
-            for m in self.members.values():
-                if m.proc is not None and m.proc.poll() not in (None, -9) and m.proc.returncode != 0:
-                    raise RuntimeError(f"consumer {m.name} failed ({m.proc.returncode}):\n{m.tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("the group did not settle: " + "; ".join(
-                    f"{m.name}: {m.assigned()}" for m in live) + "\n" + "\n".join(m.tail(1500) for m in live))
-            time.sleep(0.1)
-
-    def marks(self) -> dict[str, int]:
-        return {m.name: m.count("partitions assigned") for m in self.live()}
-
-
 def run_chaos(settings: Settings, plan: ChaosPlan, workdir: Path, *, log=print) -> ChaosReport:
     started = time.monotonic()
     rng = random.Random(plan.seed)
@@ -198,7 +159,7 @@ def run_chaos(settings: Settings, plan: ChaosPlan, workdir: Path, *, log=print) 
 
     sender = threading.Thread(target=send_all, name="chaos-producer", daemon=True)
     placed: list[tuple[bool, int, int]] = []  # (malformed, partition, offset)
-    cluster = _Cluster(settings, workdir / "consumers", plan, log)
+    cluster = ConsumerGroupProcs(settings, workdir / "consumers", settle_timeout_s=plan.settle_timeout_s)
     redis_restarted_at: datetime | None = None
     try:
         cluster.start("a")
@@ -267,9 +228,7 @@ def run_chaos(settings: Settings, plan: ChaosPlan, workdir: Path, *, log=print) 
         assert live[-1].terminate() == 0, live[-1].tail()
     finally:
         producer.close(5)
-        for m in cluster.members.values():
-            if m.alive:
-                m.kill9()
+        cluster.kill_all()
         redis_server.stop()
 
     # -- the checks --------------------------------------------------------------------------

@@ -5,6 +5,9 @@
 - ``redis_url`` (session): ``"redis://127.0.0.1:PORT/0"`` of a fresh redis-server; stopped at the end.
 - ``settings`` (function): a :class:`Settings` on those two with unique topics, group id, client id
   and Redis key prefix per test, its four topics created with 4 partitions.
+- ``redis_cluster_url`` (session): a seed URL of a fresh three-master Redis Cluster (started on first use).
+- ``any_redis`` (function, parametrized): a client of the standalone Redis, then of the cluster: tests of
+  the Redis scripts run against both.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
+from redis.cluster import RedisCluster
 
 from erc_stream.services import (
     ServiceError,
@@ -87,6 +92,32 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield settings.redis.url.get_secret_value()
     finally:
         redis_down(settings)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh three-master Redis Cluster on 127.0.0.1 for this test session, as a seed URL."""
+    from tests.redis_cluster import RedisClusterProcs
+
+    cluster = RedisClusterProcs(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def any_redis(request: pytest.FixtureRequest, redis_url: str) -> Iterator[redis.Redis | RedisCluster]:
+    """A client of the session's standalone Redis, or of its Redis Cluster (started only when needed)."""
+    if request.param == "cluster":
+        client = RedisCluster.from_url(request.getfixturevalue("redis_cluster_url"), socket_timeout=5)
+    else:
+        client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 @pytest.fixture

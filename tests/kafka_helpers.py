@@ -6,6 +6,7 @@ never ``end_offsets``: on tansu ListOffsets answers the start of the last batch 
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from typing import Any
@@ -34,6 +35,53 @@ def produce_raw(
         return [f.get(timeout=timeout_s) for f in futures]
     finally:
         producer.close(timeout=5)
+
+
+class PacedSender(threading.Thread):
+    """Sends ``(key, value)`` pairs to ``topic`` at ``rate`` per second from a thread (acks=all).
+
+    ``sent`` counts the sends so far (a test injects faults at chosen points of the stream);
+    ``join_acked()`` waits for the end and every ack and re-raises a send failure.
+    """
+
+    def __init__(self, settings: Settings, topic: str, items: list[tuple[bytes | None, bytes]], rate: float) -> None:
+        super().__init__(name="paced-sender", daemon=True)
+        self.settings, self.topic, self.items, self.rate = settings, topic, items, rate
+        self.sent = 0
+        self.error: BaseException | None = None
+        self.metadata: list[RecordMetadata] = []
+
+    def run(self) -> None:
+        producer = KafkaProducer(client_id=f"test-paced-{uuid.uuid4().hex[:6]}", acks="all", linger_ms=5,
+                                 **self.settings.kafka.client_options())
+        try:
+            t0 = time.monotonic()
+            futures = []
+            for i, (key, value) in enumerate(self.items):
+                delay = t0 + i / self.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                futures.append(producer.send(self.topic, key=key, value=value))
+                self.sent = i + 1
+            producer.flush(60)
+            self.metadata = [f.get(30) for f in futures]
+        except BaseException as e:  # noqa: BLE001 - re-raised by join_acked
+            self.error = e
+        finally:
+            producer.close(5)
+
+    def wait_sent(self, n: int, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.sent < n and self.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def join_acked(self, timeout_s: float = 300.0) -> list[RecordMetadata]:
+        self.join(timeout_s)
+        if self.error is not None:
+            raise self.error
+        if self.is_alive():
+            raise TimeoutError(f"the sender did not finish within {timeout_s} s ({self.sent}/{len(self.items)} sent)")
+        return self.metadata
 
 
 def read_all(

@@ -4,6 +4,7 @@
   ``start()`` again brings back an empty Redis on the same port.
 - :class:`ConsumerProc` runs ``python -m erc_stream consume --backend null`` with ``ERC_*`` variables
   taken from a :class:`Settings`, JSON logs to a file, and knows when it has partitions.
+- :class:`ConsumerGroupProcs` holds the consumer processes of one group and waits for the group to settle.
 - :func:`stream_messages` builds valid chat messages for many conversations, turn-ordered per conversation.
 """
 
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -90,6 +92,7 @@ def service_env(settings: Settings) -> dict[str, str]:
         "ERC_KAFKA__GROUP_ID": k.group_id,
         "ERC_REDIS__URL": settings.redis.url.get_secret_value(),
         "ERC_REDIS__KEY_PREFIX": settings.redis.key_prefix,
+        "ERC_REDIS__CLUSTER": "true" if settings.redis.cluster else "false",
     }
 
 
@@ -125,12 +128,17 @@ def consumer_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 class ConsumerProc:
-    """One ``erc-stream consume`` subprocess; its JSON log lines go to ``log_path``."""
+    """One ``erc-stream consume`` subprocess; its JSON log lines go to ``log_path``.
 
-    def __init__(self, settings: Settings, workdir: Path, name: str, **env: str) -> None:
+    ``prefix`` goes before the command, e.g. ``["ip", "netns", "exec", NS]`` to run it on another "host"
+    (``ip netns exec`` execs the command: the pid we hold, and signal, is the consumer's).
+    """
+
+    def __init__(self, settings: Settings, workdir: Path, name: str, *, prefix: Sequence[str] = (), **env: str) -> None:
         self.settings = settings
         self.name = name
         self.workdir = workdir
+        self.prefix = list(prefix)
         self.env = consumer_env(settings, **env)
         self.proc: subprocess.Popen | None = None
         self.starts = 0
@@ -144,7 +152,8 @@ class ConsumerProc:
         self.starts += 1
         self._ready = self.workdir / f"{self.name}.{self.starts}.ready"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "erc_stream", "consume", "--backend", "null", "--ready-file", str(self._ready)],
+            [*self.prefix, sys.executable, "-m", "erc_stream", "consume", "--backend", "null",
+             "--ready-file", str(self._ready)],
             cwd=PROJECT, env=self.env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
         )
 
@@ -207,6 +216,56 @@ class ConsumerProc:
             return self.log_path.read_text(errors="replace")[-n:]
         except OSError:
             return "(no log)"
+
+
+class ConsumerGroupProcs:
+    """The consumer processes of one group, by name, and the group's settling.
+
+    On tansu a group whose leader leaves during a pending rebalance can stick for good: wait for
+    :meth:`settle` after every join or leave before the next one.
+    """
+
+    def __init__(self, settings: Settings, workdir: Path, *, settle_timeout_s: float = 60.0,
+                 make: Callable[[str], ConsumerProc] | None = None) -> None:
+        self.settings, self.workdir, self.settle_timeout_s = settings, workdir, settle_timeout_s
+        self.make = make or (lambda name: ConsumerProc(settings, workdir, name))
+        self.members: dict[str, ConsumerProc] = {}
+        self.partitions = {f"{settings.kafka.input_topic}/{p}" for p in range(settings.kafka.partitions)}
+
+    def start(self, name: str) -> ConsumerProc:
+        proc = self.members.get(name) or self.make(name)
+        self.members[name] = proc
+        proc.start()
+        return proc
+
+    def live(self) -> list[ConsumerProc]:
+        return [m for m in self.members.values() if m.alive]
+
+    def settle(self, marks: dict[str, int]) -> None:
+        """Until every live member got a new assignment since ``marks`` and together they hold every partition."""
+        deadline = time.monotonic() + self.settle_timeout_s
+        while True:
+            live = self.live()
+            fresh = all(m.count("partitions assigned") > marks.get(m.name, 0) for m in live)
+            held = [p for m in live for p in (m.assigned() or [])]
+            if live and fresh and sorted(held) == sorted(self.partitions):
+                time.sleep(0.5)  # let the new owners fetch and commit at least once
+                return
+            for m in self.members.values():
+                if m.proc is not None and m.proc.poll() not in (None, -9) and m.proc.returncode != 0:
+                    raise RuntimeError(f"consumer {m.name} failed ({m.proc.returncode}):\n{m.tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the group did not settle: " + "; ".join(
+                    f"{m.name}: {m.assigned()}" for m in live) + "\n" + "\n".join(m.tail(1500) for m in live))
+            time.sleep(0.1)
+
+    def marks(self) -> dict[str, int]:
+        return {m.name: m.count("partitions assigned") for m in self.live()}
+
+    def kill_all(self) -> None:
+        for m in self.members.values():
+            if m.alive:
+                m.kill9()
 
 
 def stream_messages(conversations: int, turns: int, *, run_id: str, seed: int = 0,

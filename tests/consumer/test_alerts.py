@@ -41,10 +41,9 @@ def _pair(conv: str, turn: int, label: str, *, speaker: str = "A", tenant: str |
 
 
 @pytest.fixture
-def client(redis_url: str):
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
+def client(any_redis: redis.Redis) -> redis.Redis:
+    """Standalone Redis, then Redis Cluster (every key a script touches shares one hash tag)."""
+    return any_redis
 
 
 def _engine(client: redis.Redis, **rules) -> AlertEngine:
@@ -136,6 +135,18 @@ def test_a_tenants_negative_rate_over_a_sliding_window(client) -> None:
     later = engine.evaluate(late)
     assert [a.trigger_message_id for a in later] == [late[5][0].message_id]  # 6 of 6, the minimum count at the 6th
     assert later[0].metrics["events"] == 6
+
+
+@pytest.mark.parametrize("tenant", [None, "acme", "a}b{c"])
+def test_every_script_touches_one_hash_slot(client, tenant: str | None) -> None:
+    """On Redis Cluster a script may only touch keys of one slot: a conversation's, or a tenant's, even without one."""
+    from redis.crc import key_slot
+
+    engine = _engine(client, tenant_threshold=0.5, tenant_min_count=2)
+    assert len({key_slot(k.encode()) for k in engine._tenant_keys(tenant)}) == 1
+    # Tenant-less and tenant events through the scripts on this Redis (standalone or cluster): no CROSSSLOT.
+    pairs = [_pair(f"c-slot-{i}", 0, "angry", tenant=tenant, sent_at=T0 + timedelta(seconds=i)) for i in range(3)]
+    assert [a.rule for a in engine.evaluate(pairs)] == ["tenant_negative_rate"]
 
 
 def test_bad_state_costs_an_event_its_alerts_not_the_batch(client) -> None:

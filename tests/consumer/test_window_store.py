@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -14,12 +13,9 @@ from model_store.prompts import Turn
 
 
 @pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url, socket_timeout=5)
-    try:
-        yield c
-    finally:
-        c.close()
+def client(any_redis: redis.Redis) -> redis.Redis:
+    """Standalone Redis, then Redis Cluster (every key a script touches shares one hash tag)."""
+    return any_redis
 
 
 @pytest.fixture

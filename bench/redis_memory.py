@@ -1,0 +1,138 @@
+"""Redis memory per conversation and per event, measured on a real Redis through the stream's own scripts.
+
+The capacity plan (docs/capacity.md) sizes Redis from these figures:
+
+- ``MEMORY USAGE`` of one conversation's window key with ``window.size`` (12) turns and with ``window.retain``
+  (24) turns, and of its alert-state key (``max(streak_length, shift_lookback) + 1`` turns with their labels
+  and probabilities), written by :class:`~consumer.window_store.WindowStore` and
+  :class:`~consumer.alerts.AlertEngine` as the stream writes them;
+- the growth of ``used_memory`` per conversation over ``--conversations`` conversations of ``retain`` turns
+  (key, TTL and dictionary overhead included: what a shard really holds);
+- the tenant rule's bytes per event held in its sliding window (``:all`` every event, ``:neg`` + ``:ev``
+  the negative ones with their evidence);
+- the bytes of one alert id remembered as sent (kept ``alerts.dedupe_ttl_s``), and the average record sizes
+  of a chat message and of an emotion event on the topics (for the Kafka figures).
+
+Texts are the synthetic templates of ``producer_sim`` (MELD-like utterances, ~40-60 characters)::
+
+    python bench/redis_memory.py --conversations 2000 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.consumer_throughput import _with_services, make_messages  # noqa: E402
+from erc_stream.settings import Settings  # noqa: E402
+
+LABELS = ("neutral", "surprise", "fear", "sad", "joyful", "disgust", "angry")
+
+
+def _event(msg, label: str):
+    from erc_stream.schemas import EmotionEvent
+
+    probs = {name: (0.7 if name == label else 0.05) for name in LABELS}
+    return EmotionEvent(event_id=EmotionEvent.make_id(msg.message_id, "smollm2-135m", "meld-smollm2-lora"),
+                        message_id=msg.message_id, conversation_id=msg.conversation_id, turn=msg.turn,
+                        speaker=msg.speaker, tenant=msg.tenant, label=label, probabilities=probs, label_set="meld",
+                        model="smollm2-135m", adapter="meld-smollm2-lora", window=12, latency_ms=1.0,
+                        emitted_at=datetime.now(UTC))
+
+
+def _alert(msg):
+    from erc_stream.schemas import Alert
+
+    return Alert(alert_id=Alert.make_id("negative_streak", msg.conversation_id, msg.message_id), rule="negative_streak",
+                 severity="warning", summary="s", conversation_id=msg.conversation_id, tenant=msg.tenant,
+                 trigger_message_id=msg.message_id, evidence=[], metrics={}, label_set="meld", model="m", adapter=None)
+
+
+def measure(settings: Settings, *, conversations: int) -> dict[str, float]:
+    from consumer.alerts import AlertEngine
+    from consumer.redis_client import connect
+    from consumer.window_store import WindowStore, WindowTurn
+
+    w = settings.window
+    client = connect(settings.redis)
+    prefix = f"mem-{uuid.uuid4().hex[:6]}"
+    store = WindowStore(client, prefix=prefix, size=w.size, retain=w.retain, ttl_s=w.ttl_s)
+    alerts = AlertEngine(client, settings.alerts.model_copy(update={"tenant_threshold": 1.0}), prefix=prefix,
+                         ttl_s=w.ttl_s)
+    msgs = make_messages(conversations * w.retain, conversations, seed=1)
+    out: dict[str, float] = {}
+    try:
+        base = client.info("memory")["used_memory"]
+        by_conv: dict[str, list] = {}
+        for m in msgs:
+            by_conv.setdefault(m.conversation_id, []).append(m)
+        for start in range(0, len(msgs), 500):
+            chunk = msgs[start:start + 500]
+            store.append_many([(m.conversation_id, WindowTurn(m.turn, m.speaker, m.text, m.message_id)) for m in chunk])
+            alerts.evaluate([(_event(m, LABELS[(m.turn * 3) % len(LABELS)]), m) for m in chunk])
+        used = client.info("memory")["used_memory"] - base
+        first = next(iter(by_conv))
+        out["conversation_bytes_used_memory"] = round(used / len(by_conv), 1)
+        out["window_key_bytes_retain"] = client.memory_usage(store.key(first), samples=0)
+        out["alert_conv_key_bytes"] = client.memory_usage(alerts._conv_key(first), samples=0)
+        out["avg_text_chars"] = round(sum(len(m.text) for m in msgs) / len(msgs), 1)
+        # A window of exactly `size` turns: a fresh conversation of `size` turns.
+        conv12 = f"{prefix}-w{w.size}"
+        store.append_many([(conv12, WindowTurn(t.turn, t.speaker, t.text, f"{conv12}:{t.turn}"))
+                           for t in by_conv[first][:w.size]])
+        out["window_key_bytes_size"] = client.memory_usage(store.key(conv12), samples=0)
+
+        # The tenant rule: 2,000 events of one tenant, every third negative, inside one window.
+        tenant_alerts = AlertEngine(client, settings.alerts.model_copy(update={"streak_length": 0, "shift": False,
+                                                                               "tenant_threshold": 0.99}),
+                                    prefix=f"{prefix}-t", ttl_s=w.ttl_s)
+        t0 = datetime.now(UTC)
+        tenant_msgs = [m.model_copy(update={"tenant": "acme", "sent_at": t0 + timedelta(milliseconds=i)})
+                       for i, m in enumerate(msgs[:2000])]
+        for start in range(0, len(tenant_msgs), 500):
+            chunk = tenant_msgs[start:start + 500]
+            tenant_alerts.evaluate([(_event(m, "angry" if i % 3 == 0 else "neutral"), m)
+                                    for i, m in enumerate(chunk, start)])
+        tenant_bytes = sum(client.memory_usage(k, samples=0) or 0 for k in tenant_alerts._tenant_keys("acme"))
+        out["tenant_bytes_per_event_in_window"] = round(tenant_bytes / len(tenant_msgs), 1)
+        # Alert ids remembered as sent (SET NX EX alerts.dedupe_ttl_s), per alert.
+        before = client.info("memory")["used_memory"]
+        fired = [a for m in msgs[:2000] for a in [_alert(m)]]
+        alerts.mark_sent(fired)
+        out["sent_alert_id_bytes"] = round((client.info("memory")["used_memory"] - before) / len(fired), 1)
+        # Record sizes on the topics (JSON, as produced): a chat message in, an emotion event out.
+        sample = msgs[:2000]
+        out["message_bytes"] = round(sum(len(m.to_bytes()) for m in sample) / len(sample), 1)
+        out["event_bytes"] = round(sum(len(_event(m, "neutral").to_bytes()) for m in sample) / len(sample), 1)
+        out["conversations"] = len(by_conv)
+        out["turns_per_conversation"] = w.retain
+    finally:
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            client.unlink(key)
+        client.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--conversations", type=int, default=2000)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    from erc_stream.logs import configure
+
+    configure("WARNING")
+    result = _with_services(lambda s: measure(s, conversations=a.conversations))
+    print(json.dumps(result) if a.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
