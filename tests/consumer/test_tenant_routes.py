@@ -123,7 +123,8 @@ def test_a_route_without_an_adapter_follows_its_label_sets_promotions(
     routes = Routes(settings, own_hf_backend)
     routes.choose_adapters()
     default = choose_adapter(settings).name  # the registry's (here: the shipped) meld adapter
-    assert [routes.labeler(t).adapter for t in ("acme", "globex", None)] == [None, "meld-lora", default]
+    unified = choose_adapter(settings.with_overrides(model={"label_set": "unified"})).name  # the shipped one
+    assert [routes.labeler(t).adapter for t in ("acme", "globex", None)] == [unified, "meld-lora", default]
 
     Registry(store).promote("unified-lora")  # unified, from its metadata
     assert routes.follow_registry()

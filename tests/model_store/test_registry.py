@@ -25,11 +25,14 @@ def test_promote_makes_an_adapter_active_and_changes_the_version(lora_adapter: P
     assert "mine" in [a.name for a in reg.adapters()]
 
 
-def test_without_a_promotion_the_shipped_default_is_active(tmp_path: Path) -> None:
+@pytest.mark.parametrize("label_set", ["meld", "unified", "emorynlp"])
+def test_without_a_promotion_the_shipped_default_is_active(tmp_path: Path, label_set: str) -> None:
     defaults = SHIPPED_ADAPTERS / "defaults.json"
-    expected = json.loads(defaults.read_text()).get("meld") if defaults.exists() else None
-    active = Registry(tmp_path / "empty-store").active("meld")
+    expected = json.loads(defaults.read_text()).get(label_set) if defaults.exists() else None
+    active = Registry(tmp_path / "empty-store").active(label_set)
     assert (active.name if active else None) == expected
+    if active is not None:  # a shipped default was trained for the label set it is the default of
+        assert json.loads((active.path / "erc_meta.json").read_text())["label_set"] == label_set
 
 
 def test_unknown_adapter_is_a_clear_error(tmp_path: Path) -> None:
