@@ -227,7 +227,7 @@ class ModelSettings(_Section):
     """torch device of the hf backend (cpu, cuda, cuda:1 ...)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     """Weights' dtype (hf backend). 'auto': bfloat16 where the machine runs it natively (a CUDA GPU, a CPU with
-    AVX-512 BF16 or AMX), else float32. float32 is the default: the adapters' published scores are fp32 ones."""
+    AVX-512 BF16 or AMX), else float32. float32 is the default: the reference numerics the other paths are compared with."""
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None leaves torch's default.")
     max_prompt_tokens: int = Field(
         384, ge=64, description="History is cut from the left past this; instruction, label statement and target stay."
