@@ -92,7 +92,6 @@ class TrainConfig:
     index_per_label: int = 400
     extra: dict = field(default_factory=dict)
 
-
     @property
     def sources(self) -> tuple[tuple[str, str], ...]:
         """Every (dataset, train file) of the run, the first one first."""
