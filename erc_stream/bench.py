@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -45,7 +45,8 @@ from erc_stream.settings import Settings
 PATHS: tuple[str, ...] = ("naive", "hf", "vllm")
 #: Messages of the fixed-rate run (the first ones of the stream); it lasts FIXED_RATE_MESSAGES / rate seconds.
 FIXED_RATE_MESSAGES = 32
-#: Paths measured on request only (``--paths``): the same engines with one optimisation off.
+#: Paths measured on request only (``--paths``): the same engines with one setting changed. ``vllm-merged``
+#: (handled in ``run_path``) serves the adapter merged into the base weights (model_store/merging.py).
 VARIANTS: dict[str, tuple[str, dict]] = {
     "vllm-no-prefix-cache": ("vllm", {"vllm": {"enable_prefix_caching": False}}),
     "vllm-fp32": ("vllm", {"vllm": {"dtype": "float32"}}),
@@ -188,6 +189,14 @@ def run_path(path: str, settings: Settings, messages: int, rate: float | None) -
         backend = NaiveBackend(resolve_base(settings.model.base, settings.store.dir), model_id=settings.model.base,
                                device=settings.model.device, dtype=settings.model.dtype, threads=settings.model.threads)
         max_size = 1
+    elif path == "vllm-merged":  # the adapter folded into the base weights: one model, no LoRA matmuls
+        from model_store.merging import merged_model_dir
+
+        adapter = choose_adapter(settings)
+        base = resolve_base(settings.model.base, settings.store.dir)
+        model_dir = merged_model_dir(base, adapter.ref.path, settings.store.dir) if adapter.ref else base
+        backend = load_backend(settings.with_overrides(model={"backend": "vllm", "base": str(model_dir)}))
+        max_size = settings.batch.max_size
     else:
         engine, overrides = VARIANTS.get(path, (path, {}))
         backend = load_backend(settings.with_overrides(**{**overrides,
@@ -199,7 +208,10 @@ def run_path(path: str, settings: Settings, messages: int, rate: float | None) -
                             demo_position=settings.model.demo_position, max_turn_chars=settings.window.max_turn_chars)
     labeler = Labeler(backend, builder)
     choice = choose_adapter(settings)
-    labeler.use(choice)
+    if path == "vllm-merged":  # the same adapter's demonstrations and prior correction, its weights merged
+        labeler.use(replace(choice, ref=None))  # scored without LoRA; reported under the adapter's name
+    else:
+        labeler.use(choice)
     if path == "naive":
         labeler.calibration = None  # the paper's loop reads the label off the generated text
     labeler.label([[items[0].turns[-1]]])  # warm-up: one short prompt, outside the measured runs
