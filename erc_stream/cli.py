@@ -5,10 +5,16 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
 import click
 
-from erc_stream.settings import Settings
+from erc_stream.settings import LabelSetName, Settings
+from model_store.data import DATASETS as DATASET_FORMATS
+
+#: The choices of every --label-set and --dataset option (the label sets of settings, the data loaders' formats).
+LABEL_SETS = click.Choice(list(get_args(LabelSetName)))
+DATASETS = click.Choice(list(DATASET_FORMATS))
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -112,7 +118,7 @@ def services_status_cmd(ctx: click.Context) -> None:
 
 
 @main.command()
-@click.option("--dataset", type=click.Choice(["meld", "emorynlp", "iemocap", "jsonl"]), default="meld")
+@click.option("--dataset", type=DATASETS, default="meld")
 @click.option("--file", "file_", type=click.Path(path_type=Path), default=None,
               help="Data file (default: the dataset's split under ERC_DATA__DIR).")
 @click.option("--split", type=click.Choice(["train", "dev", "test"]), default="dev")
@@ -151,7 +157,7 @@ def simulate(ctx, dataset, file_, split, dialogues, synthetic, rate, concurrency
 @click.option("--backend", type=click.Choice(["hf", "vllm", "null"]), default=None)
 @click.option("--base", default=None, help="Base model: a store name or a local HF model directory.")
 @click.option("--adapter", default=None, help="LoRA adapter: a store name or a directory.")
-@click.option("--label-set", type=click.Choice(["meld", "emorynlp", "iemocap", "unified"]), default=None)
+@click.option("--label-set", type=LABEL_SETS, default=None)
 @click.option("--group-id", default=None)
 @click.option("--idle-exit", type=float, default=None, help="Exit after this many seconds without input.")
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
@@ -225,11 +231,11 @@ def models() -> None:
 
 
 @models.command("train")
-@click.option("--dataset", "datasets", type=click.Choice(["meld", "emorynlp", "iemocap", "jsonl"]), required=True,
+@click.option("--dataset", "datasets", type=DATASETS, required=True,
               multiple=True, help="Repeat to train on several datasets at once (with --label-set unified).")
 @click.option("--file", "files", type=click.Path(path_type=Path), multiple=True,
               help="Training file of each --dataset, in order (default: its train split under ERC_DATA__DIR).")
-@click.option("--label-set", type=click.Choice(["meld", "emorynlp", "iemocap", "unified"]), default=None,
+@click.option("--label-set", type=LABEL_SETS, default=None,
               help="Default: the dataset's own; several datasets need one shared set (unified).")
 @click.option("--mix", type=click.Choice(["total", "ratio"]), default="total", show_default=True,
               help="Several datasets: sample --fraction of the pooled utterances (total) or of each dataset (ratio).")
@@ -295,12 +301,12 @@ def models_train(ctx, datasets, files, label_set, mix, full, name, base, window,
 
 
 @models.command("eval")
-@click.option("--dataset", "datasets", type=click.Choice(["meld", "emorynlp", "iemocap", "jsonl"]), required=True,
+@click.option("--dataset", "datasets", type=DATASETS, required=True,
               multiple=True, help="Repeat for per-dataset scores of one adapter (with --label-set unified).")
 @click.option("--file", "file_", type=click.Path(path_type=Path), default=None,
               help="Any file in the dataset's format (default: its dev split under ERC_DATA__DIR); one --dataset only.")
 @click.option("--split", type=click.Choice(["train", "dev", "test"]), default="dev")
-@click.option("--label-set", type=click.Choice(["meld", "emorynlp", "iemocap", "unified"]), default=None,
+@click.option("--label-set", type=LABEL_SETS, default=None,
               help="Default: the dataset's own; unified with several datasets.")
 @click.option("--adapter", default=None, help="Adapter name/path, 'none' for zero-shot; default: the active one.")
 @click.option("--base", default=None, help="Base model: a store name or a local HF model directory (a --full model).")

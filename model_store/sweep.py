@@ -114,7 +114,7 @@ def run_cell(plan: SweepPlan, cell: Cell, settings: Settings, *, progress: bool 
     started = time.monotonic()
     model_dir = train(cfg, store_dir=settings.store.dir, progress=progress, command=f"models sweep: {cell.name}")
     meta = json.loads((model_dir / "erc_meta.json").read_text())
-    scores = {d: evaluate_on(plan, settings, model_dir, cell.kind, d) for d in plan.datasets}
+    scores = evaluate_cell(plan, settings, model_dir, cell.kind)
     return {
         "cell": cell.name, "strategy": cell.strategy, "trained_on": cell.dataset or "+".join(plan.datasets),
         "kind": cell.kind, "fraction": str(cell.fraction), "fraction_value": float(cell.fraction),
@@ -126,8 +126,9 @@ def run_cell(plan: SweepPlan, cell: Cell, settings: Settings, *, progress: bool 
     }
 
 
-def evaluate_on(plan: SweepPlan, settings: Settings, model_dir: Path, kind: str, dataset: str) -> dict:
-    """Weighted F1 of one cell's model on ``dataset``'s dev split, in the unified labels, through the serving path."""
+def evaluate_cell(plan: SweepPlan, settings: Settings, model_dir: Path, kind: str) -> dict[str, dict]:
+    """One cell's model on every dataset's dev split, in the unified labels, through the serving path
+    (one model load for all of them)."""
     from model_store.data import default_file, load_conversations
     from model_store.evaluation import evaluate
     from model_store.loading import choose_adapter, load_backend
@@ -139,15 +140,18 @@ def evaluate_on(plan: SweepPlan, settings: Settings, model_dir: Path, kind: str,
     else:
         model |= {"adapter": str(model_dir)}
     s = settings.with_overrides(model=model)
-    path = default_file(settings.data.dir, dataset, "dev")
     backend = load_backend(s)
     try:
-        report = evaluate(s, backend, choose_adapter(s), load_conversations(dataset, path, split="dev"),
-                          dataset=dataset, file=str(path), label_set=get_label_set("unified"), window=plan.window,
-                          limit=plan.eval_limit)
+        choice = choose_adapter(s)
+        reports = {}
+        for dataset in plan.datasets:
+            path = default_file(settings.data.dir, dataset, "dev")
+            reports[dataset] = evaluate(s, backend, choice, load_conversations(dataset, path, split="dev"),
+                                        dataset=dataset, file=str(path), label_set=get_label_set("unified"),
+                                        window=plan.window, limit=plan.eval_limit).as_dict()
+        return reports
     finally:
         backend.close()
-    return report.as_dict()
 
 
 def _plan_dict(plan: SweepPlan) -> dict:
