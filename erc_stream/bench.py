@@ -4,7 +4,9 @@ Paths (each in its own process, so its peak RSS is its own):
 
 - ``naive``: the paper's loop — one prompt at a time, greedy generation, the label read off the text
   (:mod:`model_store.backends.naive`);
-- ``hf``: transformers + peft, micro-batches scored in one forward pass over the label tokens;
+- ``hf``: transformers + peft, micro-batches scored in one forward pass over the label tokens, each prompt
+  computing only its tokens after the prefix it shares with an earlier one (``model.prefix_cache_mb``);
+  ``hf-no-prefix-cache`` and ``hf-merged`` (the adapter folded into the weights) on request;
 - ``vllm``: vLLM with prefix caching (consecutive turns of a conversation share their prompt prefix);
   ``vllm-no-prefix-cache``, on request, is the same engine without it.
 
@@ -51,6 +53,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "vllm-no-prefix-cache": ("vllm", {"vllm": {"enable_prefix_caching": False}}),
     "vllm-fp32": ("vllm", {"vllm": {"dtype": "float32"}}),
     "hf-bf16": ("hf", {"model": {"dtype": "bfloat16"}}),
+    "hf-no-prefix-cache": ("hf", {"model": {"prefix_cache_mb": 0}}),
+    "hf-merged": ("hf", {"model": {"merge_adapter": True}}),
 }
 
 
@@ -215,11 +219,14 @@ def run_path(path: str, settings: Settings, messages: int, rate: float | None) -
     if path == "naive":
         labeler.calibration = None  # the paper's loop reads the label off the generated text
     labeler.label([[items[0].turns[-1]]])  # warm-up: one short prompt, outside the measured runs
-    reset = getattr(getattr(backend, "llm", None), "reset_prefix_cache", None)
+    def reset() -> None:  # each run starts from an empty prefix cache (the warm-up's prompt is in it)
+        if getattr(backend, "prefix_cache", None) is not None:
+            backend.prefix_cache.clear()
+        if hasattr(getattr(backend, "llm", None), "reset_prefix_cache"):
+            backend.llm.reset_prefix_cache()
 
     def measured(arrivals: Sequence[float]) -> tuple[list[str], list[float], float, dict]:
-        if reset:
-            reset()
+        reset()
         before = (backend.tokens.prompts, backend.tokens.prompt_tokens, backend.tokens.computed)
         labels, latency, wall = _label_batches(labeler, items[:len(arrivals)], arrivals, max_size,
                                                settings.batch.max_wait_ms / 1000)

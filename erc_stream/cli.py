@@ -524,8 +524,9 @@ def report(ctx, source, from_topic, out, conversations, max_conversations):
 
 @main.command()
 @click.option("--paths", default="naive,hf,vllm", show_default=True,
-              help="Comma-separated: naive (generate + parse, one at a time), hf (batched label scoring), vllm; "
-                   "on request: hf-bf16, vllm-fp32, vllm-no-prefix-cache, vllm-merged.")
+              help="Comma-separated: naive (generate + parse, one at a time), hf (batched label scoring, prefix "
+                   "cache), vllm; on request: hf-bf16, hf-no-prefix-cache, hf-merged, vllm-fp32, "
+                   "vllm-no-prefix-cache, vllm-merged.")
 @click.option("--messages", type=int, default=64, show_default=True, help="MELD dev utterances, in stream order.")
 @click.option("--rate", type=float, default=None,
               help="Fixed input rate (messages/s) for the latency run (default: 80 % of the naive loop's throughput).")

@@ -229,6 +229,14 @@ class ModelSettings(_Section):
     """Weights' dtype (hf backend). 'auto': bfloat16 where the machine runs it natively (a CUDA GPU, a CPU with
     AVX-512 BF16 or AMX), else float32. float32 is the default: the reference numerics the other paths are compared with."""
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None leaves torch's default.")
+    prefix_cache_mb: int = Field(
+        512, ge=0, description="hf backend: MiB of keys and values kept from scored prompts, so a conversation's next "
+        "turn computes only the tokens after the prefix it shares with the previous one (0 = off).",
+    )
+    merge_adapter: bool = Field(
+        False, description="hf backend: fold the adapter in use into the weights (no LoRA matmuls per token, ~15 % "
+        "faster on a CPU). A batch for another adapter, or none, unmerges and merges again: for one-adapter consumers.",
+    )
     max_prompt_tokens: int = Field(
         384, ge=64, description="History is cut from the left past this; instruction, label statement and target stay."
     )

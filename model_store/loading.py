@@ -94,5 +94,6 @@ def load_backend(settings: Settings, model: ModelSettings | None = None) -> Back
     from model_store.backends.hf import HFBackend
 
     return HFBackend(
-        base_dir, model_id=Path(model.base).name, device=model.device, dtype=model.dtype, threads=model.threads
+        base_dir, model_id=Path(model.base).name, device=model.device, dtype=model.dtype, threads=model.threads,
+        prefix_cache_mb=model.prefix_cache_mb, merge_adapter=model.merge_adapter,
     )

@@ -3,6 +3,12 @@
 Only the last position's logits are computed (``logits_to_keep=1``), which is most of the saving
 over a full-logits forward on a 49k-token vocabulary. Prompts are left-padded with explicit
 position ids, so a padded row scores exactly as it would alone.
+
+With a prefix cache (``prefix_cache_mb`` > 0, :mod:`model_store.backends.prefix_cache`), each row computes
+only the tokens after the longest prefix it shares with an earlier prompt (in a stream: its conversation's
+previous turn). A batch then holds rows with pasts of different lengths: the cached keys and values are
+left-padded to the longest past, the new tokens to the longest new part, and the attention mask hides both
+paddings; the explicit position ids keep every token at its place in its own prompt.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 
 from model_store.backends.base import ScoreRequest, TokenCounter
 from model_store.backends.choices import ChoicePlan
+from model_store.backends.prefix_cache import MISS, Hit, PrefixCache, prefix_hashes
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +39,8 @@ class HFBackend:
         device: str = "cpu",
         dtype: str = "float32",
         threads: int | None = None,
+        prefix_cache_mb: int = 0,
+        merge_adapter: bool = False,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -53,6 +62,11 @@ class HFBackend:
         self._adapters: dict[str, Path] = {}
         self._plans: dict[tuple[str, ...], ChoicePlan] = {}
         self.tokens = TokenCounter()
+        self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20) if prefix_cache_mb > 0 else None
+        #: Fold the adapter in use into the weights (peft ``merge_adapter``): no LoRA matmuls per token, and a
+        #: merge/unmerge whenever a batch needs another adapter (or none). For a consumer serving one adapter.
+        self.merge_adapter = merge_adapter
+        self._merged: str | None = None
 
     # -- Backend interface ---------------------------------------------------------------
 
@@ -62,6 +76,10 @@ class HFBackend:
     def add_adapter(self, name: str, path: Path) -> None:
         if self._adapters.get(name) == Path(path):
             return
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear(name)  # keys and values computed through the adapter this name held
+        if self._merged == name:
+            self._unmerge()
         from peft import PeftModel
 
         if self._peft is None:
@@ -120,25 +138,82 @@ class HFBackend:
         return [plan.probabilities(reader(i, plan)) for i, plan in enumerate(plans)]
 
     def last_logprobs(self, rows: Sequence[Sequence[int]], adapter: str | None) -> torch.Tensor:
-        """Log-softmax of the next-token logits after each (left-padded) row of token ids."""
-        width = max(len(r) for r in rows)
+        """Log-softmax of the next-token logits after each row of token ids.
+
+        Rows run in forward passes of similar lengths (:func:`forward_groups`): one long row (a prefix-cache miss)
+        would otherwise pad every short one to its length."""
+        namespace = adapter or ""
+        if self.prefix_cache is None:
+            hashes: list[tuple[int, ...]] = [()] * len(rows)
+            hits = [MISS] * len(rows)
+        else:
+            hashes = [prefix_hashes(namespace, r) for r in rows]
+            hits = [self.prefix_cache.lookup(namespace, r, h) for r, h in zip(rows, hashes)]
+        out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        for group in forward_groups([len(r) - h.tokens for r, h in zip(rows, hits)]):
+            logprobs = self._forward([rows[i] for i in group], [hits[i] for i in group], [hashes[i] for i in group],
+                                     namespace, adapter)
+            for i, lp in zip(group, logprobs):
+                out[i] = lp
+        return torch.stack(out)
+
+    def _forward(self, rows, hits: Sequence[Hit], hashes, namespace: str, adapter: str | None) -> torch.Tensor:
+        """One padded forward pass over ``rows``, each computing only its tokens after its cached prefix."""
+        past = max(h.tokens for h in hits)
+        width = max(len(r) - h.tokens for r, h in zip(rows, hits))
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        mask = torch.zeros((len(rows), past + width), dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, h) in enumerate(zip(rows, hits)):
+            new = len(r) - h.tokens
+            input_ids[i, width - new:] = torch.tensor(r[h.tokens:], dtype=torch.long)
+            positions[i, width - new:] = torch.arange(h.tokens, len(r))
+            mask[i, past - h.tokens: past] = 1
+            mask[i, past + width - new:] = 1
         self.tokens.add(computed=input_ids.numel())
         with torch.inference_mode(), self._adapter(adapter):
             model = self._peft if self._peft is not None else self.model
-            logits = model(
+            out = model(
                 input_ids=input_ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 position_ids=positions.to(self.device),
+                past_key_values=self._padded_past(hits, past) if past else None,
+                use_cache=self.prefix_cache is not None,
                 logits_to_keep=1,
-            ).logits[:, -1, :]
-        return logits.float().log_softmax(-1).cpu()
+            )
+            if self.prefix_cache is not None:
+                self._keep(rows, hits, hashes, out.past_key_values, past, width, namespace)
+        return out.logits[:, -1, :].float().log_softmax(-1).cpu()
+
+    def _padded_past(self, hits: Sequence[Hit], past: int):
+        """The hits' cached keys and values as one cache, each row's past right-aligned at ``past`` positions."""
+        from transformers import DynamicCache
+
+        some = next(h for h in hits if h.tokens)
+        layers = []
+        for layer, (k0, _) in enumerate(some.entry.kv):
+            keys = k0.new_zeros((len(hits), k0.shape[0], past, k0.shape[2]))
+            values = torch.zeros_like(keys)
+            for i, h in enumerate(hits):
+                if h.tokens:
+                    k, v = h.entry.kv[layer]
+                    keys[i, :, past - h.tokens:] = k[:, : h.tokens]
+                    values[i, :, past - h.tokens:] = v[:, : h.tokens]
+            layers.append((keys, values))
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    def _keep(self, rows, hits, hashes, cache, past: int, width: int, namespace: str) -> None:
+        """Store each row's whole KV (its reused past and its new tokens, paddings cut out) in the prefix cache."""
+        assert self.prefix_cache is not None
+        for i, (r, h) in enumerate(zip(rows, hits)):
+            new = len(r) - h.tokens
+            kv = []
+            for layer in cache.layers:
+                k, v = layer.keys[i], layer.values[i]
+                kv.append((torch.cat([k[:, past - h.tokens: past], k[:, past + width - new:]], dim=1),
+                           torch.cat([v[:, past - h.tokens: past], v[:, past + width - new:]], dim=1)))
+            self.prefix_cache.put(namespace, r, kv, replaces=h.entry, hashes=hashes[i])
 
     @contextlib.contextmanager
     def _adapter(self, adapter: str | None) -> Iterator[None]:
@@ -146,11 +221,47 @@ class HFBackend:
             if adapter is not None:
                 raise KeyError(f"adapter {adapter!r} was never added")
             yield
-        elif adapter is None:
+            return
+        if adapter is not None and adapter not in self._adapters:
+            raise KeyError(f"adapter {adapter!r} was never added")
+        if self._merged is not None and self._merged != adapter:
+            self._unmerge()
+        if adapter is None:
             with self._peft.disable_adapter():
                 yield
-        else:
-            if adapter not in self._adapters:
-                raise KeyError(f"adapter {adapter!r} was never added")
+            return
+        if self._merged != adapter:  # (peft unmerges on set_adapter)
             self._peft.set_adapter(adapter)
-            yield
+            if self.merge_adapter:
+                self._peft.merge_adapter([adapter])
+                self._merged = adapter
+        yield
+
+    def _unmerge(self) -> None:
+        """Take the merged adapter's delta back out of the weights (fp32: within rounding of the originals)."""
+        assert self._peft is not None
+        self._peft.unmerge_adapter()
+        self._merged = None
+
+
+def forward_groups(lengths: Sequence[int], overhead: int = 16) -> list[list[int]]:
+    """Split rows of ``lengths`` tokens into forward passes minimising padded tokens + ``overhead`` per pass.
+
+    Rows are sorted by length and cut into contiguous runs (an exact dynamic programme, O(n²) for n rows).
+    ``overhead`` is a pass's fixed cost in tokens: its per-layer kernel launches, and smaller matrix products
+    running further below the machine's peak."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[order[j - 1]] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]

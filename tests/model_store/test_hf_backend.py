@@ -170,3 +170,122 @@ def test_a_mixed_adapter_batch_scores_like_each_request_alone(
     # the adapters really differ, from the base and from each other
     assert max(abs(a - b) for a, b in zip(alone[0], alone[2])) > 1e-3
     assert max(abs(a - b) for a, b in zip(alone[2], alone[3])) > 1e-3
+
+
+# -- the prefix cache and merged adapters -------------------------------------------------------------
+
+CONVERSATION = [
+    *WINDOW,
+    Turn("Agent", "I completely understand. I have escalated it and you will get a refund today."),
+    Turn("Customer", "Thank you, that actually helps a lot."),
+]
+
+
+@pytest.fixture
+def cached_hf_backend():
+    """A backend of the test's own with a prefix cache (the fixture's shared one has none)."""
+    import os
+
+    from erc_stream.settings import Settings
+    from model_store.base_models import ensure_embedded
+
+    backend = HFBackend(ensure_embedded(Settings().store.dir), model_id="smollm2-135m",
+                        threads=max(1, (os.cpu_count() or 2) // 2), prefix_cache_mb=64)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+def _turn_requests(backend: HFBackend, label_set: str = "meld", adapter: str | None = None) -> list[ScoreRequest]:
+    builder = PromptBuilder(get_label_set(label_set), count_tokens=backend.count_tokens)
+    return [ScoreRequest(p.text, p.choices, adapter)
+            for p in (builder.emotion(CONVERSATION[: i + 1]) for i in range(len(CONVERSATION)))]
+
+
+def _assert_close(got: list[list[float]], want: list[list[float]], tol: float = 1e-4) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert max(abs(a - b) for a, b in zip(g, w)) < tol, (g, w)
+
+
+def test_a_conversation_scores_the_same_through_the_prefix_cache(hf_backend: HFBackend, cached_hf_backend) -> None:
+    """Turn by turn, as a stream sends them: each turn reuses its predecessor's KV and computes only its new
+    tokens, and scores as the uncached backend does."""
+    requests = _turn_requests(cached_hf_backend)
+    want = [hf_backend.score([r])[0] for r in requests]
+    cache = cached_hf_backend.prefix_cache
+    for i, r in enumerate(requests):
+        before = cached_hf_backend.tokens.computed
+        got = cached_hf_backend.score([r])
+        _assert_close(got, want[i: i + 1])
+        if i:
+            prompt = len(cached_hf_backend.encode_prompts([r.prompt])[0])
+            assert cached_hf_backend.tokens.computed - before < prompt * 0.8, "the shared prefix was recomputed"
+    assert cache.hits >= len(requests) - 1
+    assert len(cache) == 1  # each turn replaced the entry of the one before
+
+
+def test_a_batch_of_cache_hits_and_misses_scores_like_each_prompt_alone(
+    hf_backend: HFBackend, cached_hf_backend
+) -> None:
+    """Rows with pasts of different lengths, a miss and a multi-token choice set in one call."""
+    meld = _turn_requests(cached_hf_backend)
+    emory = _turn_requests(cached_hf_backend, "emorynlp")
+    cached_hf_backend.score([meld[0], meld[2], emory[1]])  # cached: pasts for later turns of both
+    batch = [meld[4], meld[3], emory[3], ScoreRequest("Monday again, and the coffee machine is broken. She felt",
+                                                      ("Scared", "Scary", "Happy")), meld[1]]
+    want = [hf_backend.score([r])[0] for r in batch]
+    _assert_close(cached_hf_backend.score(batch), want)
+    assert cached_hf_backend.prefix_cache.hits >= 3
+
+
+def test_an_adapter_never_reuses_keys_computed_without_it(cached_hf_backend, lora_adapter) -> None:
+    backend = cached_hf_backend
+    backend.add_adapter("meld-lora", lora_adapter)
+    base = _turn_requests(backend)
+    tuned = _turn_requests(backend, adapter="meld-lora")
+    backend.score(base[:4])
+    got = backend.score(tuned[4:])
+    backend.prefix_cache.clear()
+    _assert_close(got, backend.score(tuned[4:]))
+    assert max(abs(a - b) for a, b in zip(got[0], backend.score(base[4:])[0])) > 1e-3
+
+
+def test_a_replaced_adapter_drops_its_cached_keys(cached_hf_backend, lora_adapter, unified_lora_adapter) -> None:
+    """A hot swap re-adds an adapter name with other weights: nothing computed through the old ones is reused."""
+    backend = cached_hf_backend
+    backend.add_adapter("live", lora_adapter)
+    requests = _turn_requests(backend, adapter="live")
+    backend.score(requests[:4])
+    backend.add_adapter("live", unified_lora_adapter)
+    assert len(backend.prefix_cache) == 0
+    got = backend.score(requests[4:])
+    backend.prefix_cache.clear()
+    _assert_close(got, backend.score(requests[4:]))
+
+
+def test_a_merged_adapter_scores_as_the_unmerged_one(own_hf_backend: HFBackend, lora_adapter) -> None:
+    """merge_adapter folds the LoRA delta into the weights; switching to no adapter and back unmerges and merges."""
+    backend = own_hf_backend
+    backend.add_adapter("meld-lora", lora_adapter)
+    requests = _turn_requests(backend, adapter="meld-lora")[2:4]
+    plain = [ScoreRequest(r.prompt, r.choices) for r in requests]
+    want, want_plain = backend.score(requests), backend.score(plain)
+    backend.merge_adapter = True
+    _assert_close(backend.score(requests), want)
+    assert backend._merged == "meld-lora"
+    _assert_close(backend.score(plain), want_plain)
+    assert backend._merged is None
+    _assert_close(backend.score(requests + plain), want + want_plain)
+
+
+def test_forward_groups_cover_every_row_and_cut_off_a_long_one() -> None:
+    from model_store.backends.hf import forward_groups
+
+    lengths = [60, 62, 58, 140, 61, 59]
+    groups = forward_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert [3] in groups  # the miss computes alone instead of padding five rows to 140 tokens
+    assert forward_groups([50, 51, 52]) == [[0, 1, 2]]
+    assert forward_groups([]) == []
