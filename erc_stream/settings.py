@@ -234,8 +234,8 @@ class ModelSettings(_Section):
         "turn computes only the tokens after the prefix it shares with the previous one (0 = off).",
     )
     merge_adapter: bool = Field(
-        False, description="hf backend: fold the adapter in use into the weights (no LoRA matmuls per token, ~15 % "
-        "faster on a CPU). A batch for another adapter, or none, unmerges and merges again: for one-adapter consumers.",
+        False, description="hf backend: fold the adapter in use into the weights (no LoRA matmuls per token). "
+        "A batch for another adapter, or none, unmerges and merges again: for one-adapter consumers.",
     )
     max_prompt_tokens: int = Field(
         384, ge=64, description="History is cut from the left past this; instruction, label statement and target stay."

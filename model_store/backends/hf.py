@@ -213,7 +213,7 @@ class HFBackend:
                 k, v = layer.keys[i], layer.values[i]
                 kv.append((torch.cat([k[:, past - h.tokens: past], k[:, past + width - new:]], dim=1),
                            torch.cat([v[:, past - h.tokens: past], v[:, past + width - new:]], dim=1)))
-            self.prefix_cache.put(namespace, r, kv, replaces=h.entry, hashes=hashes[i])
+            self.prefix_cache.put(namespace, r, kv, continues=h, hashes=hashes[i])
 
     @contextlib.contextmanager
     def _adapter(self, adapter: str | None) -> Iterator[None]:

@@ -10,9 +10,15 @@ through: the KV depends on it) with its per-layer keys and values. Every positio
 indexed by a rolling hash of the tokens up to it, so a lookup walks the new prompt's hashes from the
 longest prefix down and checks the candidate's tokens for equality (a hash collision can never reuse a
 wrong prefix). The newest entry wins a shared prefix (the instruction all prompts share), older entries
-stay reachable through their own tails. Entries are evicted least recently used first, to a byte budget;
-an entry that a newer prompt extended (the conversation's previous turn) is dropped at once, since the
-newer entry holds everything of it a later turn can share.
+stay reachable through their own tails. Entries are evicted least recently used first, to a byte budget.
+
+An entry that a newer prompt *continued* (its conversation's previous turn) goes to the front of the
+eviction order: the newer entry holds everything of it that a later turn can share, and keeping both under
+pressure would halve what the budget holds. Continued means the newer prompt shares more of the entry than
+any other prompt has: each entry remembers the longest prefix it has in common with another one
+(``shared``), so the first turn of a new conversation, which shares only the instruction with it, leaves it
+in place. (The very first pair of entries cannot tell the two apart; a demoted entry is only evicted first,
+never dropped while the budget has room.)
 
 Reuse is exact up to floating-point summation order: the cached keys were computed at the same positions
 with the same weights, and the new tokens attend to them as they would to recomputed ones.
@@ -38,6 +44,7 @@ class Entry:
     hashes: tuple[int, ...]
     kv: list[LayerKV]
     nbytes: int
+    shared: int = 0  # the longest prefix this entry has in common with another entry (the instruction, say)
 
 
 @dataclass(frozen=True)
@@ -85,33 +92,35 @@ class PrefixCache:
     def lookup(self, namespace: str, ids: Sequence[int], hashes: Sequence[int] | None = None) -> Hit:
         """The longest cached prefix of ``ids``, leaving at least the last token to compute (its logits are wanted)."""
         self.lookups += 1
-        hashes = hashes if hashes is not None else prefix_hashes(namespace, ids)
-        for n in range(len(ids) - 1, 0, -1):
-            found = self._index.get(hashes[n - 1])
-            if found is None:
-                continue
-            entry = self._entries.get(found[0])
-            if entry is None or entry.namespace != namespace or tuple(ids[:n]) != entry.ids[:n]:
-                continue
-            self._entries.move_to_end(found[0])
+        hit = self._longest(namespace, ids, hashes if hashes is not None else prefix_hashes(namespace, ids),
+                            len(ids) - 1)
+        if hit.entry is not None:
+            self._entries.move_to_end(self._key(hit.entry))
             self.hits += 1
-            self.reused_tokens += n
-            return Hit(n, entry)
-        return MISS
+            self.reused_tokens += hit.tokens
+        return hit
 
-    def put(self, namespace: str, ids: Sequence[int], kv: list[LayerKV], *, replaces: Entry | None = None,
+    def put(self, namespace: str, ids: Sequence[int], kv: list[LayerKV], *, continues: Hit = MISS,
             hashes: Sequence[int] | None = None) -> None:
-        """Keep ``kv`` (per layer, [kv_heads, len(ids), head_dim]) as the KV of ``ids``; drop ``replaces``."""
+        """Keep ``kv`` (per layer, [kv_heads, len(ids), head_dim]) as the KV of ``ids``.
+
+        ``continues`` is the lookup that found this prompt's past: its entry is evicted first from now on when
+        this prompt continued it (shares more of it than any other prompt has)."""
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
-        if replaces is not None:
-            self._drop(next((i for i, e in self._entries.items() if e is replaces), None))
+        if continues.entry is not None and continues.tokens > continues.entry.shared:
+            key = self._key(continues.entry)
+            if key is not None:
+                self._entries.move_to_end(key, last=False)
         if nbytes > self.max_bytes:
             return
         while self._entries and self.nbytes + nbytes > self.max_bytes:
             self._drop(next(iter(self._entries)))
         hashes = tuple(hashes) if hashes is not None else prefix_hashes(namespace, ids)
+        sibling = self._longest(namespace, ids, hashes, len(ids))
+        if sibling.entry is not None:  # they share a prefix: neither continues the other up to there
+            sibling.entry.shared = max(sibling.entry.shared, sibling.tokens)
         key = next(self._ids)
-        self._entries[key] = Entry(namespace, tuple(ids), hashes, kv, nbytes)
+        self._entries[key] = Entry(namespace, tuple(ids), hashes, kv, nbytes, shared=sibling.tokens)
         self.nbytes += nbytes
         for n, h in enumerate(hashes, start=1):
             self._index[h] = (key, n)
@@ -120,6 +129,22 @@ class PrefixCache:
         """Forget every entry (of ``namespace`` only, when given: an adapter that was replaced)."""
         for key in [k for k, e in self._entries.items() if namespace is None or e.namespace == namespace]:
             self._drop(key)
+
+    def _longest(self, namespace: str, ids: Sequence[int], hashes: Sequence[int], most: int) -> Hit:
+        for n in range(min(most, len(ids)), 0, -1):
+            found = self._index.get(hashes[n - 1])
+            if found is None:
+                continue
+            entry = self._entries.get(found[0])
+            if entry is not None and entry.namespace == namespace and tuple(ids[:n]) == entry.ids[:n]:
+                return Hit(n, entry)
+        return MISS
+
+    def _key(self, entry: Entry) -> int | None:
+        found = self._index.get(entry.hashes[-1]) if entry.hashes else None
+        if found is not None and self._entries.get(found[0]) is entry:
+            return found[0]
+        return next((k for k, e in self._entries.items() if e is entry), None)
 
     def _drop(self, key: int | None) -> None:
         if key is None or key not in self._entries:

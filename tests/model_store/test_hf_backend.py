@@ -223,7 +223,6 @@ def test_a_conversation_scores_the_same_through_the_prefix_cache(hf_backend: HFB
             prompt = len(cached_hf_backend.encode_prompts([r.prompt])[0])
             assert cached_hf_backend.tokens.computed - before < prompt * 0.8, "the shared prefix was recomputed"
     assert cache.hits >= len(requests) - 1
-    assert len(cache) == 1  # each turn replaced the entry of the one before
 
 
 def test_a_batch_of_cache_hits_and_misses_scores_like_each_prompt_alone(

@@ -70,12 +70,31 @@ def test_the_least_recently_used_entries_leave_first_within_the_budget() -> None
     assert cache.nbytes == _bytes(8) and len(cache) == 2
 
 
-def test_an_extended_prompt_replaces_the_entry_it_extended() -> None:
+def test_a_continued_prompt_sends_the_entry_it_continued_to_the_front_of_eviction() -> None:
     """A conversation's next turn holds everything of the previous one that a later turn can share."""
-    cache = PrefixCache(10**6)
+    cache = PrefixCache(_bytes(10))
+    cache.put("", [7, 7, 7], _kv([7, 7, 7]))
     cache.put("", [1, 2, 3, 50], _kv([1, 2, 3, 50]))
     hit = cache.lookup("", [1, 2, 3, 4, 60])
-    cache.put("", [1, 2, 3, 4, 60], _kv([1, 2, 3, 4, 60]), replaces=hit.entry)
-    assert len(cache) == 1 and cache.nbytes == _bytes(5)
+    assert hit.tokens == 3
+    cache.put("", [1, 2, 3, 4, 60], _kv([1, 2, 3, 4, 60]), continues=hit)  # 12 tokens > 10: one entry goes
+    assert len(cache) == 2 and cache.nbytes == _bytes(8)
+    assert cache.lookup("", [7, 7, 7, 7]).tokens == 3  # the older, unrelated entry stayed
     assert cache.lookup("", [1, 2, 3, 4, 5, 70]).tokens == 4
-    assert cache.lookup("", [1, 2, 3, 50, 7]).tokens == 3  # the old tail is gone
+    assert cache.lookup("", [1, 2, 3, 50, 7]).tokens == 3  # the continued turn's own tail is gone
+
+
+def test_a_new_conversation_sharing_only_the_instruction_is_not_a_continuation() -> None:
+    """Prompts share the instruction (tokens 1, 2 here). Conversations A, B and C start, then A continues:
+    A's history must be the first kept, whichever entry B's and C's lookups found."""
+    instruction = [1, 2]
+    a1, b1, c1 = instruction + [10, 11, 90], instruction + [20, 21, 90], instruction + [30, 31, 90]
+    cache = PrefixCache(_bytes(16))
+    for first_turn in (a1, b1, c1):
+        cache.put("", first_turn, _kv(first_turn), continues=cache.lookup("", first_turn))
+    a2 = instruction + [10, 11, 12, 91]
+    hit = cache.lookup("", a2)
+    assert hit.tokens == 4 and hit.entry is not None and hit.entry.ids == tuple(a1)
+    cache.put("", a2, _kv(a2), continues=hit)  # 21 tokens > 16: the first evicted is A's continued turn
+    assert cache.lookup("", a1 + [5]).tokens == 4  # through a2, which holds a1's first four tokens
+    assert {e.ids for e in cache._entries.values()} == {tuple(b1), tuple(c1), tuple(a2)}
