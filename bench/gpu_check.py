@@ -105,6 +105,8 @@ def build_backend(device: str, dtype: torch.dtype, seed: int = 0, layers: int | 
             self._adapters = {}
             self._plans = {}
             self.tokens = TokenCounter()
+            self.prefix_cache = None  # random prompts share no prefixes
+            self.merge_adapter, self._merged = False, None
 
         def encode_prompts(self, prompts):
             return [[int(t) for t in p.split()] for p in prompts]

@@ -69,6 +69,10 @@ class ConsumerMetrics:
         self.degraded_windows = Counter("erc_degraded_windows", "Events whose window lacked turns.", registry=r)
         self.assigned_partitions = Gauge("erc_assigned_partitions", "Input partitions held by this member.",
                                          registry=r)
+        self.prompt_tokens = Counter("erc_prompt_tokens", "Prompt tokens the backend was asked to score.", registry=r)
+        self.computed_tokens = Counter(
+            "erc_computed_tokens", "Positions the model really computed (padding in, prefix-cache hits out): "
+            "1 - computed/prompt is what prefix caching saves.", registry=r)
         self.loop_heartbeat = Gauge("erc_loop_heartbeat_timestamp_seconds",
                                     "Unix time of the main loop's last completed iteration.", registry=r)
         # Every known label value starts at 0, so a series exists (and rate() works) before its first increment.
@@ -80,6 +84,7 @@ class ConsumerMetrics:
             self.redis_errors.labels(operation)
         self._lag_labels: set[tuple[str, str]] = set()
         self._adapter_labels: set[tuple[str, str, str, str]] = set()
+        self._tokens_seen = (0, 0)
         self.last_beat = time.monotonic()
 
     # -- updates ---------------------------------------------------------------------------
@@ -97,6 +102,13 @@ class ConsumerMetrics:
         for labels in current - self._adapter_labels:
             self.adapter_info.labels(*labels).set(1)
         self._adapter_labels = current
+
+    def count_tokens(self, prompt_total: int, computed_total: int) -> None:
+        """Advance the token counters to a backend's running totals (its ``TokenCounter``)."""
+        seen_prompt, seen_computed = self._tokens_seen
+        self.prompt_tokens.inc(max(0, prompt_total - seen_prompt))
+        self.computed_tokens.inc(max(0, computed_total - seen_computed))
+        self._tokens_seen = (prompt_total, computed_total)
 
     def set_lag(self, lags: dict[tuple[str, int], int]) -> None:
         """Per-partition lag of the partitions held now; series of partitions no longer held are removed."""

@@ -43,10 +43,13 @@ def _value(samples, name: str, **labels: str) -> float:
 
 
 class _SlowBackend(NullBackend):
-    """The null backend, 0.15 s a batch: records pile up on the partitions, so the lag is seen."""
+    """The null backend, 0.15 s a batch: records pile up on the partitions, so the lag is seen. It counts
+    tokens as a prefix-caching backend would: every prompt token asked for, a third of them computed."""
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
         time.sleep(0.15)
+        prompt = sum(self.count_tokens(r.prompt) for r in requests)
+        self.tokens.add(prompt_tokens=prompt, computed=prompt // 3)
         return super().score(requests)
 
 
@@ -72,7 +75,8 @@ def test_the_endpoint_serves_the_stream_metrics_and_probes(settings: Settings) -
                 [(m.conversation_id.encode(), m.to_bytes()) for m in msgs] + bad)
     total = len(msgs) + len(bad)
 
-    app = StreamApp(settings, _SlowBackend())
+    backend = _SlowBackend()
+    app = StreamApp(settings, backend)
     app.fault = FailOnce()
     server = app.serve_metrics()
     base = server.url
@@ -104,6 +108,8 @@ def test_the_endpoint_serves_the_stream_metrics_and_probes(settings: Settings) -
     assert _value(s, "erc_inference_seconds_count") >= app.stats.batches - 1  # a batch of bad records only: none
     assert _value(s, "erc_inference_seconds_sum") >= 0.15 * _value(s, "erc_inference_seconds_count")
     assert _value(s, "erc_end_to_end_latency_seconds_count") == len(msgs)
+    assert _value(s, "erc_prompt_tokens_total") == backend.tokens.prompt_tokens > 0
+    assert _value(s, "erc_computed_tokens_total") == backend.tokens.computed > 0
     assert _value(s, "erc_end_to_end_latency_seconds_sum") > 0
     assert _value(s, "erc_adapter_info", backend="_SlowBackend", model="null", adapter="none", label_set="meld") == 1
     assert {labels for (n, labels) in s if n == "erc_consumer_lag"} == {
