@@ -141,21 +141,45 @@ class HFBackend:
         """Log-softmax of the next-token logits after each row of token ids.
 
         Rows run in forward passes of similar lengths (:func:`forward_groups`): one long row (a prefix-cache miss)
-        would otherwise pad every short one to its length."""
+        would otherwise pad every short one to its length. With the prefix cache, rows that share a longer prefix
+        with another row of the call than with the cache (two turns of one conversation in one micro-batch, a
+        choice's second read after its prompt) wait for a later wave, which then reuses the first one's KV."""
         namespace = adapter or ""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
         if self.prefix_cache is None:
+            waves = [(list(range(len(rows))), [MISS] * len(rows))]
             hashes: list[tuple[int, ...]] = [()] * len(rows)
-            hits = [MISS] * len(rows)
         else:
             hashes = [prefix_hashes(namespace, r) for r in rows]
-            hits = [self.prefix_cache.lookup(namespace, r, h) for r, h in zip(rows, hashes)]
-        out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
-        for group in forward_groups([len(r) - h.tokens for r, h in zip(rows, hits)]):
-            logprobs = self._forward([rows[i] for i in group], [hits[i] for i in group], [hashes[i] for i in group],
-                                     namespace, adapter)
-            for i, lp in zip(group, logprobs):
-                out[i] = lp
+            waves = self._waves(rows, hashes, namespace)
+        for wave, hits in waves:  # a generator: each wave's lookups see the previous wave's entries
+            for group in forward_groups([len(rows[i]) - h.tokens for i, h in zip(wave, hits)]):
+                idx = [wave[g] for g in group]
+                logprobs = self._forward([rows[i] for i in idx], [hits[g] for g in group], [hashes[i] for i in idx],
+                                         namespace, adapter)
+                for i, lp in zip(idx, logprobs):
+                    out[i] = lp
         return torch.stack(out)
+
+    def _waves(self, rows: Sequence[Sequence[int]], hashes: Sequence[tuple[int, ...]], namespace: str,
+               margin: int = 16) -> Iterator[tuple[list[int], list[Hit]]]:
+        """Rows to compute now with their cache hits; a row sharing ``margin`` tokens more with a row of this
+        wave than with the cache waits for the next wave (looked up again once this one is stored)."""
+        assert self.prefix_cache is not None
+        pending = list(range(len(rows)))
+        while pending:
+            wave: list[int] = []
+            hits: list[Hit] = []
+            later: list[int] = []
+            for i in pending:
+                hit = self.prefix_cache.lookup(namespace, rows[i], hashes[i])
+                if any(_shared_prefix(hashes[i], hashes[j]) > hit.tokens + margin for j in wave):
+                    later.append(i)
+                else:
+                    wave.append(i)
+                    hits.append(hit)
+            yield wave, hits
+            pending = later
 
     def _forward(self, rows, hits: Sequence[Hit], hashes, namespace: str, adapter: str | None) -> torch.Tensor:
         """One padded forward pass over ``rows``, each computing only its tokens after its cached prefix."""
@@ -265,3 +289,16 @@ def forward_groups(lengths: Sequence[int], overhead: int = 16) -> list[list[int]
         groups.append(order[cut[j]:j])
         j = cut[j]
     return groups[::-1]
+
+
+def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two rows share, from their prefix hashes (binary search: equal hashes at n
+    mean equal first n tokens, up to a collision, which would only misplace a row in the waves)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[mid - 1] == b[mid - 1]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

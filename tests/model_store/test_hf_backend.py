@@ -239,6 +239,27 @@ def test_a_batch_of_cache_hits_and_misses_scores_like_each_prompt_alone(
     assert cached_hf_backend.prefix_cache.hits >= 3
 
 
+def test_turns_of_one_conversation_in_one_call_reuse_each_other(hf_backend: HFBackend, cached_hf_backend) -> None:
+    """A micro-batch holding three turns of a conversation: the later turns wait for a wave after the first
+    and compute only what they add to it, and still score as alone."""
+    requests = _turn_requests(cached_hf_backend)[1:4]
+    want = [hf_backend.score([r])[0] for r in requests]
+    prompt_tokens = sum(len(ids) for ids in cached_hf_backend.encode_prompts([r.prompt for r in requests]))
+    _assert_close(cached_hf_backend.score(requests), want)
+    first = len(cached_hf_backend.encode_prompts([requests[0].prompt])[0])
+    assert cached_hf_backend.tokens.computed < first + (prompt_tokens - first) * 0.6
+    assert cached_hf_backend.prefix_cache.hits >= 2
+
+
+def test_shared_prefix_from_hashes() -> None:
+    from model_store.backends.hf import _shared_prefix
+    from model_store.backends.prefix_cache import prefix_hashes
+
+    a, b = prefix_hashes("", [1, 2, 3, 4, 5]), prefix_hashes("", [1, 2, 3, 9])
+    assert _shared_prefix(a, b) == 3 and _shared_prefix(a, a) == 5 and _shared_prefix(a, a[:2]) == 2
+    assert _shared_prefix(a, prefix_hashes("", [7])) == 0 and _shared_prefix(a, ()) == 0
+
+
 def test_an_adapter_never_reuses_keys_computed_without_it(cached_hf_backend, lora_adapter) -> None:
     backend = cached_hf_backend
     backend.add_adapter("meld-lora", lora_adapter)
