@@ -181,6 +181,22 @@ def own_hf_backend():
         backend.close()
 
 
+@pytest.fixture
+def hf_cached_backend():
+    """A backend of the test's own with a prefix cache (the session's shared one has none)."""
+    import os
+
+    from model_store.backends.hf import HFBackend
+    from model_store.base_models import ensure_embedded
+
+    backend = HFBackend(ensure_embedded(Settings().store.dir), model_id="smollm2-135m",
+                        threads=max(1, (os.cpu_count() or 2) // 2), prefix_cache_mb=64)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
 @pytest.fixture(scope="session")
 def lora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small LoRA adapter for the embedded model (random, non-zero B: it really changes the scores),

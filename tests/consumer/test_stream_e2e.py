@@ -188,12 +188,15 @@ def test_stream_end_to_end_with_the_null_backend(settings: Settings) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend_name", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+@pytest.mark.parametrize("backend_name", ["hf", "hf_cached", pytest.param("vllm", marks=pytest.mark.vllm)])
 def test_stream_end_to_end_with_the_real_model(settings: Settings, backend_name: str, request) -> None:
-    backend = request.getfixturevalue(f"{backend_name}_backend")  # the session's transformers or vLLM backend
-    settings = _overrides(settings, window={"size": 4, "retain": 8}, model={"backend": backend_name})
+    # the session's transformers or vLLM backend, or a transformers one with a prefix cache
+    backend = request.getfixturevalue(f"{backend_name}_backend")
+    settings = _overrides(settings, window={"size": 4, "retain": 8}, model={"backend": backend_name.split("_")[0]})
     run = _run_stream(settings, backend)
     by_message = _check_common(run, settings, "smollm2-135m")
+    if backend_name == "hf_cached":  # consecutive turns reused each other's keys and values in the stream
+        assert backend.tokens.computed < 0.8 * backend.tokens.prompt_tokens, backend.tokens
 
     # The model saw the right window: re-score the last turn of each conversation from the inputs.
     builder = PromptBuilder(

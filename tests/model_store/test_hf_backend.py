@@ -181,22 +181,6 @@ CONVERSATION = [
 ]
 
 
-@pytest.fixture
-def cached_hf_backend():
-    """A backend of the test's own with a prefix cache (the fixture's shared one has none)."""
-    import os
-
-    from erc_stream.settings import Settings
-    from model_store.base_models import ensure_embedded
-
-    backend = HFBackend(ensure_embedded(Settings().store.dir), model_id="smollm2-135m",
-                        threads=max(1, (os.cpu_count() or 2) // 2), prefix_cache_mb=64)
-    try:
-        yield backend
-    finally:
-        backend.close()
-
-
 def _turn_requests(backend: HFBackend, label_set: str = "meld", adapter: str | None = None) -> list[ScoreRequest]:
     builder = PromptBuilder(get_label_set(label_set), count_tokens=backend.count_tokens)
     return [ScoreRequest(p.text, p.choices, adapter)
@@ -209,46 +193,46 @@ def _assert_close(got: list[list[float]], want: list[list[float]], tol: float = 
         assert max(abs(a - b) for a, b in zip(g, w)) < tol, (g, w)
 
 
-def test_a_conversation_scores_the_same_through_the_prefix_cache(hf_backend: HFBackend, cached_hf_backend) -> None:
+def test_a_conversation_scores_the_same_through_the_prefix_cache(hf_backend: HFBackend, hf_cached_backend) -> None:
     """Turn by turn, as a stream sends them: each turn reuses its predecessor's KV and computes only its new
     tokens, and scores as the uncached backend does."""
-    requests = _turn_requests(cached_hf_backend)
+    requests = _turn_requests(hf_cached_backend)
     want = [hf_backend.score([r])[0] for r in requests]
-    cache = cached_hf_backend.prefix_cache
+    cache = hf_cached_backend.prefix_cache
     for i, r in enumerate(requests):
-        before = cached_hf_backend.tokens.computed
-        got = cached_hf_backend.score([r])
+        before = hf_cached_backend.tokens.computed
+        got = hf_cached_backend.score([r])
         _assert_close(got, want[i: i + 1])
         if i:
-            prompt = len(cached_hf_backend.encode_prompts([r.prompt])[0])
-            assert cached_hf_backend.tokens.computed - before < prompt * 0.8, "the shared prefix was recomputed"
+            prompt = len(hf_cached_backend.encode_prompts([r.prompt])[0])
+            assert hf_cached_backend.tokens.computed - before < prompt * 0.8, "the shared prefix was recomputed"
     assert cache.hits >= len(requests) - 1
 
 
 def test_a_batch_of_cache_hits_and_misses_scores_like_each_prompt_alone(
-    hf_backend: HFBackend, cached_hf_backend
+    hf_backend: HFBackend, hf_cached_backend
 ) -> None:
     """Rows with pasts of different lengths, a miss and a multi-token choice set in one call."""
-    meld = _turn_requests(cached_hf_backend)
-    emory = _turn_requests(cached_hf_backend, "emorynlp")
-    cached_hf_backend.score([meld[0], meld[2], emory[1]])  # cached: pasts for later turns of both
+    meld = _turn_requests(hf_cached_backend)
+    emory = _turn_requests(hf_cached_backend, "emorynlp")
+    hf_cached_backend.score([meld[0], meld[2], emory[1]])  # cached: pasts for later turns of both
     batch = [meld[4], meld[3], emory[3], ScoreRequest("Monday again, and the coffee machine is broken. She felt",
                                                       ("Scared", "Scary", "Happy")), meld[1]]
     want = [hf_backend.score([r])[0] for r in batch]
-    _assert_close(cached_hf_backend.score(batch), want)
-    assert cached_hf_backend.prefix_cache.hits >= 3
+    _assert_close(hf_cached_backend.score(batch), want)
+    assert hf_cached_backend.prefix_cache.hits >= 3
 
 
-def test_turns_of_one_conversation_in_one_call_reuse_each_other(hf_backend: HFBackend, cached_hf_backend) -> None:
+def test_turns_of_one_conversation_in_one_call_reuse_each_other(hf_backend: HFBackend, hf_cached_backend) -> None:
     """A micro-batch holding three turns of a conversation: the later turns wait for a wave after the first
     and compute only what they add to it, and still score as alone."""
-    requests = _turn_requests(cached_hf_backend)[1:4]
+    requests = _turn_requests(hf_cached_backend)[1:4]
     want = [hf_backend.score([r])[0] for r in requests]
-    prompt_tokens = sum(len(ids) for ids in cached_hf_backend.encode_prompts([r.prompt for r in requests]))
-    _assert_close(cached_hf_backend.score(requests), want)
-    first = len(cached_hf_backend.encode_prompts([requests[0].prompt])[0])
-    assert cached_hf_backend.tokens.computed < first + (prompt_tokens - first) * 0.6
-    assert cached_hf_backend.prefix_cache.hits >= 2
+    prompt_tokens = sum(len(ids) for ids in hf_cached_backend.encode_prompts([r.prompt for r in requests]))
+    _assert_close(hf_cached_backend.score(requests), want)
+    first = len(hf_cached_backend.encode_prompts([requests[0].prompt])[0])
+    assert hf_cached_backend.tokens.computed < first + (prompt_tokens - first) * 0.6
+    assert hf_cached_backend.prefix_cache.hits >= 2
 
 
 def test_shared_prefix_from_hashes() -> None:
@@ -260,8 +244,8 @@ def test_shared_prefix_from_hashes() -> None:
     assert _shared_prefix(a, prefix_hashes("", [7])) == 0 and _shared_prefix(a, ()) == 0
 
 
-def test_an_adapter_never_reuses_keys_computed_without_it(cached_hf_backend, lora_adapter) -> None:
-    backend = cached_hf_backend
+def test_an_adapter_never_reuses_keys_computed_without_it(hf_cached_backend, lora_adapter) -> None:
+    backend = hf_cached_backend
     backend.add_adapter("meld-lora", lora_adapter)
     base = _turn_requests(backend)
     tuned = _turn_requests(backend, adapter="meld-lora")
@@ -272,9 +256,9 @@ def test_an_adapter_never_reuses_keys_computed_without_it(cached_hf_backend, lor
     assert max(abs(a - b) for a, b in zip(got[0], backend.score(base[4:])[0])) > 1e-3
 
 
-def test_a_replaced_adapter_drops_its_cached_keys(cached_hf_backend, lora_adapter, unified_lora_adapter) -> None:
+def test_a_replaced_adapter_drops_its_cached_keys(hf_cached_backend, lora_adapter, unified_lora_adapter) -> None:
     """A hot swap re-adds an adapter name with other weights: nothing computed through the old ones is reused."""
-    backend = cached_hf_backend
+    backend = hf_cached_backend
     backend.add_adapter("live", lora_adapter)
     requests = _turn_requests(backend, adapter="live")
     backend.score(requests[:4])
