@@ -219,6 +219,7 @@ def run_path(path: str, settings: Settings, messages: int, rate: float | None) -
     if path == "naive":
         labeler.calibration = None  # the paper's loop reads the label off the generated text
     labeler.label([[items[0].turns[-1]]])  # warm-up: one short prompt, outside the measured runs
+
     def reset() -> None:  # each run starts from an empty prefix cache (the warm-up's prompt is in it)
         if getattr(backend, "prefix_cache", None) is not None:
             backend.prefix_cache.clear()

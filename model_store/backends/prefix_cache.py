@@ -54,11 +54,6 @@ class Hit:
     tokens: int
     entry: Entry | None
 
-    def kv(self) -> list[LayerKV]:
-        """The per-layer KV of the shared tokens (views into the entry)."""
-        assert self.entry is not None
-        return [(k[:, : self.tokens], v[:, : self.tokens]) for k, v in self.entry.kv]
-
 
 MISS = Hit(0, None)
 

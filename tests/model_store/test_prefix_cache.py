@@ -25,8 +25,9 @@ def test_a_prompt_finds_the_longest_prefix_it_shares() -> None:
     cache.put("", [1, 2, 9, 9], _kv([1, 2, 9, 9]))
     hit = cache.lookup("", [1, 2, 3, 4, 7, 8])
     assert hit.tokens == 4
-    keys, values = hit.kv()[1]
-    assert keys[0, :, 0].tolist() == [2, 3, 4, 5] and values[0, :, 0].tolist() == [-2, -3, -4, -5]
+    assert hit.entry is not None
+    keys, values = hit.entry.kv[1]
+    assert keys[0, : hit.tokens, 0].tolist() == [2, 3, 4, 5] and values[0, : hit.tokens, 0].tolist() == [-2, -3, -4, -5]
     assert cache.lookup("", [1, 2, 9, 9, 9]).tokens == 4
     assert cache.lookup("", [5, 1, 2]).entry is None
     assert (cache.hits, cache.lookups, cache.reused_tokens) == (2, 3, 8)
