@@ -62,7 +62,12 @@ class HFBackend:
         self._adapters: dict[str, Path] = {}
         self._plans: dict[tuple[str, ...], ChoicePlan] = {}
         self.tokens = TokenCounter()
-        self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20) if prefix_cache_mb > 0 else None
+        self.prefix_cache = None
+        if prefix_cache_mb > 0 and _plain_kv_cache(self.model.config):
+            self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
+        elif prefix_cache_mb > 0:
+            log.warning("prefix cache off: the model's cache is not plain keys and values in every layer "
+                        "(sliding-window or recurrent layers)", model=self.model_id)
         #: Fold the adapter in use into the weights (peft ``merge_adapter``): no LoRA matmuls per token, and a
         #: merge/unmerge whenever a batch needs another adapter (or none). For a consumer serving one adapter.
         self.merge_adapter = merge_adapter
@@ -266,6 +271,15 @@ class HFBackend:
         assert self._peft is not None
         self._peft.unmerge_adapter()
         self._merged = None
+
+
+def _plain_kv_cache(config) -> bool:
+    """Whether every layer caches whole keys and values (what the prefix cache slices and pads). Sliding-window
+    layers drop old positions and recurrent layers keep a state instead, so their caches cannot be reused that way."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
 
 
 def forward_groups(lengths: Sequence[int], overhead: int = 16) -> list[list[int]]:

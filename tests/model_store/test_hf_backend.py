@@ -293,3 +293,12 @@ def test_forward_groups_cover_every_row_and_cut_off_a_long_one() -> None:
     assert [3] in groups  # the miss computes alone instead of padding five rows to 140 tokens
     assert forward_groups([50, 51, 52]) == [[0, 1, 2]]
     assert forward_groups([]) == []
+
+
+def test_the_prefix_cache_is_only_used_where_every_layer_caches_whole_keys_and_values() -> None:
+    from transformers import LlamaConfig, MistralConfig
+
+    from model_store.backends.hf import _plain_kv_cache
+
+    assert _plain_kv_cache(LlamaConfig(num_hidden_layers=2))
+    assert not _plain_kv_cache(MistralConfig(num_hidden_layers=2, sliding_window=16))
