@@ -61,7 +61,8 @@ def print_bench(result: dict) -> None:
     table = Table(title=f"{result['messages']} messages · {result['source']}")
     cols = [("path", "path"), ("utt/s", "utterances_per_s"), ("× naive", "speedup_vs_naive"),
             ("prompt tok/utt", "prompt_tokens_per_utterance"), ("computed tok/utt", "computed_tokens_per_utterance"),
-            ("W-F1", "weighted_f1"), ("dtype", "dtype"), ("fraction of peak", "fraction_of_peak"),
+            ("W-F1", "weighted_f1"), ("W-F1 uncorrected", "weighted_f1_uncorrected"), ("dtype", "dtype"),
+            ("fraction of peak", "fraction_of_peak"),
             ("peak RSS MB", "peak_rss_mb")]
     for name, _ in cols:
         table.add_column(name, justify="left" if name == "path" else "right")

@@ -75,7 +75,9 @@ def test_a_small_bench_measures_naive_and_batched_paths_on_the_same_messages(syn
         assert "error" not in r, r.get("error")
         assert r["messages"] == 4 and r["utterances_per_s"] > 0 and r["peak_rss_mb"] > 100
         assert r["latency_ms_fixed_rate"]["p50"] > 0 and 0 <= r["weighted_f1"] <= 100
+        assert 0 <= r["weighted_f1_uncorrected"] <= 100
         assert r["computed_tokens_per_utterance"] > 0 and r["prompt_tokens_per_utterance"] > 0
+    assert naive["weighted_f1_uncorrected"] == naive["weighted_f1"]  # the naive loop has no prior correction
     assert naive["max_batch"] == 1 and hf["fixed_rate_per_s"] == naive["fixed_rate_per_s"]
     assert naive["computed_tokens_per_utterance"] > naive["prompt_tokens_per_utterance"]  # generated tokens
     assert hf["speedup_vs_naive"] == pytest.approx(hf["utterances_per_s"] / naive["utterances_per_s"], rel=0.01)
