@@ -397,9 +397,7 @@ class StreamApp:
             inference_started = time.monotonic()
             results += self.routes.label(windows[start:start + step], tenants[start:start + step])
             self.metrics.inference_seconds.observe(time.monotonic() - inference_started)
-        tokens = getattr(self.backend, "tokens", None)
-        if tokens is not None:
-            self.metrics.count_tokens(tokens.prompt_tokens, tokens.computed)
+        self.metrics.count_tokens(self.backend.tokens.prompt_tokens, self.backend.tokens.computed)
 
         labelled: list[tuple[EmotionEvent, ChatMessage]] = []
         for (item, msg), update, result in zip(valid, updates, results):

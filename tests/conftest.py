@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -144,9 +145,9 @@ def settings(kafka_bootstrap: str, redis_url: str, tmp_path: Path) -> Settings:
     return s
 
 
-@pytest.fixture(scope="session")
-def hf_backend():
-    """The real embedded SmolLM2-135M behind an HFBackend, loaded once per session (~4 s).
+@contextlib.contextmanager
+def _embedded_hf_backend(**kwargs):
+    """The real embedded SmolLM2-135M behind an HFBackend, closed on exit.
 
     torch gets half the cores: with every core busy (the suite's broker, Redis and Kafka client
     threads, or another job on a 2-core box) OpenMP's spinning threads make a forward 10-20x slower.
@@ -156,45 +157,34 @@ def hf_backend():
     from model_store.backends.hf import HFBackend
     from model_store.base_models import ensure_embedded
 
-    model_dir = ensure_embedded(Settings().store.dir)
-    backend = HFBackend(model_dir, model_id="smollm2-135m", threads=max(1, (os.cpu_count() or 2) // 2))
+    backend = HFBackend(ensure_embedded(Settings().store.dir), model_id="smollm2-135m",
+                        threads=max(1, (os.cpu_count() or 2) // 2), **kwargs)
     try:
         yield backend
     finally:
         backend.close()
+
+
+@pytest.fixture(scope="session")
+def hf_backend():
+    """The session's shared HFBackend, loaded once (~4 s); no adapter, no prefix cache."""
+    with _embedded_hf_backend() as backend:
+        yield backend
 
 
 @pytest.fixture
 def own_hf_backend():
     """A backend of the test's own: loading an adapter injects LoRA layers into the model, which would
     change what other tests read from the session's shared model."""
-    import os
-
-    from model_store.backends.hf import HFBackend
-    from model_store.base_models import ensure_embedded
-
-    backend = HFBackend(ensure_embedded(Settings().store.dir), model_id="smollm2-135m",
-                        threads=max(1, (os.cpu_count() or 2) // 2))
-    try:
+    with _embedded_hf_backend() as backend:
         yield backend
-    finally:
-        backend.close()
 
 
 @pytest.fixture
 def hf_cached_backend():
     """A backend of the test's own with a prefix cache (the session's shared one has none)."""
-    import os
-
-    from model_store.backends.hf import HFBackend
-    from model_store.base_models import ensure_embedded
-
-    backend = HFBackend(ensure_embedded(Settings().store.dir), model_id="smollm2-135m",
-                        threads=max(1, (os.cpu_count() or 2) // 2), prefix_cache_mb=64)
-    try:
+    with _embedded_hf_backend(prefix_cache_mb=64) as backend:
         yield backend
-    finally:
-        backend.close()
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,8 @@ class Backend(Protocol):
 
     #: Identifies the base model in emitted events (and in their deterministic ids).
     model_id: str
+    #: Prompt tokens scored and positions really computed so far (the consumer's token metrics, the benchmark).
+    tokens: TokenCounter
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
         """Probabilities aligned with each request's ``choices``, each list summing to 1."""

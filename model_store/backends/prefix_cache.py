@@ -39,6 +39,7 @@ LayerKV = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class Entry:
+    key: int  # its place in the cache's LRU order and index
     namespace: str
     ids: tuple[int, ...]
     hashes: tuple[int, ...]
@@ -90,7 +91,7 @@ class PrefixCache:
         hit = self._longest(namespace, ids, hashes if hashes is not None else prefix_hashes(namespace, ids),
                             len(ids) - 1)
         if hit.entry is not None:
-            self._entries.move_to_end(self._key(hit.entry))
+            self._entries.move_to_end(hit.entry.key)
             self.hits += 1
             self.reused_tokens += hit.tokens
         return hit
@@ -102,10 +103,9 @@ class PrefixCache:
         ``continues`` is the lookup that found this prompt's past: its entry is evicted first from now on when
         this prompt continued it (shares more of it than any other prompt has)."""
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
-        if continues.entry is not None and continues.tokens > continues.entry.shared:
-            key = self._key(continues.entry)
-            if key is not None:
-                self._entries.move_to_end(key, last=False)
+        entry = continues.entry
+        if entry is not None and continues.tokens > entry.shared and entry.key in self._entries:
+            self._entries.move_to_end(entry.key, last=False)
         if nbytes > self.max_bytes:
             return
         while self._entries and self.nbytes + nbytes > self.max_bytes:
@@ -115,7 +115,7 @@ class PrefixCache:
         if sibling.entry is not None:  # they share a prefix: neither continues the other up to there
             sibling.entry.shared = max(sibling.entry.shared, sibling.tokens)
         key = next(self._ids)
-        self._entries[key] = Entry(namespace, tuple(ids), hashes, kv, nbytes, shared=sibling.tokens)
+        self._entries[key] = Entry(key, namespace, tuple(ids), hashes, kv, nbytes, shared=sibling.tokens)
         self.nbytes += nbytes
         for n, h in enumerate(hashes, start=1):
             self._index[h] = (key, n)
@@ -134,12 +134,6 @@ class PrefixCache:
             if entry is not None and entry.namespace == namespace and tuple(ids[:n]) == entry.ids[:n]:
                 return Hit(n, entry)
         return MISS
-
-    def _key(self, entry: Entry) -> int | None:
-        found = self._index.get(entry.hashes[-1]) if entry.hashes else None
-        if found is not None and self._entries.get(found[0]) is entry:
-            return found[0]
-        return next((k for k, e in self._entries.items() if e is entry), None)
 
     def _drop(self, key: int | None) -> None:
         if key is None or key not in self._entries:
