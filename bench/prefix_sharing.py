@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from erc_stream.labels import get_label_set
-from erc_stream.settings import Settings
+from core.labels import get_label_set
+from core.settings import Settings
 from model_store.base_models import resolve_base
 from model_store.data import default_file, load_conversations
 from model_store.examples import targets
-from model_store.prompts import PromptBuilder
 from model_store.retrieval import DemoIndex
+from scoring.prompts import PromptBuilder
 
 
 def shared_prefix(a: list[int], b: list[int]) -> int:

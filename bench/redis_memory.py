@@ -2,9 +2,9 @@
 
 The capacity plan (docs/capacity.md) sizes Redis from these figures:
 
-- ``MEMORY USAGE`` of one conversation's window key with ``window.size`` (12) turns and with ``window.retain``
+- ``MEMORY USAGE`` of one conversation's window key with ``window.size`` (12) turns and with ``conversation.retain_turns``
   (24) turns, and of its alert-state key (``max(streak_length, shift_lookback) + 1`` turns with their labels
-  and probabilities), written by :class:`~consumer.window_store.WindowStore` and
+  and probabilities), written by :class:`~consumer.conversation_store.ConversationStore` and
   :class:`~consumer.alerts.AlertEngine` as the stream writes them;
 - the growth of ``used_memory`` per conversation over ``--conversations`` conversations of ``retain`` turns
   (key, TTL and dictionary overhead included: what a shard really holds);
@@ -15,30 +15,24 @@ The capacity plan (docs/capacity.md) sizes Redis from these figures:
 
 Texts are the synthetic templates of ``producer_sim`` (MELD-like utterances, ~40-60 characters)::
 
-    python bench/redis_memory.py --conversations 2000 --json
+    python -m bench.redis_memory --conversations 2000 --json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.consumer_throughput import _with_services, make_messages  # noqa: E402
-from erc_stream.settings import Settings  # noqa: E402
+from bench.consumer_throughput import _with_services, make_messages
+from core.settings import Settings
 
 LABELS = ("neutral", "surprise", "fear", "sad", "joyful", "disgust", "angry")
 
 
 def _event(msg, label: str):
-    from erc_stream.schemas import EmotionEvent
+    from core.records import EmotionEvent
 
     probs = {name: (0.7 if name == label else 0.05) for name in LABELS}
     return EmotionEvent(event_id=EmotionEvent.make_id(msg.message_id, "smollm2-135m", "meld-smollm2-lora"),
@@ -49,7 +43,7 @@ def _event(msg, label: str):
 
 
 def _alert(msg):
-    from erc_stream.schemas import Alert
+    from core.records import Alert
 
     return Alert(alert_id=Alert.make_id("negative_streak", msg.conversation_id, msg.message_id), rule="negative_streak",
                  severity="warning", summary="s", conversation_id=msg.conversation_id, tenant=msg.tenant,
@@ -58,16 +52,16 @@ def _alert(msg):
 
 def measure(settings: Settings, *, conversations: int) -> dict[str, float]:
     from consumer.alerts import AlertEngine
+    from consumer.conversation_store import ConversationStore, StoredTurn
     from consumer.redis_client import connect
-    from consumer.window_store import WindowStore, WindowTurn
 
-    w = settings.window
+    w, c = settings.window, settings.conversation
     client = connect(settings.redis)
     prefix = f"mem-{uuid.uuid4().hex[:6]}"
-    store = WindowStore(client, prefix=prefix, size=w.size, retain=w.retain, ttl_s=w.ttl_s)
+    store = ConversationStore(client, prefix=prefix, size=w.size, retain=c.retain_turns, ttl_s=c.ttl_s)
     alerts = AlertEngine(client, settings.alerts.model_copy(update={"tenant_threshold": 1.0}), prefix=prefix,
-                         ttl_s=w.ttl_s)
-    msgs = make_messages(conversations * w.retain, conversations, seed=1)
+                         ttl_s=c.ttl_s)
+    msgs = make_messages(conversations * c.retain_turns, conversations, seed=1)
     out: dict[str, float] = {}
     try:
         base = client.info("memory")["used_memory"]
@@ -76,7 +70,7 @@ def measure(settings: Settings, *, conversations: int) -> dict[str, float]:
             by_conv.setdefault(m.conversation_id, []).append(m)
         for start in range(0, len(msgs), 500):
             chunk = msgs[start:start + 500]
-            store.append_many([(m.conversation_id, WindowTurn(m.turn, m.speaker, m.text, m.message_id)) for m in chunk])
+            store.append_many([(m.conversation_id, StoredTurn(m.turn, m.speaker, m.text, m.message_id)) for m in chunk])
             alerts.evaluate([(_event(m, LABELS[(m.turn * 3) % len(LABELS)]), m) for m in chunk])
         used = client.info("memory")["used_memory"] - base
         first = next(iter(by_conv))
@@ -86,14 +80,14 @@ def measure(settings: Settings, *, conversations: int) -> dict[str, float]:
         out["avg_text_chars"] = round(sum(len(m.text) for m in msgs) / len(msgs), 1)
         # A window of exactly `size` turns: a fresh conversation of `size` turns.
         conv12 = f"{prefix}-w{w.size}"
-        store.append_many([(conv12, WindowTurn(t.turn, t.speaker, t.text, f"{conv12}:{t.turn}"))
+        store.append_many([(conv12, StoredTurn(t.turn, t.speaker, t.text, f"{conv12}:{t.turn}"))
                            for t in by_conv[first][:w.size]])
         out["window_key_bytes_size"] = client.memory_usage(store.key(conv12), samples=0)
 
         # The tenant rule: 2,000 events of one tenant, every third negative, inside one window.
         tenant_alerts = AlertEngine(client, settings.alerts.model_copy(update={"streak_length": 0, "shift": False,
                                                                                "tenant_threshold": 0.99}),
-                                    prefix=f"{prefix}-t", ttl_s=w.ttl_s)
+                                    prefix=f"{prefix}-t", ttl_s=c.ttl_s)
         t0 = datetime.now(UTC)
         tenant_msgs = [m.model_copy(update={"tenant": "acme", "sent_at": t0 + timedelta(milliseconds=i)})
                        for i, m in enumerate(msgs[:2000])]
@@ -113,7 +107,7 @@ def measure(settings: Settings, *, conversations: int) -> dict[str, float]:
         out["message_bytes"] = round(sum(len(m.to_bytes()) for m in sample) / len(sample), 1)
         out["event_bytes"] = round(sum(len(_event(m, "neutral").to_bytes()) for m in sample) / len(sample), 1)
         out["conversations"] = len(by_conv)
-        out["turns_per_conversation"] = w.retain
+        out["turns_per_conversation"] = c.retain_turns
     finally:
         for key in client.scan_iter(match=f"{prefix}*", count=1000):
             client.unlink(key)
@@ -126,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conversations", type=int, default=2000)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    from erc_stream.logs import configure
+    from core.logs import configure
 
     configure("WARNING")
     result = _with_services(lambda s: measure(s, conversations=a.conversations))

@@ -17,8 +17,8 @@ The broker (tansu) and Redis are fresh ones on free ports (from ``bench.consumer
 machine as the consumers: on a 2-core box they compete for the same CPUs, which is the point of the knee.
 Run it alone (keep it short on a shared machine)::
 
-    python bench/scale_out.py --backend null --messages 24000 --conversations 600 --configs 1x6,2x6,3x6,3x2
-    python bench/scale_out.py --backend hf --messages 64 --conversations 16 --configs 1x6,2x6,3x6 --threads 1
+    python -m bench.scale_out --backend null --messages 24000 --conversations 600 --configs 1x6,2x6,3x6,3x2
+    python -m bench.scale_out --backend hf --messages 64 --conversations 16 --configs 1x6,2x6,3x6 --threads 1
 
 ``--configs`` lists ``NxP`` (N processes on P partitions). ``--redis-cluster`` keeps the state in a local
 three-master Redis Cluster instead. ``--json`` prints one JSON object per line.
@@ -29,17 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.consumer_throughput import _bench_settings, _drop_redis_keys, _with_services, make_messages  # noqa: E402
-from erc_stream.settings import Settings  # noqa: E402
+from bench.consumer_throughput import _bench_settings, _drop_redis_keys, _with_services, make_messages
+from core.settings import Settings
 
 
 def _child(settings: Settings, expected: int, done, loaded, conn) -> None:  # pragma: no cover - child process
@@ -52,20 +47,20 @@ def _child(settings: Settings, expected: int, done, loaded, conn) -> None:  # pr
     try:
         import threading
 
-        import consumer.app as app_module
+        from consumer.partitions import Partitions
         from consumer.runner import build_app
-        from erc_stream.logs import configure
+        from core.logs import configure
 
         configure("WARNING")
         batches: list[tuple[float, int, float]] = []  # (end time, records, process CPU seconds at the end)
         assignments: list[tuple[float, list[str]]] = []
-        assigned = app_module._Rebalance.on_partitions_assigned
+        assigned = Partitions.on_partitions_assigned
 
         async def on_assigned(listener, parts):
             assignments.append((time.time(), sorted(f"{tp.topic}/{tp.partition}" for tp in parts)))
             await assigned(listener, parts)
 
-        app_module._Rebalance.on_partitions_assigned = on_assigned  # this child's class only (spawned process)
+        Partitions.on_partitions_assigned = on_assigned  # this child's class only (spawned process)
         app = build_app(settings)
         handle = app._handle
 
@@ -98,7 +93,7 @@ def _service_cpu_s(settings: Settings) -> dict[str, float]:
     """CPU seconds used so far by the broker and Redis we started (from /proc; empty where unknown)."""
     import os
 
-    from erc_stream.services import services_status
+    from local_services.supervisor import services_status
 
     out = {}
     for status in services_status(settings):
@@ -134,7 +129,7 @@ def measure_group(base: Settings, *, processes: int, partitions: int, messages: 
                   adapter: str | None = "meld-smollm2-lora",
                   seed: int = 0) -> dict[str, Any]:
     """N consumer processes on a P-partition topic holding M messages: the group's rate and who worked."""
-    from erc_stream.services import ensure_topics
+    from local_services.supervisor import ensure_topics
     from producer_sim.replay import replay
 
     # The null backend's stream batches are the measured default (500); the model's are one micro-batch, so a
@@ -181,7 +176,7 @@ def measure_group(base: Settings, *, processes: int, partitions: int, messages: 
     return {
         "backend": backend, "redis": "cluster" if s.redis.cluster else "standalone", "processes": processes, "partitions": partitions, "messages": len(stream),
         "conversations": min(conversations, messages), "threads_per_process": threads,
-        "adapter": adapter if backend != "null" else None, "batch_size": s.batch.max_size,
+        "adapter": adapter if backend != "null" else None, "batch_size": s.batch.micro_batch_size,
         "stream_batch": stream_batch,
         **_group_rate(children),
         "idle_processes": sum(1 for c in children if not c["batches"]),
@@ -203,12 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conversations", type=int, default=600)
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (hf backend)")
     p.add_argument("--adapter", default="meld-smollm2-lora", help="hf backend: the LoRA adapter (default: the shipped one)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch.max_size, the inference micro-batch")
+    p.add_argument("--batch-size", type=int, default=None, help="batch.micro_batch_size, the inference micro-batch")
     p.add_argument("--redis-cluster", action="store_true",
                    help="state in a local three-master Redis Cluster (tests/redis_cluster.py) instead of one Redis")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    from erc_stream.logs import configure
+    from core.logs import configure
 
     configure("WARNING")
     configs = [tuple(int(x) for x in c.split("x")) for c in a.configs.split(",")]

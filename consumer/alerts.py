@@ -25,7 +25,7 @@ State (atomic Lua scripts, keys hash-tagged per conversation / tenant like the w
 Redelivery: alert ids are deterministic (uuid5 of rule, scope and the triggering message), and an
 alert's id is recorded with ``SET NX`` once the broker acknowledged it (``mark_sent``); an alert whose
 id is recorded is not sent again (``unsent``). Between the acks and the record a crash can send an
-alert twice, with the same id: readers dedupe by ``alert_id`` (``erc_stream.readers.read_alerts``).
+alert twice, with the same id: readers dedupe by ``alert_id`` (``core.readers.read_alerts``).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ import redis
 import structlog
 
 from consumer.redis_scripts import run_scripts
-from erc_stream.schemas import Alert, AlertEvidence, ChatMessage, EmotionEvent
-from erc_stream.settings import AlertSettings
+from core.records import Alert, AlertEvidence, ChatMessage, EmotionEvent
+from core.settings import AlertSettings
 
 log = structlog.get_logger(__name__)
 

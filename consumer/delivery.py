@@ -33,7 +33,7 @@ from kafka import errors as Errors
 from kafka.partitioner.default import DefaultPartitioner, murmur2
 from kafka.structs import OffsetAndMetadata
 
-from erc_stream.settings import Settings
+from core.settings import Settings
 
 log = structlog.get_logger(__name__)
 

@@ -1,7 +1,9 @@
-"""The consumer's Prometheus metrics, and the HTTP endpoint that serves them with liveness and readiness.
+"""The consumer's counters — its Prometheus metrics, the only ones it keeps — and the HTTP endpoint that serves
+them with liveness and readiness.
 
 Each :class:`~consumer.app.StreamApp` owns one :class:`ConsumerMetrics` on a registry of its own (several
-apps in one process, as in the tests, never mix their counts). ``erc-stream consume`` serves it with
+apps in one process, as in the tests, never mix their counts); :meth:`ConsumerMetrics.stats` reads them back
+as a :class:`StreamStats` for summaries (the demo's, ``consume``'s exit line, the benchmarks). ``erc-stream consume`` serves it with
 :func:`start_http_server` on ``metrics.host:metrics.port``:
 
 - ``/metrics``: the Prometheus text format;
@@ -15,12 +17,19 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter as Tally
+from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from core.records import Alert, DeadLetter, EmotionEvent
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +44,26 @@ DEAD_LETTER_REASONS = ("invalid_json", "invalid_utf8", "schema", "too_large", "e
 ALERT_RULES = ("negative_streak", "shift_to_anger", "tenant_negative_rate")
 #: Where a Redis call failed: the window update, the alert rules, a health ping.
 REDIS_OPERATIONS = ("window", "alerts", "ping")
+#: Latencies kept for summaries (p50/p95 of the recent events); the histogram has them all.
+RECENT_LATENCIES = 100_000
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """The counters of one consumer at a moment, read from its metrics (:meth:`ConsumerMetrics.stats`)."""
+
+    consumed: int
+    events: int
+    dead_letters: int
+    batches: int
+    dead_by_type: Tally[str]  # reason -> count; 0 for a reason not seen
+    latencies_ms: tuple[float, ...]  # the most recent events' (RECENT_LATENCIES at most)
+    rewinds: int  # batches given up and redone (Redis down, emit/commit failed, transaction aborted)
+    redis_outages: int
+    degraded: int  # events whose window lacked turns
+    truncated: int  # texts cut to the token budget
+    commits_on_revoke: int
+    alerts: int
 
 
 class ConsumerMetrics:
@@ -50,8 +79,9 @@ class ConsumerMetrics:
         self.dead_letters = Counter("erc_dead_letters", "Records dead-lettered, by reason (error type).",
                                     ["reason"], registry=r)
         self.alerts_emitted = Counter("erc_alerts_emitted", "Alerts emitted, by rule.", ["rule"], registry=r)
-        self.batch_size = Histogram("erc_batch_size", "Records per micro-batch.", buckets=_BATCH_BUCKETS,
-                                    registry=r)
+        self.stream_batch_records = Histogram(
+            "erc_stream_batch_records", "Records per stream batch (one poll, one flush, one commit).",
+            buckets=_BATCH_BUCKETS, registry=r)
         self.inference_seconds = Histogram("erc_inference_seconds", "Label scoring time of one micro-batch.",
                                            buckets=_INFERENCE_BUCKETS, registry=r)
         self.end_to_end_seconds = Histogram(
@@ -66,6 +96,11 @@ class ConsumerMetrics:
                                     "retried).", ["operation"], registry=r)
         self.broker_errors = Counter("erc_broker_errors", "Batches whose emit or commit failed (redone).", registry=r)
         self.rewinds = Counter("erc_rewinds", "Batches given up and redone from their first offsets.", registry=r)
+        self.redis_outages = Counter("erc_redis_outages", "Times consumption paused until Redis answered again.",
+                                     registry=r)
+        self.commits_on_revoke = Counter("erc_commits_on_revoke",
+                                         "Offset commits of finished batches when partitions were revoked.", registry=r)
+        self.texts_truncated = Counter("erc_texts_truncated", "Message texts cut to the token budget.", registry=r)
         self.degraded_windows = Counter("erc_degraded_windows", "Events whose window lacked turns.", registry=r)
         self.assigned_partitions = Gauge("erc_assigned_partitions", "Input partitions held by this member.",
                                          registry=r)
@@ -85,6 +120,7 @@ class ConsumerMetrics:
         self._lag_labels: set[tuple[str, str]] = set()
         self._adapter_labels: set[tuple[str, str, str, str]] = set()
         self._tokens_seen = (0, 0)
+        self._recent_latencies_ms: deque[float] = deque(maxlen=RECENT_LATENCIES)
         self.last_beat = time.monotonic()
 
     # -- updates ---------------------------------------------------------------------------
@@ -102,6 +138,42 @@ class ConsumerMetrics:
         for labels in current - self._adapter_labels:
             self.adapter_info.labels(*labels).set(1)
         self._adapter_labels = current
+
+    def count_batch(self, consumed: int, events: "list[EmotionEvent]", alerts: "list[Alert]",
+                    dead: "list[DeadLetter]", truncated: int) -> None:
+        """One delivered stream batch: its records, the events and alerts acknowledged, its dead letters."""
+        self.messages_consumed.inc(consumed)
+        self.stream_batch_records.observe(consumed)
+        self.events_emitted.inc(len(events))
+        self.texts_truncated.inc(truncated)
+        for event in events:
+            self._recent_latencies_ms.append(event.latency_ms)
+            self.end_to_end_seconds.observe(event.latency_ms / 1000)
+            if event.window_degraded:
+                self.degraded_windows.inc()
+        for alert in alerts:
+            self.alerts_emitted.labels(alert.rule).inc()
+        for d in dead:
+            self.dead_letters.labels(d.error_type).inc()
+
+    def stats(self) -> StreamStats:
+        """The counters now, as plain numbers."""
+        dead_by_type = Tally({reason: n for reason in DEAD_LETTER_REASONS
+                              if (n := int(self.value("erc_dead_letters_total", {"reason": reason})))})
+        return StreamStats(
+            consumed=int(self.value("erc_messages_consumed_total")),
+            events=int(self.value("erc_events_emitted_total")),
+            dead_letters=sum(dead_by_type.values()),
+            batches=int(self.value("erc_stream_batch_records_count")),
+            dead_by_type=dead_by_type,
+            latencies_ms=tuple(self._recent_latencies_ms),
+            rewinds=int(self.value("erc_rewinds_total")),
+            redis_outages=int(self.value("erc_redis_outages_total")),
+            degraded=int(self.value("erc_degraded_windows_total")),
+            truncated=int(self.value("erc_texts_truncated_total")),
+            commits_on_revoke=int(self.value("erc_commits_on_revoke_total")),
+            alerts=int(sum(self.value("erc_alerts_emitted_total", {"rule": rule}) for rule in ALERT_RULES)),
+        )
 
     def count_tokens(self, prompt_total: int, computed_total: int) -> None:
         """Advance the token counters to a backend's running totals (its ``TokenCounter``)."""

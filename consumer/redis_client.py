@@ -11,7 +11,7 @@ from __future__ import annotations
 import redis
 from redis.cluster import RedisCluster
 
-from erc_stream.settings import RedisSettings
+from core.settings import RedisSettings
 
 
 def connect(settings: RedisSettings) -> redis.Redis | RedisCluster:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from consumer.app import StreamApp
-from erc_stream.settings import Settings
+from core.settings import Settings
 from model_store.loading import load_backend
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from consumer.sanitize import has_control_chars
-from erc_stream.schemas import ChatMessage, DeadLetter
+from core.records import ChatMessage, DeadLetter
 
 #: Identifier fields that must be printable and not blank (they become Redis keys, log fields and event ids).
 _ID_FIELDS = ("message_id", "conversation_id", "speaker", "tenant")

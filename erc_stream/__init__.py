@@ -1,9 +1,3 @@
-"""erc-stream: real-time emotion recognition in conversation (InstructERC) as a Kafka stream processor.
-
-Shared core: the one settings object (:mod:`erc_stream.settings`), the one schema module
-(:mod:`erc_stream.schemas`), label sets (:mod:`erc_stream.labels`), local services and the CLI.
-The stream itself lives in :mod:`consumer`, the replayer in :mod:`producer_sim`, and models,
-prompts and backends in :mod:`model_store`.
-"""
-
-__version__ = "0.1.0"
+"""erc-stream's shell: the ``erc-stream`` command (:mod:`erc_stream.cli`, one module per command group), the demo,
+the export for BI, the report and the configuration reference. It sits on top and may import every other part;
+nothing imports it (README, "Where things are")."""

@@ -29,9 +29,9 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from erc_stream.schemas import Alert, DeadLetter, EmotionEvent
-from erc_stream.services import services_up
-from erc_stream.settings import Settings
+from core.records import Alert, DeadLetter, EmotionEvent
+from core.settings import Settings
+from local_services.supervisor import services_up
 from producer_sim.replay import interleave, replay, to_messages
 from producer_sim.sources import load_source, new_run_id
 from producer_sim.synthetic import NEGATIVE_STREAK_ID, negative_streak_conversation
@@ -284,7 +284,7 @@ def _metrics_table(samples, url: str, peak_lag: float) -> None:
     table.add_row("erc_events_emitted_total", f"{_total(samples, 'erc_events_emitted_total'):g}")
     table.add_row("erc_dead_letters_total", _by(samples, "erc_dead_letters_total", "reason"))
     table.add_row("erc_alerts_emitted_total", _by(samples, "erc_alerts_emitted_total", "rule"))
-    for name, unit in (("erc_batch_size", ""), ("erc_inference_seconds", " s"),
+    for name, unit in (("erc_stream_batch_records", ""), ("erc_inference_seconds", " s"),
                        ("erc_end_to_end_latency_seconds", " s")):
         count, total = _total(samples, f"{name}_count"), _total(samples, f"{name}_sum")
         table.add_row(name, f"count {count:g}, mean {total / count:.3g}{unit}" if count else "count 0")

@@ -44,9 +44,9 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
-from erc_stream.readers import Deduper, isolation_level
-from erc_stream.schemas import EmotionEvent
-from erc_stream.settings import Settings
+from core.readers import Deduper, isolation_level
+from core.records import EmotionEvent
+from core.settings import Settings
 
 log = structlog.get_logger(__name__)
 

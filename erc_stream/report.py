@@ -30,7 +30,7 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from erc_stream.labels import LABEL_SETS  # noqa: E402
+from core.labels import LABEL_SETS  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,13 @@ def rows_from_dataset(root: Path) -> list[Row]:
 
 
 def rows_from_events(events: Iterable) -> list[Row]:
-    """From :class:`~erc_stream.schemas.EmotionEvent` objects (the topic, a JSONL export)."""
+    """From :class:`~core.records.EmotionEvent` objects (the topic, a JSONL export)."""
     return [Row(e.event_id, e.conversation_id, e.turn, e.speaker, e.tenant, e.label, e.probabilities[e.label],
                 e.label_set, e.emitted_at.astimezone(UTC), e.gold_label) for e in events]
 
 
 def rows_from_jsonl(path: Path) -> list[Row]:
-    from erc_stream.schemas import EmotionEvent
+    from core.records import EmotionEvent
 
     return rows_from_events(EmotionEvent.model_validate_json(line) for line in path.read_text().splitlines()
                             if line.strip())

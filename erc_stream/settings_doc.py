@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
-from erc_stream.settings import PROJECT_ROOT, Settings
+from core.settings import PROJECT_ROOT, Settings
 
 PREFIX = "ERC_"
 DELIMITER = "__"

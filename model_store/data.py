@@ -2,7 +2,7 @@
 
 Every loader returns ``list[Conversation]``: conversations in a stable order (by dialogue id, numerically
 where the ids are numbers), each with its utterances in turn order. Gold labels stay *raw*, exactly as the
-file spells them (MELD's ``joy``, EmoryNLP's ``Joyful``); ``erc_stream.labels.LabelSet.map_gold`` maps them
+file spells them (MELD's ``joy``, EmoryNLP's ``Joyful``); ``core.labels.LabelSet.map_gold`` maps them
 onto a label set.
 
 Supported formats (``load_conversations(dataset, path)`` dispatches on ``dataset``):

@@ -12,14 +12,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from consumer.labeler import Failed, Labeler
-from erc_stream.labels import LabelSet, get_label_set
-from erc_stream.settings import Settings
-from model_store.backends.base import Backend
+from core.labels import LabelSet, get_label_set
+from core.settings import Settings
 from model_store.data import Conversation
 from model_store.examples import Target, targets
-from model_store.loading import AdapterChoice
-from model_store.prompts import PromptBuilder
+from scoring.adapters import AdapterChoice
+from scoring.backends.base import Backend
+from scoring.labeler import Failed, Labeler
+from scoring.prompts import PromptBuilder
 
 
 @dataclass

@@ -7,13 +7,14 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from erc_stream.labels import get_label_set
-from erc_stream.settings import Settings
+from core.labels import get_label_set
+from core.settings import Settings
 from model_store.data import default_file, load_conversations
 from model_store.evaluation import evaluate
-from model_store.loading import NO_ADAPTER, AdapterChoice, choose_adapter, load_backend
+from model_store.loading import NO_ADAPTER, choose_adapter, load_backend
 from model_store.registry import Registry
 from model_store.training import file_hash
+from scoring.adapters import AdapterChoice
 
 
 def run_eval(

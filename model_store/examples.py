@@ -10,9 +10,9 @@ import random
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from erc_stream.labels import LabelSet
+from core.labels import LabelSet
 from model_store.data import Conversation
-from model_store.prompts import Demonstration, Prompt, PromptBuilder, Turn, anonymise
+from scoring.prompts import Demonstration, Prompt, PromptBuilder, Turn, anonymise
 
 Task = Literal["main", "speaker", "impact"]
 

@@ -17,7 +17,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from model_store.base_models import EMBEDDED
-from model_store.loading import SHIPPED_ADAPTERS, AdapterRef, resolve_adapter
+from scoring.adapters import AdapterRef
+
+#: Adapters committed with the project (LoRA weights only).
+SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "adapters"
+
+
+def resolve_adapter(adapter: str, store_dir: Path) -> AdapterRef:
+    """An adapter given as a directory, a name in the store, or a name shipped with the project."""
+    candidate = Path(adapter).expanduser()
+    if (candidate / "adapter_config.json").exists():
+        return AdapterRef(candidate.name, candidate)
+    for root in (store_dir / "adapters", SHIPPED_ADAPTERS):
+        if (root / adapter / "adapter_config.json").exists():
+            return AdapterRef(adapter, root / adapter)
+    raise FileNotFoundError(
+        f"adapter {adapter!r} is neither an adapter directory nor in {store_dir / 'adapters'} or {SHIPPED_ADAPTERS}"
+    )
 
 
 @dataclass(frozen=True)

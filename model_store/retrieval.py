@@ -19,9 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from erc_stream.labels import LabelSet
+from core.labels import LabelSet
 from model_store.data import Conversation
-from model_store.prompts import Demonstration
+from scoring.prompts import Demonstration
 
 _ENCODER = None
 

@@ -20,8 +20,8 @@ from typing import Literal, Sequence
 
 import structlog
 
-from erc_stream.labels import get_label_set
-from erc_stream.settings import Settings
+from core.labels import get_label_set
+from core.settings import Settings
 from model_store.training import TrainConfig, train, with_epochs
 
 log = structlog.get_logger(__name__)

@@ -33,9 +33,9 @@ import numpy as np
 import structlog
 import torch
 
-from erc_stream.labels import get_label_set
+from core.labels import get_label_set
 from model_store.examples import Example, Target, impact_example, main_example, sample, speaker_example, targets
-from model_store.prompts import Prompt, PromptBuilder
+from scoring.prompts import Prompt, PromptBuilder
 
 log = structlog.get_logger(__name__)
 
@@ -75,7 +75,7 @@ class TrainConfig:
     # model trained on the natural distribution learns to answer "neutral".
     balance: float = 0.0
     # Training utterances held out of training and used afterwards to fit the label-prior correction
-    # (see model_store/calibration.py); 0 = no calibration.
+    # (see scoring/calibration.py); 0 = no calibration.
     calibration: int = 0
     # Further (dataset, train file) pairs trained with the first one; see the module docstring.
     more_sources: tuple[tuple[str, str], ...] = ()
@@ -86,7 +86,7 @@ class TrainConfig:
     threads: int | None = None
     device: str = "cpu"
     # Autocast dtype of forward and backward (weights and optimizer stay fp32). "auto": bfloat16 where the
-    # machine runs it natively (model_store/hardware.py; ~2.3x faster per step on an AVX-512 BF16 CPU), else fp32.
+    # machine runs it natively (scoring/hardware.py; ~2.3x faster per step on an AVX-512 BF16 CPU), else fp32.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     checkpoint_every: int = 10
     index_per_label: int = 400
@@ -198,7 +198,7 @@ class Trainer:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from model_store.hardware import auto_dtype
+        from scoring.hardware import auto_dtype
 
         self.cfg = cfg
         self.out_dir = out_dir
@@ -387,10 +387,11 @@ def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, pro
 
 def calibrate(cfg: TrainConfig, store_dir: Path, adapter_dir: Path, held: Sequence[Target]):
     """Fit the adapter's label-prior correction on held-out training utterances, through the serving path."""
-    from consumer.labeler import Failed, Labeler
-    from erc_stream.settings import Settings
-    from model_store.calibration import fit
-    from model_store.loading import AdapterChoice, AdapterRef, load_backend
+    from core.settings import Settings
+    from model_store.loading import load_backend
+    from scoring.adapters import AdapterChoice, AdapterRef
+    from scoring.calibration import fit
+    from scoring.labeler import Failed, Labeler
 
     settings = Settings().with_overrides(
         store={"dir": str(store_dir)},

@@ -17,7 +17,6 @@ from itertools import islice
 
 from kafka import KafkaProducer
 from rich.console import Console
-from rich.text import Text
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,9 +28,10 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
-from erc_stream.schemas import ChatMessage
-from erc_stream.settings import Settings
+from core.records import ChatMessage
+from core.settings import Settings
 from model_store.data import Conversation
 
 # Gap between the sent_at stamps of consecutive turns of one conversation.

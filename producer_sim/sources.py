@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from erc_stream.settings import Settings
+from core.settings import Settings
 from model_store.data import Conversation, default_file, load_conversations
 from producer_sim.synthetic import synthetic_conversations
 

@@ -1,4 +1,4 @@
-"""Running a real StreamApp in a thread for a test, and a one-shot delivery fault to inject into it."""
+"""Running a real StreamApp in a thread for a test, and a one-shot delivery failure to inject into it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 import time
 
 from consumer.app import StreamApp
-from consumer.delivery import DeliveryError
+from consumer.delivery import DeliveryError, Emitter, Offsets
 
 
 def start(app: StreamApp) -> tuple[threading.Thread, list[BaseException]]:
@@ -39,12 +39,19 @@ def run_until(app: StreamApp, done, timeout_s: float = 60.0) -> None:
 
 
 class FailOnce:
-    """Fault injection: the first batch fails after its outputs were sent, before its commit."""
+    """A failing part to inject (``StreamApp(..., emitter=FailOnce(make_emitter(settings)))``): the real emitter,
+    except that the first batch fails after its outputs were sent, before its commit."""
 
-    def __init__(self) -> None:
+    def __init__(self, inner: Emitter) -> None:
+        self.inner = inner
+        self.mode = inner.mode
         self.fired = 0
 
-    def __call__(self, stage: str) -> None:
-        if stage == "after_send" and not self.fired:
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def finish(self, offsets: Offsets, consumer) -> None:
+        if not self.fired:
             self.fired += 1
             raise DeliveryError("injected: broker lost after send")
+        self.inner.finish(offsets, consumer)

@@ -29,9 +29,9 @@ from pathlib import Path
 
 from kafka import KafkaProducer
 
-from erc_stream.readers import read_dead_letters, read_records
-from erc_stream.schemas import EmotionEvent
-from erc_stream.settings import Settings
+from core.readers import read_dead_letters, read_records
+from core.records import EmotionEvent
+from core.settings import Settings
 from tests.procs import ConsumerGroupProcs, RedisProc, stream_messages
 
 

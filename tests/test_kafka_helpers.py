@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from erc_stream.settings import Settings
+from core.settings import Settings
 from tests.kafka_helpers import produce_raw, read_all
 
 

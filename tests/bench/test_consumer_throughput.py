@@ -7,7 +7,7 @@ from collections import defaultdict
 import pytest
 
 from bench.consumer_throughput import STAGES, make_messages, measure
-from erc_stream.settings import Settings
+from core.settings import Settings
 
 
 def test_the_input_is_every_conversation_in_turn_order_interleaved() -> None:

@@ -6,9 +6,7 @@ rules are under test, not the model. The demo test runs them behind the real mod
 
 from __future__ import annotations
 
-import re
 import uuid
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -16,13 +14,12 @@ import redis
 
 from consumer.alerts import AlertEngine
 from consumer.app import StreamApp
-from erc_stream.readers import read_alerts, read_events
-from erc_stream.schemas import Alert, ChatMessage, EmotionEvent
-from erc_stream.settings import AlertSettings, Settings
-from model_store.backends.base import ScoreRequest
-from model_store.backends.null import NullBackend
-from tests.app_threads import run_until
+from core.readers import read_alerts, read_events
+from core.records import Alert, ChatMessage, EmotionEvent
+from core.settings import AlertSettings, Settings
+from tests.app_threads import FailOnce, run_until
 from tests.kafka_helpers import produce_raw
+from tests.keyword_backend import KeywordBackend
 
 LABELS = ("neutral", "surprise", "fear", "sad", "joyful", "disgust", "angry")
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
@@ -163,21 +160,6 @@ def test_bad_state_costs_an_event_its_alerts_not_the_batch(client) -> None:
 # -- in the stream -------------------------------------------------------------------------------
 
 
-class _KeywordBackend(NullBackend):
-    """Labels a message with the first label word in its own text ("so angry" -> angry), else neutral."""
-
-    model_id = "keyword"
-
-    def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
-        out = []
-        for r in requests:
-            target = r.prompt.rsplit("Please select the emotional label of", 1)[-1].split("> from <", 1)[0]
-            label = next((c for c in r.choices if re.search(rf"\b{re.escape(c)}\b", target)), r.choices[0])
-            rest = 0.3 / (len(r.choices) - 1)
-            out.append([0.7 if c == label else rest for c in r.choices])
-        return out
-
-
 def _conversation(conv: str, texts: list[str], tenant: str = "acme") -> list[ChatMessage]:
     now = datetime.now(UTC)
     return [ChatMessage(message_id=f"{conv}:{t}", conversation_id=conv, turn=t, speaker="Customer", text=text,
@@ -185,7 +167,7 @@ def _conversation(conv: str, texts: list[str], tenant: str = "acme") -> list[Cha
 
 
 def test_a_scripted_negative_streak_raises_exactly_one_alert_on_the_topic(settings: Settings) -> None:
-    settings = settings.with_overrides(batch={"max_size": 4, "max_wait_ms": 50},
+    settings = settings.with_overrides(batch={"micro_batch_size": 4, "max_wait_ms": 50},
                                        alerts={"streak_length": 3, "tenant_threshold": 1.0})
     run = uuid.uuid4().hex[:6]
     streak = _conversation(f"{run}-streak", ["I am angry about this bill", "still angry, nobody called back",
@@ -195,7 +177,7 @@ def test_a_scripted_negative_streak_raises_exactly_one_alert_on_the_topic(settin
     msgs = [m for pair in zip(streak, calm + [None] * 2) for m in pair if m is not None]
     produce_raw(settings, settings.kafka.input_topic, [(m.conversation_id.encode(), m.to_bytes()) for m in msgs])
 
-    app = StreamApp(settings, _KeywordBackend())
+    app = StreamApp(settings, KeywordBackend())
     seen: list[Alert] = []
     app.on_alert = seen.append
     run_until(app, lambda: app.stats.events >= len(msgs))
@@ -213,7 +195,7 @@ def test_a_scripted_negative_streak_raises_exactly_one_alert_on_the_topic(settin
 
     # A replay of the whole input under a fresh group: every event again (same ids), no alert again.
     replay = StreamApp(settings.with_overrides(kafka={"group_id": f"{settings.kafka.group_id}-replay"}),
-                       _KeywordBackend())
+                       KeywordBackend())
     run_until(replay, lambda: replay.stats.events >= len(msgs))
     assert replay.stats.alerts == 0
     assert read_alerts(settings, timeout_s=10)[0] == alerts
@@ -221,23 +203,17 @@ def test_a_scripted_negative_streak_raises_exactly_one_alert_on_the_topic(settin
 
 
 def test_an_alert_of_a_batch_redone_after_a_failure_is_not_lost_and_keeps_its_id(settings: Settings) -> None:
-    from consumer.delivery import DeliveryError
+    from consumer.delivery import make_emitter
 
-    settings = settings.with_overrides(batch={"max_size": 16, "max_wait_ms": 300},
+    settings = settings.with_overrides(batch={"micro_batch_size": 16, "max_wait_ms": 300},
                                        alerts={"streak_length": 3, "tenant_threshold": 1.0})
     streak = _conversation(f"{uuid.uuid4().hex[:6]}-streak", ["sad day", "so sad", "sad again"])
     produce_raw(settings, settings.kafka.input_topic, [(m.conversation_id.encode(), m.to_bytes()) for m in streak])
-    fired: list[str] = []
-
-    def fail_first_batch(stage: str) -> None:  # after the batch's events and alert were sent, before the commit
-        if stage == "after_send" and not fired:
-            fired.append(stage)
-            raise DeliveryError("injected: broker lost after send")
-
-    app = StreamApp(settings, _KeywordBackend())
-    app.fault = fail_first_batch
+    # The first batch fails after its events and alert were sent, before the commit.
+    failing = FailOnce(make_emitter(settings))
+    app = StreamApp(settings, KeywordBackend(), emitter=failing)
     run_until(app, lambda: app.stats.events >= len(streak))
-    assert fired and app.stats.rewinds == 1 and app.stats.alerts == 1
+    assert failing.fired and app.stats.rewinds == 1 and app.stats.alerts == 1
     alerts, copies = read_alerts(settings, timeout_s=20)
     # Sent with the failed batch and again with its redo: two records, one alert id.
     assert len(alerts) == 1 and copies == 1

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from erc_stream.readers import read_events
-from erc_stream.services import ensure_topics
-from erc_stream.settings import Settings
+from core.readers import read_events
+from core.settings import Settings
+from local_services.supervisor import ensure_topics
 from tests.conftest import free_port
 from tests.kafka_helpers import produce_raw
 from tests.procs import ConsumerProc, DurableBroker, stream_messages, weed_binary
@@ -48,7 +48,7 @@ def test_consumer_resumes_from_committed_offsets_after_a_broker_restart(
     settings: Settings, durable_broker: DurableBroker, tmp_path: Path, sig: int
 ) -> None:
     settings = settings.with_overrides(kafka={"bootstrap_servers": durable_broker.bootstrap},
-                                       batch={"max_size": 20, "max_wait_ms": 50}, store={"dir": tmp_path / "store"})
+                                       batch={"micro_batch_size": 20, "max_wait_ms": 50}, store={"dir": tmp_path / "store"})
     ensure_topics(settings)
     run = uuid.uuid4().hex[:6]
     before = stream_messages(6, 10, run_id=f"{run}-a")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from erc_stream.settings import Settings
+from core.settings import Settings
 from tests.chaos import ChaosPlan, run_chaos
 
 
@@ -34,7 +34,7 @@ def _check(report, capsys, plan: ChaosPlan) -> None:
 def _settings(settings: Settings, session_timeout_ms: int) -> Settings:
     return settings.with_overrides(
         kafka={"session_timeout_ms": session_timeout_ms, "heartbeat_interval_ms": 1000},
-        batch={"max_size": 25, "max_wait_ms": 50},
+        batch={"micro_batch_size": 25, "max_wait_ms": 50},
     )
 
 

@@ -26,14 +26,15 @@ from consumer.delivery import (
     CachingPartitioner,
     FatalDeliveryError,
     Transactional,
+    make_emitter,
     transactional_id,
     with_watchdog,
 )
-from erc_stream.readers import read_events
-from erc_stream.schemas import EmotionEvent
-from erc_stream.services import ensure_topics, kafka_down, kafka_up
-from erc_stream.settings import KafkaSettings, ServicesSettings, Settings
-from model_store.backends.null import NullBackend
+from core.readers import read_events
+from core.records import EmotionEvent
+from core.settings import KafkaSettings, ServicesSettings, Settings
+from local_services.supervisor import ensure_topics, kafka_down, kafka_up
+from scoring.backends.null import NullBackend
 from tests.app_threads import FailOnce, run_until, start
 from tests.conftest import free_port
 from tests.kafka_helpers import committed_offsets, produce_raw, read_all
@@ -50,10 +51,9 @@ def _produce(settings: Settings, n_conv: int = 6, turns: int = 5):
 
 
 def test_at_least_once_redo_emits_copies_with_the_same_event_id(settings: Settings) -> None:
-    settings = settings.with_overrides(batch={"max_size": 10, "max_wait_ms": 50})
+    settings = settings.with_overrides(batch={"micro_batch_size": 10, "max_wait_ms": 50})
     msgs, ends = _produce(settings)
-    app = StreamApp(settings, NullBackend())
-    app.fault = FailOnce()
+    app = StreamApp(settings, NullBackend(), emitter=FailOnce(make_emitter(settings)))
     run_until(app, lambda: app.stats.consumed >= len(msgs))
     assert app.stats.rewinds == 1 and app.stats.events == len(msgs)
 
@@ -67,14 +67,13 @@ def test_at_least_once_redo_emits_copies_with_the_same_event_id(settings: Settin
 
 def test_transactional_batches_commit_outputs_with_offsets_and_abort_then_redo(settings: Settings) -> None:
     settings = settings.with_overrides(
-        batch={"max_size": 10, "max_wait_ms": 50},
+        batch={"micro_batch_size": 10, "max_wait_ms": 50},
         delivery={"mode": "transactional", "worker_id": f"w-{uuid.uuid4().hex[:6]}", "commit_watchdog_s": 20},
     )
     msgs, ends = _produce(settings)
-    app = StreamApp(settings, NullBackend())
-    app.fault = FailOnce()
+    app = StreamApp(settings, NullBackend(), emitter=FailOnce(make_emitter(settings)))
     run_until(app, lambda: app.stats.consumed >= len(msgs))
-    assert app.fault.fired == 1 and app.stats.rewinds == 1
+    assert app.emitter.fired == 1 and app.stats.rewinds == 1
 
     records = read_all(settings, settings.kafka.output_topic, expected=len(msgs), timeout_s=20,
                        isolation_level="read_committed")
@@ -121,7 +120,7 @@ def test_a_restarted_worker_fences_the_old_instance(settings: Settings) -> None:
 def test_a_fenced_consumer_exits(settings: Settings, tmp_path: Path) -> None:
     """Two StreamApps with one worker id: the older one stops with FatalDeliveryError, the newer goes on."""
     settings = settings.with_overrides(
-        batch={"max_size": 5, "max_wait_ms": 20},
+        batch={"micro_batch_size": 5, "max_wait_ms": 20},
         delivery={"mode": "transactional", "worker_id": f"w-{uuid.uuid4().hex[:6]}", "commit_watchdog_s": 20},
     )
     old = StreamApp(settings, NullBackend())

@@ -14,11 +14,11 @@ import pytest
 import redis
 
 from consumer.app import StreamApp
-from erc_stream.readers import read_dead_letters, read_events
-from erc_stream.schemas import ChatMessage
-from erc_stream.settings import Settings
-from model_store.backends.base import ScoreRequest
-from model_store.backends.null import NullBackend
+from core.readers import read_dead_letters, read_events
+from core.records import ChatMessage
+from core.settings import Settings
+from scoring.backends.base import ScoreRequest
+from scoring.backends.null import NullBackend
 from tests.conftest import free_port
 from tests.kafka_helpers import committed_offsets, produce_raw
 from tests.procs import RedisProc, stream_messages
@@ -71,8 +71,8 @@ def _send(settings: Settings, msgs: Sequence[ChatMessage]) -> None:
 def test_redis_outage_pauses_consumption_and_resumes_by_itself(settings: Settings, own_redis: RedisProc) -> None:
     settings = settings.with_overrides(
         redis={"url": own_redis.url, "socket_timeout_s": 0.5},
-        batch={"max_size": 8, "max_wait_ms": 50},
-        window={"size": 4, "retain": 8},
+        batch={"micro_batch_size": 8, "max_wait_ms": 50},
+        window={"size": 4}, conversation={"retain_turns": 8},
         delivery={"redis_backoff_max_s": 0.5},
         # Shorter than the outage below: the member survives it only because it keeps polling (paused).
         kafka={"max_poll_interval_ms": 6000},
@@ -131,7 +131,7 @@ class _PoisonBackend(NullBackend):
 def test_inference_failure_is_retried_item_by_item_and_dead_letters_only_the_failing_item(
     settings: Settings,
 ) -> None:
-    settings = settings.with_overrides(batch={"max_size": 16, "max_wait_ms": 200})
+    settings = settings.with_overrides(batch={"micro_batch_size": 16, "max_wait_ms": 200})
     msgs = stream_messages(3, 4, run_id=uuid.uuid4().hex[:8])
     poison = msgs[5].model_copy(update={"text": "POISON pill"})
     msgs[5] = poison
@@ -154,7 +154,7 @@ def test_inference_failure_is_retried_item_by_item_and_dead_letters_only_the_fai
 def test_finished_offsets_are_committed_when_partitions_are_revoked(settings: Settings) -> None:
     """With commits deferred (commit_interval_ms), a member joining makes the first one commit on revoke:
     the newcomer starts where the first stopped, so nothing is emitted twice."""
-    settings = settings.with_overrides(batch={"max_size": 8, "max_wait_ms": 50},
+    settings = settings.with_overrides(batch={"micro_batch_size": 8, "max_wait_ms": 50},
                                        delivery={"commit_interval_ms": 3_600_000})
     msgs = stream_messages(8, 4, run_id=uuid.uuid4().hex[:8])
     first = _Running(StreamApp(settings, NullBackend()))
@@ -182,7 +182,7 @@ def test_finished_offsets_are_committed_when_partitions_are_revoked(settings: Se
 
 def test_redis_refusing_writes_pauses_the_stream_too(settings: Settings, own_redis: RedisProc) -> None:
     """Redis up but out of memory (`maxmemory` reached, `noeviction`): same as down, nothing lost."""
-    settings = settings.with_overrides(redis={"url": own_redis.url}, batch={"max_size": 8, "max_wait_ms": 50},
+    settings = settings.with_overrides(redis={"url": own_redis.url}, batch={"micro_batch_size": 8, "max_wait_ms": 50},
                                        delivery={"redis_backoff_max_s": 0.5})
     admin = redis.Redis.from_url(own_redis.url)
     msgs = stream_messages(3, 4, run_id=uuid.uuid4().hex[:8])

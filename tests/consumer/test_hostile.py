@@ -13,10 +13,10 @@ from pathlib import Path
 
 from kafka import KafkaProducer
 
-from erc_stream.labels import get_label_set
-from erc_stream.readers import read_dead_letters, read_records
-from erc_stream.schemas import EmotionEvent
-from erc_stream.settings import Settings
+from core.labels import get_label_set
+from core.readers import read_dead_letters, read_records
+from core.records import EmotionEvent
+from core.settings import Settings
 from tests.hostile import Hostile, hostile_records
 from tests.procs import ConsumerProc, stream_messages
 
@@ -37,7 +37,7 @@ def _interleave(valid: list, groups: list[list], rng: random.Random) -> list:
 
 
 def test_hostile_input_is_accounted_for_and_the_consumer_keeps_running(settings: Settings, tmp_path: Path) -> None:
-    settings = settings.with_overrides(batch={"max_size": 32, "max_wait_ms": 50},
+    settings = settings.with_overrides(batch={"micro_batch_size": 32, "max_wait_ms": 50},
                                        store={"dir": tmp_path / "store"})
     run = f"hostile-{uuid.uuid4().hex[:6]}"
     valid = stream_messages(50, 10, run_id=f"{run}-ok")

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from consumer.app import StreamApp
-from erc_stream.schemas import EmotionEvent
-from erc_stream.settings import Settings
+from core.records import EmotionEvent
+from core.settings import Settings
 from model_store.loading import choose_adapter
 from model_store.registry import Registry
 from producer_sim.replay import interleave, to_messages
@@ -23,7 +23,7 @@ def test_promoted_adapter_is_used_between_batches(settings: Settings, own_hf_bac
     store = tmp_path / "store"
     shutil.copytree(lora_adapter, store / "adapters" / "swap-me")
     settings = settings.with_overrides(store={"dir": store}, model={"adapter_poll_s": 0.2},
-                                       batch={"max_size": 4, "max_wait_ms": 50})
+                                       batch={"micro_batch_size": 4, "max_wait_ms": 50})
     initial = choose_adapter(settings).name  # the shipped default for meld, if any
     assert initial != "swap-me"
     app = StreamApp(settings, hf_backend)

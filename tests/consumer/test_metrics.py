@@ -14,9 +14,10 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.app import StreamApp
-from erc_stream.settings import Settings
-from model_store.backends.base import ScoreRequest
-from model_store.backends.null import NullBackend
+from consumer.delivery import make_emitter
+from core.settings import Settings
+from scoring.backends.base import ScoreRequest
+from scoring.backends.null import NullBackend
 from tests.app_threads import FailOnce
 from tests.conftest import free_port
 from tests.kafka_helpers import produce_raw
@@ -67,7 +68,7 @@ def _wait(cond, timeout_s: float = 60.0, what: str = "") -> None:
 
 
 def test_the_endpoint_serves_the_stream_metrics_and_probes(settings: Settings) -> None:
-    settings = settings.with_overrides(batch={"max_size": 4, "max_wait_ms": 0},
+    settings = settings.with_overrides(batch={"micro_batch_size": 4, "max_wait_ms": 0},
                                        metrics={"host": "127.0.0.1", "port": 0, "lag_interval_s": 0.05})
     msgs = stream_messages(6, 10, run_id=uuid.uuid4().hex[:8])
     bad = [(b"k", b'{"message_id": "x", '), (b"k", b'{"message_id": "x"}')]  # invalid JSON, schema
@@ -76,8 +77,7 @@ def test_the_endpoint_serves_the_stream_metrics_and_probes(settings: Settings) -
     total = len(msgs) + len(bad)
 
     backend = _SlowBackend()
-    app = StreamApp(settings, backend)
-    app.fault = FailOnce()
+    app = StreamApp(settings, backend, emitter=FailOnce(make_emitter(settings)))
     server = app.serve_metrics()
     base = server.url
     assert _get(base + "/readyz")[0] == 503  # no partitions yet
@@ -104,7 +104,7 @@ def test_the_endpoint_serves_the_stream_metrics_and_probes(settings: Settings) -
     assert _value(s, "erc_events_emitted_total") == len(msgs)
     assert _value(s, "erc_dead_letters_total", reason="invalid_json") == 1
     assert _value(s, "erc_dead_letters_total", reason="schema") == 1
-    assert _value(s, "erc_batch_size_sum") == total and _value(s, "erc_batch_size_count") == app.stats.batches
+    assert _value(s, "erc_stream_batch_records_sum") == total and _value(s, "erc_stream_batch_records_count") == app.stats.batches
     assert _value(s, "erc_inference_seconds_count") >= app.stats.batches - 1  # a batch of bad records only: none
     assert _value(s, "erc_inference_seconds_sum") >= 0.15 * _value(s, "erc_inference_seconds_count")
     assert _value(s, "erc_end_to_end_latency_seconds_count") == len(msgs)
@@ -129,7 +129,7 @@ def test_the_endpoint_serves_the_stream_metrics_and_probes(settings: Settings) -
 def test_readiness_and_redis_errors_follow_redis(settings: Settings, tmp_path: Path) -> None:
     redis_proc = RedisProc(free_port(), tmp_path / "redis")
     redis_proc.start()
-    settings = settings.with_overrides(redis={"url": redis_proc.url}, batch={"max_size": 4, "max_wait_ms": 0},
+    settings = settings.with_overrides(redis={"url": redis_proc.url}, batch={"micro_batch_size": 4, "max_wait_ms": 0},
                                        metrics={"host": "127.0.0.1", "port": 0},
                                        delivery={"redis_backoff_max_s": 0.5})
     app = StreamApp(settings, NullBackend())

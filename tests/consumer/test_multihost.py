@@ -11,7 +11,7 @@ started again. Checks, from the output topic and the Redis Cluster, never dedupl
   ``event_id``; copies are counted (never deduplicated away), printed, and must stay within what the
   stream's at-least-once delivery allows at a rebalance: one stream batch per member per assignment.
   A graceful leave or join is not copy-free: a batch whose records were taken before the group rebalanced
-  (``_poll_batch`` polls several times per batch, and the revocation happens inside one of those polls), or
+  (``Partitions.poll_batch`` polls several times per batch, and the revocation happens inside one of those polls), or
   whose commit the broker refused while the rebalance was pending (tansu answers error 27), is processed
   and emitted, and the partition's next owner emits it again (same ids): 1-8 copies of 2,100 in 5 of the
   first 7 runs, none in the other 2;
@@ -37,10 +37,10 @@ from pathlib import Path
 import pytest
 from redis.cluster import RedisCluster
 
-from consumer.window_store import WindowStore
-from erc_stream.schemas import EmotionEvent
-from erc_stream.services import ensure_topics, kafka_down, kafka_up
-from erc_stream.settings import BatchSettings, KafkaSettings, RedisSettings, ServicesSettings, Settings, StoreSettings
+from consumer.conversation_store import ConversationStore
+from core.records import EmotionEvent
+from core.settings import BatchSettings, KafkaSettings, RedisSettings, ServicesSettings, Settings, StoreSettings
+from local_services.supervisor import ensure_topics, kafka_down, kafka_up
 from tests.conftest import _start_on_free_port
 from tests.kafka_helpers import PacedSender, read_all
 from tests.netns import Hosts, netns_unavailable
@@ -115,7 +115,7 @@ def test_three_hosts_share_the_stream_and_one_leaves_and_returns(
             heartbeat_interval_ms=1000,
         ),
         redis=RedisSettings(url=redis_cluster.url, cluster=True, key_prefix=f"erc-mh-{suffix}"),
-        batch=BatchSettings(max_size=25, max_wait_ms=50),
+        batch=BatchSettings(micro_batch_size=25, max_wait_ms=50),
         store=StoreSettings(dir=tmp_path / "store"),
         services=ServicesSettings(run_dir=tmp_path / "run"),
     )
@@ -190,7 +190,7 @@ def test_three_hosts_share_the_stream_and_one_leaves_and_returns(
     # Copies come only from stream batches in flight when the group rebalanced (see the module docstring):
     # at most one batch per member per assignment it received.
     assignments = sum(m.count("partitions assigned") for m in group.members.values())  # all runs' logs
-    in_flight_bound = assignments * settings.batch.stream_size
+    in_flight_bound = assignments * settings.batch.stream_records
     assert sum(copies.values()) <= in_flight_bound, (copies, in_flight_bound)
 
     # -- turn order and whole windows ----------------------------------------------------------
@@ -204,9 +204,9 @@ def test_three_hosts_share_the_stream_and_one_leaves_and_returns(
     assert all(t == list(range(TURNS)) for t in turns.values())
     client = RedisCluster.from_url(redis_cluster.url, socket_timeout=5)
     try:
-        store = WindowStore(client, prefix=settings.redis.key_prefix, size=settings.window.size,
-                            retain=settings.window.retain, ttl_s=settings.window.ttl_s)
-        retained = min(TURNS, settings.window.retain)
+        store = ConversationStore(client, prefix=settings.redis.key_prefix, size=settings.window.size,
+                            retain=settings.conversation.retain_turns, ttl_s=settings.conversation.ttl_s)
+        retained = min(TURNS, settings.conversation.retain_turns)
         for conv in turns:
             stored = store.get(conv)
             assert [t.turn for t in stored] == list(range(TURNS - retained, TURNS)), conv

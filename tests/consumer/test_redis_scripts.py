@@ -100,7 +100,7 @@ def test_connect_makes_a_standalone_client_by_default_and_a_cluster_client_when_
     redis_url: str, redis_cluster_url: str
 ) -> None:
     from consumer.redis_client import connect
-    from erc_stream.settings import RedisSettings
+    from core.settings import RedisSettings
 
     standalone = connect(RedisSettings(url=redis_url))
     cluster = connect(RedisSettings(url=redis_cluster_url, cluster=True))

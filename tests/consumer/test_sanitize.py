@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from consumer.sanitize import ELLIPSIS, clean_text, has_control_chars
-from model_store.prompts import PromptBuilder, Turn
-from erc_stream.labels import get_label_set
+from core.labels import get_label_set
+from scoring.prompts import PromptBuilder, Turn
 
 
 def _words(text: str) -> int:

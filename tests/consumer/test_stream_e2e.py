@@ -15,15 +15,16 @@ from datetime import UTC, datetime
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from consumer.app import StreamApp, StreamStats
-from erc_stream.labels import get_label_set
-from erc_stream.schemas import ChatMessage, DeadLetter, EmotionEvent
-from erc_stream.settings import Settings
-from model_store.backends.base import Backend, ScoreRequest
-from model_store.backends.null import NullBackend
-from model_store.prompts import PromptBuilder, Turn
+from consumer.app import StreamApp
+from consumer.metrics import StreamStats
+from core.labels import get_label_set
+from core.records import ChatMessage, DeadLetter, EmotionEvent
+from core.settings import Settings
 from producer_sim.replay import interleave, to_messages
 from producer_sim.synthetic import synthetic_conversations
+from scoring.backends.base import Backend, ScoreRequest
+from scoring.backends.null import NullBackend
+from scoring.prompts import PromptBuilder, Turn
 from tests.kafka_helpers import produce_raw, read_all
 
 CONVERSATIONS = 4
@@ -176,7 +177,7 @@ def _check_common(run: StreamRun, settings: Settings, model: str) -> dict[str, E
 
 
 def _overrides(settings: Settings, **extra) -> Settings:
-    return settings.with_overrides(batch={"max_size": 8, "max_wait_ms": 100}, **extra)
+    return settings.with_overrides(batch={"micro_batch_size": 8, "max_wait_ms": 100}, **extra)
 
 
 def test_stream_end_to_end_with_the_null_backend(settings: Settings) -> None:
@@ -192,7 +193,7 @@ def test_stream_end_to_end_with_the_null_backend(settings: Settings) -> None:
 def test_stream_end_to_end_with_the_real_model(settings: Settings, backend_name: str, request) -> None:
     # the session's transformers or vLLM backend, or a transformers one with a prefix cache
     backend = request.getfixturevalue(f"{backend_name}_backend")
-    settings = _overrides(settings, window={"size": 4, "retain": 8}, model={"backend": backend_name.split("_")[0]})
+    settings = _overrides(settings, window={"size": 4}, conversation={"retain_turns": 8}, model={"backend": backend_name.split("_")[0]})
     run = _run_stream(settings, backend)
     by_message = _check_common(run, settings, "smollm2-135m")
     if backend_name == "hf_cached":  # consecutive turns reused each other's keys and values in the stream

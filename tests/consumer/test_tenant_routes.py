@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 
 from consumer.app import StreamApp
-from consumer.routes import Routes
-from erc_stream.labels import get_label_set
-from erc_stream.schemas import ChatMessage, EmotionEvent
-from erc_stream.settings import Settings
-from model_store.backends.base import ScoreRequest
-from model_store.backends.null import NullBackend
+from core.labels import get_label_set
+from core.records import ChatMessage, EmotionEvent
+from core.settings import Settings
 from model_store.loading import choose_adapter
-from model_store.prompts import PromptBuilder, Turn
 from model_store.registry import Registry
 from producer_sim.replay import interleave, to_messages
 from producer_sim.synthetic import templates
+from scoring.backends.base import ScoreRequest
+from scoring.backends.null import NullBackend
+from scoring.prompts import PromptBuilder, Turn
+from scoring.routes import Routes
 from tests.app_threads import run_until
 from tests.kafka_helpers import produce_raw, read_all
 
@@ -47,7 +47,7 @@ def test_one_consumer_serves_each_tenant_its_own_adapter_and_labels(
     store = tmp_path / "store"
     shutil.copytree(lora_adapter, store / "adapters" / "meld-lora")
     shutil.copytree(unified_lora_adapter, store / "adapters" / "unified-lora")
-    settings = settings.with_overrides(store={"dir": store}, batch={"max_size": 16, "max_wait_ms": 200},
+    settings = settings.with_overrides(store={"dir": store}, batch={"micro_batch_size": 16, "max_wait_ms": 200},
                                        model={"adapter": "none", "label_set": "meld", "tenants": ROUTES})
     backend = own_hf_backend
     calls: list[set[str | None]] = []  # the adapters of each backend call
@@ -100,7 +100,7 @@ def _adapter_info(app: StreamApp):
 def test_tenants_sharing_a_route_share_its_labeler_and_others_take_the_default() -> None:
     settings = Settings().with_overrides(model={"backend": "null", "tenants": {
         "a": {"label_set": "unified"}, "b": {"label_set": "unified"}, "c": {"label_set": "meld"}}})
-    routes = Routes(settings, NullBackend())
+    routes = Routes(settings, NullBackend(), choose=choose_adapter)
     assert len(routes.routes) == 2  # c's route is the default one (adapter unset, meld)
     assert routes.labeler("a") is routes.labeler("b") is not routes.default.labeler
     assert routes.labeler("c") is routes.labeler("zzz") is routes.labeler(None) is routes.default.labeler
@@ -120,7 +120,7 @@ def test_a_route_without_an_adapter_follows_its_label_sets_promotions(
     shutil.copytree(unified_lora_adapter, store / "adapters" / "unified-lora")
     settings = Settings().with_overrides(store={"dir": store}, model={
         "tenants": {"acme": {"label_set": "unified"}, "globex": {"adapter": "meld-lora", "label_set": "meld"}}})
-    routes = Routes(settings, own_hf_backend)
+    routes = Routes(settings, own_hf_backend, choose=choose_adapter)
     routes.choose_adapters()
     default = choose_adapter(settings).name  # the registry's (here: the shipped) meld adapter
     unified = choose_adapter(settings.with_overrides(model={"label_set": "unified"})).name  # the shipped one

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from consumer.validation import decode
-from erc_stream.schemas import ChatMessage, DeadLetter
+from core.records import ChatMessage, DeadLetter
 
 VALID = {
     "message_id": "m-1", "conversation_id": "c-1", "turn": 0, "speaker": "Alice", "text": "hello",

@@ -13,10 +13,10 @@ import matplotlib.image as mpimg
 import pytest
 from click.testing import CliRunner
 
+from core.readers import read_alerts, read_events
+from core.settings import Settings
 from erc_stream.cli import main
 from erc_stream.export import read_dataset
-from erc_stream.readers import read_alerts, read_events
-from erc_stream.settings import Settings
 from producer_sim.synthetic import synthetic_conversations
 from tests.procs import service_env
 
@@ -61,7 +61,7 @@ def test_demo_runs_end_to_end_and_prints_the_summary(settings: Settings, tmp_pat
     assert _metric(out, "erc_messages_consumed_total") == str(valid + 2)
     assert _metric(out, "erc_events_emitted_total") == str(valid)
     assert _metric(out, "erc_dead_letters_total") == "invalid_json=1, schema=1"
-    for name in ("erc_batch_size", "erc_inference_seconds", "erc_end_to_end_latency_seconds"):
+    for name in ("erc_stream_batch_records", "erc_inference_seconds", "erc_end_to_end_latency_seconds"):
         count, mean = re.fullmatch(r"count (\d+), mean ([\d.e-]+)( s)?", _metric(out, name)).group(1, 2)
         assert int(count) > 0 and float(mean) > 0, name
     assert re.fullmatch(r"now 0 over 4 partitions, peak seen \d+", _metric(out, "erc_consumer_lag"))

@@ -11,9 +11,10 @@ import uuid
 from pathlib import Path
 
 from consumer.app import StreamApp
-from consumer.delivery import DeliveryError
-from erc_stream.settings import Settings
-from model_store.backends.null import NullBackend
+from consumer.delivery import make_emitter
+from core.settings import Settings
+from scoring.backends.null import NullBackend
+from tests.app_threads import FailOnce
 from tests.kafka_helpers import produce_raw, read_all
 from tests.procs import PROJECT, consumer_env, stream_messages
 
@@ -24,21 +25,14 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_export_writes_each_event_once_and_replay_dlq_resends_originals(settings: Settings, tmp_path: Path) -> None:
-    settings = settings.with_overrides(batch={"max_size": 10, "max_wait_ms": 50}, store={"dir": tmp_path / "store"})
+    settings = settings.with_overrides(batch={"micro_batch_size": 10, "max_wait_ms": 50}, store={"dir": tmp_path / "store"})
     msgs = stream_messages(4, 5, run_id=uuid.uuid4().hex[:6])
     bad = b'{"message_id": "oops", "turn": '
     items = [(m.conversation_id.encode(), m.to_bytes()) for m in msgs] + [(b"bad-key", bad)]
     produce_raw(settings, settings.kafka.input_topic, items)
 
-    fired = []
-
-    def fail_once(stage: str) -> None:  # the first batch is sent, then fails before its commit: copies
-        if not fired:
-            fired.append(stage)
-            raise DeliveryError("injected")
-
-    app = StreamApp(settings, NullBackend())
-    app.fault = fail_once
+    # The first batch is sent, then fails before its commit: copies.
+    app = StreamApp(settings, NullBackend(), emitter=FailOnce(make_emitter(settings)))
     thread = threading.Thread(target=app.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 from click.testing import CliRunner
 from kafka import KafkaConsumer, TopicPartition
 
+from core.records import EmotionEvent
+from core.settings import Settings
 from erc_stream.cli import main
 from erc_stream.export import SCHEMA, Exporter, data_files, read_dataset
-from erc_stream.schemas import EmotionEvent
-from erc_stream.settings import Settings
 from tests.kafka_helpers import produce_raw
 
 LABELS = ("neutral", "surprise", "fear", "sad", "joyful", "disgust", "angry")

@@ -14,8 +14,8 @@ import matplotlib.image as mpimg
 import numpy as np
 from click.testing import CliRunner
 
+from core.records import EmotionEvent
 from erc_stream.cli import main
-from erc_stream.schemas import EmotionEvent
 
 LABELS = ("neutral", "surprise", "fear", "sad", "joyful", "disgust", "angry")
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from core.settings import Settings
 from erc_stream.cli import main
-from erc_stream.settings import Settings
 from erc_stream.settings_doc import entries, env_names, markdown, readme_block
 
 README = Path(__file__).resolve().parents[2] / "README.md"

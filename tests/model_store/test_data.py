@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from erc_stream.labels import get_label_set
+from core.labels import get_label_set
 from model_store.data import (
     Conversation,
     Utterance,

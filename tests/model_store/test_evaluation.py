@@ -1,9 +1,9 @@
 from pathlib import Path
 
-from erc_stream.settings import Settings
+from core.settings import Settings
 from model_store.evaluation import evaluate, metrics
-from model_store.loading import AdapterChoice
 from producer_sim.synthetic import synthetic_conversations
+from scoring.adapters import AdapterChoice
 
 
 def test_metrics_weighted_f1_by_hand() -> None:

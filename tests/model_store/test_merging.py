@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from erc_stream.settings import Settings
-from model_store.backends.base import ScoreRequest
-from model_store.backends.hf import HFBackend
+from core.settings import Settings
 from model_store.base_models import ensure_embedded
 from model_store.merging import merged_model_dir
+from scoring.backends.base import ScoreRequest
+from scoring.backends.hf import HFBackend
 
 
 @pytest.mark.slow

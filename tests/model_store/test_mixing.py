@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from erc_stream.labels import get_label_set
-from erc_stream.settings import Settings
+from core.labels import get_label_set
+from core.settings import Settings
 from model_store.training import TrainConfig, load_sources, split_targets, train, with_epochs
 from tests.datasets import write_data_dir
 

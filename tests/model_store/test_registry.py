@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from model_store.loading import SHIPPED_ADAPTERS, choose_adapter
-from model_store.registry import Registry
-from erc_stream.settings import Settings
+from core.settings import Settings
+from model_store.loading import choose_adapter
+from model_store.registry import SHIPPED_ADAPTERS, Registry
 
 
 def _store_with(lora_adapter: Path, tmp_path: Path, name: str = "mine") -> Path:

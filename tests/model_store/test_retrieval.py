@@ -2,7 +2,7 @@ from pathlib import Path
 
 import numpy as np
 
-from erc_stream.labels import get_label_set
+from core.labels import get_label_set
 from model_store.retrieval import DemoIndex, embed
 from producer_sim.synthetic import synthetic_conversations
 

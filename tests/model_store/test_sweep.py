@@ -45,7 +45,7 @@ def test_table_and_plot_from_rows(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sweep_trains_evaluates_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from erc_stream.settings import Settings
+    from core.settings import Settings
     from model_store.base_models import ensure_embedded
 
     # the shared embedded model, not a second conversion in the test's store

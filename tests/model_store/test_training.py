@@ -3,12 +3,12 @@
 import json
 from pathlib import Path
 
-from erc_stream.labels import get_label_set
-from erc_stream.settings import Settings
+from core.labels import get_label_set
+from core.settings import Settings
 from model_store.examples import impact_example, main_example, speaker_example, targets
-from model_store.prompts import PromptBuilder
 from model_store.training import TrainConfig, build_examples, schedule, train
 from producer_sim.synthetic import synthetic_conversations
+from scoring.prompts import PromptBuilder
 
 
 def _write_jsonl(path: Path, n: int) -> Path:

@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from erc_stream.labels import get_label_set
-from erc_stream.schemas import ChatMessage
-from erc_stream.settings import Settings
+from core.labels import get_label_set
+from core.records import ChatMessage
+from core.settings import Settings
 from model_store.data import Conversation, Utterance
 from producer_sim.replay import TURN_GAP, interleave, replay, to_messages
 from producer_sim.synthetic import MELD_RAW_LABELS, synthetic_conversations, templates

@@ -1,0 +1,140 @@
+"""Per-conversation history windows in Redis, updated atomically by one Lua script.
+
+Layout: one sorted set per conversation, ``<prefix>:win:{<conversation_id>}``, scored by turn, each
+member a small JSON object. The braces are a Redis Cluster hash tag: every key of a conversation
+lands in one slot. The script, in one atomic step:
+
+1. appends the turn unless that turn is already stored (a redelivered message does not grow the
+   window twice, and a conflicting duplicate keeps the first version), or unless the same message id
+   is already stored at another turn (a duplicate message id: reported, nothing stored);
+2. reads the window that ends at this turn: the last ``size`` turns with turn <= this one, so a
+   replayed old turn still sees its own past and never a future turn;
+3. trims the set to the newest ``retain`` turns and refreshes the TTL.
+
+Many messages go to Redis in one pipelined round-trip (``append_many``, via :func:`consumer.redis_scripts.run_scripts`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import redis
+
+from consumer.redis_scripts import run_scripts
+from scoring.prompts import Turn
+
+_APPEND_LUA = """
+local key = KEYS[1]
+local turn = tonumber(ARGV[1])
+local added = 0
+if #redis.call('ZRANGEBYSCORE', key, turn, turn, 'LIMIT', 0, 1) == 0 then
+  -- members end with '"m":<json message id>}': the same suffix at another turn is a duplicate id
+  local suffix = ARGV[6]
+  local stored = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  for i = 1, #stored, 2 do
+    if string.sub(stored[i], -#suffix) == suffix then
+      return {0, {}, stored[i + 1]}
+    end
+  end
+  redis.call('ZADD', key, turn, ARGV[2])
+  added = 1
+end
+local window = redis.call('ZREVRANGEBYSCORE', key, turn, '-inf', 'LIMIT', 0, tonumber(ARGV[3]))
+redis.call('ZREMRANGEBYRANK', key, 0, -(tonumber(ARGV[4]) + 1))
+redis.call('EXPIRE', key, tonumber(ARGV[5]))
+return {added, window, false}
+"""
+
+
+@dataclass(frozen=True)
+class StoredTurn:
+    """A stored turn: what the prompt needs plus the message id, for audits."""
+
+    turn: int
+    speaker: str
+    text: str
+    message_id: str
+
+    def as_prompt_turn(self) -> Turn:
+        # Built once per stored turn: decoded turns are shared by every window that holds them (see _decode).
+        prompt_turn = self.__dict__.get("_prompt_turn")
+        if prompt_turn is None:
+            prompt_turn = Turn(self.speaker, self.text)
+            object.__setattr__(self, "_prompt_turn", prompt_turn)
+        return prompt_turn
+
+
+@dataclass(frozen=True)
+class TurnUpdate:
+    """The result of appending one turn: whether it was new, and its window oldest-first (target last).
+
+    ``duplicate_of_turn`` is set when the message id is already stored at another turn of the
+    conversation; then nothing was stored and ``window`` is empty.
+    """
+
+    added: bool
+    window: tuple[StoredTurn, ...]
+    duplicate_of_turn: int | None = None
+
+    def degraded(self, turn: int, size: int) -> bool:
+        """True if the window lacks turns it should hold: it is not exactly turns max(0, turn-size+1)..turn."""
+        first = max(0, turn - size + 1)
+        window = self.window
+        if len(window) != turn - first + 1:
+            return True
+        # A window's turns strictly increase (one member per turn, by the script): with the right length,
+        # it is exactly first..turn when both ends are.
+        return window[0].turn != first or window[-1].turn != turn
+
+
+class ConversationStore:
+    def __init__(self, client: redis.Redis, *, prefix: str, size: int, retain: int, ttl_s: int) -> None:
+        if retain < size:
+            raise ValueError(f"retain ({retain}) must be >= the window size ({size})")
+        self.client = client
+        self.prefix = prefix
+        self.size = size
+        self.retain = retain
+        self.ttl_s = ttl_s
+        self._append = client.register_script(_APPEND_LUA)
+
+    def key(self, conversation_id: str) -> str:
+        return f"{self.prefix}:win:{{{conversation_id}}}"
+
+    def append_many(self, turns: Sequence[tuple[str, StoredTurn]]) -> list[TurnUpdate]:
+        """Append ``(conversation_id, turn)`` pairs in order, in one pipelined round-trip."""
+        if not turns:
+            return []
+        calls = []
+        for conversation_id, t in turns:
+            member = json.dumps(
+                {"t": t.turn, "s": t.speaker, "x": t.text, "m": t.message_id}, ensure_ascii=False, separators=(",", ":")
+            )
+            suffix = '"m":' + json.dumps(t.message_id, ensure_ascii=False) + "}"
+            calls.append((self._append, [self.key(conversation_id)],
+                          [t.turn, member, self.size, self.retain, self.ttl_s, suffix]))
+        return [self._parse(r) for r in run_scripts(self.client, calls)]
+
+    def get(self, conversation_id: str) -> list[StoredTurn]:
+        """All retained turns of a conversation, oldest first."""
+        return [_decode(m) for m in self.client.zrange(self.key(conversation_id), 0, -1)]
+
+    @staticmethod
+    def _parse(reply: list) -> TurnUpdate:
+        added, members = reply[0], reply[1]
+        duplicate = reply[2] if len(reply) > 2 else None  # Lua false arrives as None
+        return TurnUpdate(
+            bool(added), tuple(_decode(m) for m in reversed(members)),
+            int(float(duplicate)) if duplicate is not None else None,
+        )
+
+
+@lru_cache(maxsize=65_536)
+def _decode(member: bytes | str) -> StoredTurn:
+    # Cached by the member's bytes: consecutive windows of a conversation share all but one turn, so a
+    # batch's replies repeat members ~size times; StoredTurn is frozen, the same bytes decode alike.
+    d = json.loads(member)
+    return StoredTurn(turn=int(d["t"]), speaker=d["s"], text=d["x"], message_id=d["m"])

@@ -1,0 +1,496 @@
+"""The one settings object.
+
+Every knob of erc-stream lives here, one frozen model per concern (in the spirit of vLLM's
+``config/lora.py``): ``Settings().kafka``, ``.redis``, ``.window``, ``.conversation``, ``.batch``, ``.model``,
+``.vllm``, ``.store``, ``.data``, ``.services``, ``.delivery``, ``.metrics``, ``.alerts``, ``.export``.
+Values come from, in order of precedence: keyword
+arguments, environment variables with the ``ERC_`` prefix and ``__`` as the nesting delimiter
+(``ERC_KAFKA__BOOTSTRAP_SERVERS=host:9092``, ``ERC_MODEL__BACKEND=null``), then the defaults below.
+A renamed setting's old name is still read, with a DeprecationWarning (CHANGELOG.md lists the renames).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+#: The label sets a route may use (``core.labels.LABEL_SETS``); anything else fails at startup.
+LabelSetName = Literal["meld", "emorynlp", "iemocap", "unified"]
+
+
+class _Section(BaseModel):
+    # A string right under a field is its description (shown in the README's configuration reference).
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    #: Old field name -> new one, read with a DeprecationWarning (CHANGELOG.md).
+    _renamed: ClassVar[dict[str, str]] = {}
+
+    _section: ClassVar[str] = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_renamed(cls, data: Any) -> Any:
+        return cls.upgrade(data) if isinstance(data, dict) else data
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """``data`` with renamed fields under their new names (an explicit new name wins)."""
+        if not any(old in data for old in cls._renamed):
+            return data
+        data = dict(data)
+        for old, new in cls._renamed.items():
+            if old in data:
+                _deprecated(f"{cls._section}.{old}", f"{cls._section}.{new}")
+                data.setdefault(new, data.pop(old))
+        return data
+
+
+def _deprecated(old: str, new: str) -> None:
+    env = lambda name: "ERC_" + name.upper().replace(".", "__")  # noqa: E731
+    warnings.warn(f"setting {old} ({env(old)}) is now {new} ({env(new)}); see CHANGELOG.md",
+                  DeprecationWarning, stacklevel=2)
+
+
+class KafkaSettings(_Section):
+    """Broker connection, topics and consumer-group behaviour."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    """Broker(s), comma-separated host:port."""
+    input_topic: str = "chat.messages"
+    """Chat messages in (keyed by conversation id)."""
+    output_topic: str = "chat.emotions"
+    """Emotion events out."""
+    dlq_topic: str = "chat.dlq"
+    """Dead letters: records that could not become events, with why."""
+    alerts_topic: str = Field(
+        "chat.alerts", description="Alerts raised by the rules in `alerts`, keyed by conversation or tenant."
+    )
+    partitions: int = Field(4, ge=1, description="Partitions created for each topic by `services up`.")
+    group_id: str = "erc-stream"
+    """The consumers' group."""
+    client_id: str = "erc-stream"
+    """Client id prefix of every Kafka client."""
+    # tansu runs a join in session_timeout/2; 6 s / 1 s keeps rebalances short on every broker.
+    session_timeout_ms: int = 6000
+    """A member that sends no heartbeat this long leaves the group."""
+    heartbeat_interval_ms: int = 1000
+    """How often a member heartbeats."""
+    max_poll_interval_ms: int = 300_000
+    """Longest time between polls before the member is evicted."""
+    request_timeout_ms: int = 30_000
+    """Kafka request timeout."""
+    max_message_bytes: int = Field(1_048_576, description="Input records larger than this are dead-lettered.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """How clients talk to the broker."""
+    sasl_mechanism: str | None = None
+    """PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 ... (SASL_* protocols)."""
+    sasl_username: str | None = None
+    """SASL user."""
+    sasl_password: SecretStr | None = None
+    """SASL password; never logged."""
+    ssl_cafile: str | None = None
+    """CA bundle that signed the broker's certificate."""
+    ssl_certfile: str | None = Field(None, description="Client certificate (mutual TLS).")
+    ssl_keyfile: str | None = Field(None, description="Client private key (mutual TLS).")
+    ssl_password: SecretStr | None = Field(None, description="Password of the client private key.")
+    ssl_check_hostname: bool = True
+    """Check the broker certificate's host name."""
+    producer_linger_ms: int = Field(
+        20, ge=0, description="The consumer's producer waits up to this long to fill a record batch before sending "
+        "it. Each stream batch ends with a flush, which sends at once, so this only groups the batch's outputs into "
+        "fewer, larger requests while they are being produced (kafka-python `linger_ms`).",
+    )
+    producer_batch_bytes: int = Field(
+        262_144, ge=1024, description="Bytes of one producer record batch per partition (kafka-python `batch_size`; "
+        "its default, 16 KiB, holds ~25 events and splits a stream batch into many requests).",
+    )
+    producer_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="Compression of the consumer's outputs. Costs the consumer's CPU; worth it only when the "
+        "network to the broker is the bottleneck (snappy/lz4/zstd need their Python packages).",
+    )
+    dlq_max_original_bytes: int = Field(
+        524_288, ge=0,
+        description="A dead letter keeps at most this many bytes of the original record (base64 grows it by a "
+        "third; Apache Kafka's default message.max.bytes is 1 MB). Longer originals are cut and flagged.",
+    )
+
+    def client_options(self) -> dict[str, object]:
+        """Connection options shared by every kafka-python client (producer, consumer, admin)."""
+        opts: dict[str, object] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism:
+            opts["sasl_mechanism"] = self.sasl_mechanism
+            opts["sasl_plain_username"] = self.sasl_username
+            opts["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        if self.ssl_cafile:
+            opts["ssl_cafile"] = self.ssl_cafile
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            opts["ssl_check_hostname"] = self.ssl_check_hostname
+            if self.ssl_certfile:
+                opts["ssl_certfile"] = self.ssl_certfile
+            if self.ssl_keyfile:
+                opts["ssl_keyfile"] = self.ssl_keyfile
+            if self.ssl_password:
+                opts["ssl_password"] = self.ssl_password.get_secret_value()
+        return opts
+
+
+class RedisSettings(_Section):
+    """Conversation state."""
+
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    """Redis URL (redis:// or rediss://); never logged."""
+    key_prefix: str = "erc"
+    """Prefix of every key erc-stream writes."""
+    socket_timeout_s: float = 5.0
+    """Connect and command timeout."""
+    username: str | None = Field(None, description="ACL user (overrides the URL's).")
+    password: SecretStr | None = Field(None, description="Password (overrides the URL's); never logged.")
+    ssl_ca_certs: str | None = Field(None, description="CA bundle for rediss:// URLs.")
+    ssl_certfile: str | None = None
+    """Client certificate (mutual TLS)."""
+    ssl_keyfile: str | None = None
+    """Client private key (mutual TLS)."""
+    ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
+    """Verification of the server certificate (rediss://)."""
+    cluster: bool = Field(
+        False, description="`url` is a seed node of a Redis Cluster: the client discovers the other nodes and routes "
+        "each conversation's keys (one hash slot per conversation, `{conversation_id}` tags) to their primary. The "
+        "URL's database must be 0. Off: one standalone Redis.",
+    )
+
+    def client_options(self) -> dict[str, object]:
+        """Keyword arguments for ``redis.Redis.from_url(url, **options)`` (TLS applies to rediss:// URLs)."""
+        opts: dict[str, object] = {
+            "socket_timeout": self.socket_timeout_s,
+            "socket_connect_timeout": self.socket_timeout_s,
+        }
+        if self.username:
+            opts["username"] = self.username
+        if self.password:
+            opts["password"] = self.password.get_secret_value()
+        if self.url.get_secret_value().startswith("rediss://"):
+            opts["ssl_cert_reqs"] = self.ssl_cert_reqs
+            for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+                if getattr(self, name):
+                    opts[name] = getattr(self, name)
+        return opts
+
+
+class WindowSettings(_Section):
+    """The historical window (InstructERC's w): the turns a prompt holds, and how each turn's text is cut."""
+
+    size: int = Field(12, ge=1, description="Turns in a prompt, the target included (w in the paper).")
+    max_turn_chars: int = Field(2_000, ge=16, description="A turn's text is cut to this many characters before prompting.")
+    max_turn_tokens: int = Field(
+        256, ge=8, description="A turn's text is cut to this many tokens (the model's tokenizer) before it is stored "
+        "in its window: the token budget of one message, however long its text.",
+    )
+
+
+class ConversationSettings(_Section):
+    """Each conversation's state in Redis: its stored turns (the history windows are read from them)."""
+
+    retain_turns: int = Field(
+        24, ge=1, description="Turns kept per conversation in Redis (>= window.size, so a replayed turn still finds "
+        "its history).",
+    )
+    ttl_s: int = Field(86_400, ge=1, description="A conversation's state expires this long after its last turn.")
+
+
+class BatchSettings(_Section):
+    """Two batch sizes: the stream batch (records taken from Kafka and committed together) and, inside it, the
+    micro-batch (messages scored in one backend call)."""
+
+    _section = "batch"
+    _renamed = {"max_size": "micro_batch_size", "max_records": "stream_batch_size"}
+
+    micro_batch_size: int = Field(16, ge=1)
+    """Most messages in one micro-batch (one backend call)."""
+    max_wait_ms: int = Field(250, ge=0, description="How long a stream batch waits to fill after its first record.")
+    stream_batch_size: int | None = Field(
+        None, ge=1, description="Most records in one stream batch: one Kafka poll, one pipelined Redis round-trip "
+        "per stage, one producer flush and one offset commit; inference runs over it in micro-batches of "
+        "`micro_batch_size`. Unset = `micro_batch_size`, right for a model on a CPU, where a batch's inference time is its latency and must stay "
+        "under `metrics.liveness_timeout_s` and `kafka.max_poll_interval_ms`. With a fast backend (null, vLLM on a "
+        "GPU) raise it, e.g. 500: the per-batch round-trips are then shared by many messages (docs/benchmarks.md).",
+    )
+
+    @property
+    def stream_records(self) -> int:
+        """Records one stream batch takes: ``stream_batch_size``, or ``micro_batch_size`` when unset."""
+        return self.stream_batch_size or self.micro_batch_size
+
+
+class TenantModel(_Section):
+    """One tenant's route: the adapter and label set its messages are labelled with."""
+
+    adapter: str | None = None
+    """A peft LoRA adapter (a name in the store or a directory), 'none' for zero-shot, or unset to follow the
+    registry's active adapter for this route's label set."""
+    label_set: LabelSetName
+    """The labels this tenant's events carry."""
+
+
+class ModelSettings(_Section):
+    """Which model labels the stream, and how."""
+
+    backend: Literal["hf", "vllm", "null"] = "hf"
+    """hf: transformers + peft; vllm: vLLM (multi-LoRA); null: no inference, uniform probabilities."""
+    base: str = Field(
+        "smollm2-135m",
+        description="A base model name in the store, or a path to any local HF-format model directory.",
+    )
+    adapter: str | None = Field(
+        None,
+        description="A peft LoRA adapter (a name in the store or a directory), 'none' for zero-shot, "
+        "or unset to follow the registry's active adapter for the label set (switched between batches).",
+    )
+    adapter_poll_s: float = Field(2.0, gt=0, description="How often a consumer checks the registry for a promotion.")
+    label_set: LabelSetName = "meld"
+    """The labels events carry."""
+    tenants: dict[str, TenantModel] = Field(
+        {}, description="Per-tenant routes, JSON: `{\"acme\": {\"adapter\": \"unified-lora\", \"label_set\": "
+        "\"unified\"}}` (adapter unset = the registry's active one for that label set). One consumer and one "
+        "backend serve them all; messages of other tenants, or of none, use `adapter` and `label_set`.",
+    )
+    device: str = "cpu"
+    """torch device of the hf backend (cpu, cuda, cuda:1 ...)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Weights' dtype (hf backend). 'auto': bfloat16 where the machine runs it natively (a CUDA GPU, a CPU with
+    AVX-512 BF16 or AMX), else float32. float32 is the default: the reference numerics the other paths are compared with."""
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None leaves torch's default.")
+    prefix_cache_mb: int = Field(
+        512, ge=0, description="hf backend: MiB of keys and values kept from scored prompts, so a conversation's next "
+        "turn computes only the tokens after the prefix it shares with the previous one (0 = off).",
+    )
+    merge_adapter: bool = Field(
+        False, description="hf backend: fold the adapter in use into the weights (no LoRA matmuls per token). "
+        "A batch for another adapter, or none, unmerges and merges again: for one-adapter consumers.",
+    )
+    max_prompt_tokens: int = Field(
+        384, ge=64, description="History is cut from the left past this; instruction, label statement and target stay."
+    )
+    demo_position: Literal["after_history", "after_instruction"] = Field(
+        "after_history",
+        description="Where the retrieved demonstration goes. After the history keeps each conversation's prefix stable.",
+    )
+
+    def for_tenant(self, tenant: str | None) -> "ModelSettings":
+        """This section as ``tenant``'s route sees it: the tenant's adapter and label set, else the default route's."""
+        route = self.tenants.get(tenant) if tenant is not None else None
+        if route is None:
+            return self
+        return self.model_copy(update={"adapter": route.adapter, "label_set": route.label_set})
+
+
+class VLLMSettings(_Section):
+    """The vLLM engine behind ``model.backend = "vllm"`` (one engine, several LoRA adapters per batch)."""
+
+    max_loras: int = Field(2, ge=1, description="Adapters one engine step can mix (the LoRA slots held in memory).")
+    max_lora_rank: int = Field(16, ge=1, description="The largest adapter rank the engine accepts.")
+    max_model_len: int = Field(1024, ge=64, description="Prompt plus answer tokens; longer prompts are refused.")
+    kv_cache_gib: int = Field(
+        2, ge=1, description="CPU only: KV-cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE when that is unset)."
+    )
+    enforce_eager: bool = Field(True, description="No graph capture / compilation: a faster start, slower steps.")
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of a shared prompt prefix (the instruction, a conversation's history)."
+    )
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU only: the share of GPU memory vLLM takes.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' = bfloat16 where it is native (a GPU, a CPU with AVX-512 BF16 or AMX), "
+        "else float32 (bf16 is > 10x slower on a CPU without them)."
+    )
+
+
+class StoreSettings(_Section):
+    """Where converted base models and trained adapters live."""
+
+    dir: Path = Path.home() / ".cache" / "erc-stream" / "store"
+    """Converted base models, trained adapters and the registry."""
+
+
+class DataSettings(_Section):
+    """Where the MELD / EmoryNLP / IEMOCAP files are read from (never copied into the project)."""
+
+    dir: Path = PROJECT_ROOT.parent / "shared" / "data"
+    """Folder holding meld/ and emorynlp/ (and iemocap/), read in place."""
+
+
+class DeliverySettings(_Section):
+    """How events, dead letters and consumed offsets reach Kafka (see README, "Operations")."""
+
+    mode: Literal["at_least_once", "transactional"] = Field(
+        "at_least_once",
+        description="at_least_once: produce, flush, then commit offsets (any Kafka-protocol broker; readers "
+        "dedupe by event_id). transactional: outputs and offsets in one Kafka transaction (Apache Kafka).",
+    )
+    transactional_id_prefix: str = Field("erc-stream", description="transactional.id = '<prefix>-<worker_id>'.")
+    worker_id: str | None = Field(
+        None,
+        description="This worker's stable identity (e.g. a StatefulSet pod name): a restarted worker with the "
+        "same id fences its predecessor. Default: the host name.",
+    )
+    commit_watchdog_s: float = Field(
+        30.0, gt=0, description="Transactional: a commit (or abort) that takes longer than this is fatal: the worker "
+        "exits and its restart aborts the open transaction.",
+    )
+    commit_interval_ms: int = Field(
+        0, ge=0, description="At-least-once: commit offsets at most this often (0 = after every batch). Pending "
+        "offsets are always committed on partition revoke and on shutdown.",
+    )
+    redis_backoff_max_s: float = Field(10.0, gt=0, description="Longest wait between Redis retries during an outage.")
+    kafka_backoff_max_s: float = Field(10.0, gt=0, description="Longest wait between retries of a failed emit.")
+
+
+class MetricsSettings(_Section):
+    """The consumer's HTTP endpoint: Prometheus metrics, liveness and readiness."""
+
+    enabled: bool = Field(True, description="Serve /metrics, /healthz and /readyz from the consumer.")
+    host: str = Field("0.0.0.0", description="Address the endpoint listens on.")
+    port: int = Field(9400, ge=0, le=65535, description="Port of the endpoint (0 = any free port, logged at start).")
+    liveness_timeout_s: float = Field(
+        120.0, gt=0, description="/healthz fails when the main loop has not completed an iteration for this long "
+        "(keep it above the slowest batch's inference time).",
+    )
+    lag_interval_s: float = Field(
+        2.0, gt=0, description="While idle, how often the per-partition consumer lag is recomputed (and after each batch).",
+    )
+
+
+#: Negative emotions of each label set (what a streak and a tenant's negative rate count).
+DEFAULT_NEGATIVE_LABELS: dict[str, tuple[str, ...]] = {
+    "meld": ("angry", "disgust", "fear", "sad"),
+    "emorynlp": ("Mad", "Sad", "Scared"),
+    "iemocap": ("angry", "frustrated", "sad"),
+    "unified": ("mad", "disgust", "fear", "sad"),
+}
+#: Anger, the target of the shift rule.
+DEFAULT_ANGER_LABELS: dict[str, tuple[str, ...]] = {
+    "meld": ("angry",), "emorynlp": ("Mad",), "iemocap": ("angry",), "unified": ("mad",),
+}
+#: Neutral or positive emotions, the origin of the shift rule.
+DEFAULT_CALM_LABELS: dict[str, tuple[str, ...]] = {
+    "meld": ("neutral", "joyful"),
+    "emorynlp": ("Neutral", "Joyful", "Peaceful", "Powerful"),
+    "iemocap": ("neutral", "happy", "excited"),
+    "unified": ("neutral", "joyful", "excited", "peaceful", "powerful"),
+}
+
+
+class AlertSettings(_Section):
+    """Alert rules evaluated in the stream (state in Redis); alerts go to `kafka.alerts_topic`."""
+
+    enabled: bool = Field(True, description="Evaluate the rules and emit alerts.")
+    streak_length: int = Field(
+        3, ge=0, description="Alert when this many consecutive turns of a conversation are negative (0 = rule off). "
+        "Fires once per streak, when it first reaches this length.",
+    )
+    shift: bool = Field(
+        True, description="Alert when a speaker's turn is anger and that speaker's previous turn was neutral or positive.",
+    )
+    shift_lookback: int = Field(
+        10, ge=1, description="How many turns back the shift rule looks for the speaker's previous turn.",
+    )
+    tenant_window_s: float = Field(300.0, gt=0, description="Sliding window of the tenant rule, in seconds of `sent_at`.")
+    tenant_threshold: float = Field(
+        0.5, ge=0, le=1, description="Alert when a tenant's share of negative events in the window is above this "
+        "(1 = rule off).",
+    )
+    tenant_min_count: int = Field(20, ge=1, description="The tenant rule needs at least this many events in the window.")
+    tenant_cooldown_s: float = Field(
+        300.0, ge=0, description="After a tenant alert, the rule stays quiet for that tenant this long (seconds of `sent_at`).",
+    )
+    negative_labels: dict[str, tuple[str, ...]] = Field(
+        DEFAULT_NEGATIVE_LABELS, description="Negative labels per label set (JSON in the environment).",
+    )
+    anger_labels: dict[str, tuple[str, ...]] = Field(DEFAULT_ANGER_LABELS, description="Anger labels per label set.")
+    calm_labels: dict[str, tuple[str, ...]] = Field(
+        DEFAULT_CALM_LABELS, description="Neutral and positive labels per label set (where a shift starts).",
+    )
+    evidence_max: int = Field(20, ge=1, description="At most this many messages are listed in an alert's evidence.")
+    dedupe_ttl_s: int = Field(
+        7 * 86_400, ge=1, description="How long an emitted alert's id is remembered, so a redelivered message does not "
+        "raise it again.",
+    )
+
+
+class ExportSettings(_Section):
+    """`erc-stream export` to Parquet or CSV: a resumable sink for BI tools."""
+
+    group_id: str = Field("erc-stream-export", description="The exporter's consumer group (its committed offsets are "
+                          "where a next run resumes).")
+    flush_events: int = Field(5_000, ge=1, description="Write files and commit offsets after this many events.")
+    flush_interval_s: float = Field(10.0, gt=0, description="... or after this long, whichever comes first.")
+
+
+class ServicesSettings(_Section):
+    """Local services started by ``erc-stream services up``."""
+
+    run_dir: Path = Path.home() / ".cache" / "erc-stream" / "run"
+    """Pid files and logs of the services erc-stream started."""
+    start_timeout_s: float = 20.0
+    """How long `services up` waits for a service to answer."""
+
+
+class Settings(BaseSettings):
+    """All of erc-stream's configuration. Frozen: build a new one to change anything."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ERC_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    window: WindowSettings = WindowSettings()
+    conversation: ConversationSettings = ConversationSettings()
+    batch: BatchSettings = BatchSettings()
+    model: ModelSettings = ModelSettings()
+    vllm: VLLMSettings = VLLMSettings()
+    store: StoreSettings = StoreSettings()
+    data: DataSettings = DataSettings()
+    services: ServicesSettings = ServicesSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    metrics: MetricsSettings = MetricsSettings()
+    alerts: AlertSettings = AlertSettings()
+    export: ExportSettings = ExportSettings()
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR.")
+    log_json: bool = Field(False, description="JSON log lines (production) instead of a console rendering.")
+    log_texts: bool = Field(
+        False, description="Put message texts in DEBUG log lines. Off: logs carry ids, labels and reasons only.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_moved(cls, data: Any) -> Any:
+        """``window.retain`` and ``window.ttl_s`` moved to the ``conversation`` section (their old names still work)."""
+        if not isinstance(data, dict) or not isinstance(data.get("window"), dict):
+            return data
+        window = dict(data["window"])
+        moved = {new: window.pop(old) for old, new in (("retain", "retain_turns"), ("ttl_s", "ttl_s")) if old in window}
+        if not moved:
+            return data
+        for new in moved:
+            _deprecated(f"window.{'retain' if new == 'retain_turns' else new}", f"conversation.{new}")
+        conversation = data.get("conversation")
+        conversation = dict(conversation) if isinstance(conversation, dict) else {}
+        return {**data, "window": window, "conversation": {**moved, **conversation}}
+
+    def with_overrides(self, **sections: dict[str, object]) -> "Settings":
+        """A copy with some fields of some sections replaced: ``s.with_overrides(kafka={"group_id": "g"})``."""
+        # Validated like the environment is (model_copy alone would accept anything, typos included).
+        update = {
+            name: (section := type(getattr(self, name))).model_validate({**dict(getattr(self, name)),
+                                                                        **section.upgrade(values)})
+            for name, values in sections.items() if values
+        }
+        return self.model_copy(update=update)

@@ -1,0 +1,37 @@
+"""``erc-stream bench``: the inference paths side by side (:mod:`bench.scoring_paths`)."""
+
+from __future__ import annotations
+
+import click
+
+from erc_stream.cli.root import main, settings_of
+
+
+@main.command()
+@click.option("--paths", default="naive,hf,vllm", show_default=True,
+              help="Comma-separated: naive (generate + parse, one at a time), hf (batched label scoring, prefix "
+                   "cache), vllm; on request: hf-bf16, hf-no-prefix-cache, hf-merged, vllm-fp32, "
+                   "vllm-no-prefix-cache, vllm-merged.")
+@click.option("--messages", type=int, default=64, show_default=True, help="MELD dev utterances, in stream order.")
+@click.option("--rate", type=float, default=None,
+              help="Fixed input rate (messages/s) for the latency run (default: 80 % of the naive loop's throughput).")
+@click.option("--no-consumer-overhead", is_flag=True, help="Skip the null-backend stream throughput run.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def bench(ctx, paths, messages, rate, no_consumer_overhead, as_json):
+    """The inference paths side by side on the same model, adapter and messages (see bench/scoring_paths.py)."""
+    import json
+
+    from rich.console import Console
+
+    from bench.scoring_paths import run_bench
+
+    progress = (lambda msg: click.echo(msg, err=True)) if as_json else Console(stderr=True).print
+    result = run_bench(settings_of(ctx), paths=[p.strip() for p in paths.split(",") if p.strip()], messages=messages,
+                       rate=rate, consumer_overhead=not no_consumer_overhead, log=progress)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        from erc_stream.render import print_bench
+
+        print_bench(result)

@@ -1,0 +1,318 @@
+"""transformers (+ peft) backend: batched label scoring in one forward pass per batch, CPU or GPU.
+
+Only the last position's logits are computed (``logits_to_keep=1``), which is most of the saving
+over a full-logits forward on a 49k-token vocabulary. Prompts are left-padded with explicit
+position ids, so a padded row scores exactly as it would alone.
+
+With a prefix cache (``prefix_cache_mb`` > 0, :mod:`scoring.backends.prefix_cache`), each row computes
+only the tokens after the longest prefix it shares with an earlier prompt (in a stream: its conversation's
+previous turn). A batch then holds rows with pasts of different lengths: the cached keys and values are
+left-padded to the longest past, the new tokens to the longest new part, and the attention mask hides both
+paddings; the explicit position ids keep every token at its place in its own prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import structlog
+import torch
+
+from scoring.backends.base import ScoreRequest, TokenCounter
+from scoring.backends.choices import ChoicePlan
+from scoring.backends.prefix_cache import MISS, Hit, PrefixCache, prefix_hashes
+
+log = structlog.get_logger(__name__)
+
+
+class HFBackend:
+    """Label scoring with a transformers causal LM, optionally through peft LoRA adapters."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        model_id: str | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        threads: int | None = None,
+        prefix_cache_mb: int = 0,
+        merge_adapter: bool = False,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model_id = model_id or Path(model_dir).name
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if dtype == "auto":
+            from scoring.hardware import auto_dtype
+
+            dtype = auto_dtype(device)
+        self.dtype = dtype
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        self.model.to(self.device).eval()
+        self._peft = None  # a PeftModel wrapping self.model once the first adapter is added
+        self._adapters: dict[str, Path] = {}
+        self._plans: dict[tuple[str, ...], ChoicePlan] = {}
+        self.tokens = TokenCounter()
+        self.prefix_cache = None
+        if prefix_cache_mb > 0 and _plain_kv_cache(self.model.config):
+            self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
+        elif prefix_cache_mb > 0:
+            log.warning("prefix cache off: the model's cache is not plain keys and values in every layer "
+                        "(sliding-window or recurrent layers)", model=self.model_id)
+        #: Fold the adapter in use into the weights (peft ``merge_adapter``): no LoRA matmuls per token, and a
+        #: merge/unmerge whenever a batch needs another adapter (or none). For a consumer serving one adapter.
+        self.merge_adapter = merge_adapter
+        self._merged: str | None = None
+
+    # -- Backend interface ---------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def add_adapter(self, name: str, path: Path) -> None:
+        if self._adapters.get(name) == Path(path):
+            return
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear(name)  # keys and values computed through the adapter this name held
+        if self._merged == name:
+            self._unmerge()
+        from peft import PeftModel
+
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            self._peft.eval()
+        else:
+            if name in self._adapters:
+                self._peft.delete_adapter(name)
+            self._peft.load_adapter(str(path), adapter_name=name)
+        self._adapters[name] = Path(path)
+        log.info("adapter loaded", adapter=name, path=str(path))
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
+        results: list[list[float] | None] = [None] * len(requests)
+        groups: dict[str | None, list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            groups[r.adapter].append(i)
+        for adapter, idx in groups.items():
+            for i, probs in zip(idx, self._score_group([requests[i] for i in idx], adapter)):
+                results[i] = probs
+        return [r for r in results if r is not None]
+
+    def close(self) -> None:
+        self._peft = None
+        self.model = None
+
+    # -- internals -----------------------------------------------------------------------
+
+    def plan(self, choices: tuple[str, ...]) -> ChoicePlan:
+        plan = self._plans.get(choices)
+        if plan is None:
+            plan = self._plans[choices] = ChoicePlan.build(
+                choices, lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]
+            )
+        return plan
+
+    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        return self.tokenizer(list(prompts))["input_ids"]
+
+    def _score_group(self, requests: Sequence[ScoreRequest], adapter: str | None) -> list[list[float]]:
+        prompt_ids = self.encode_prompts([r.prompt for r in requests])
+        self.tokens.add(prompts=len(requests), prompt_tokens=sum(map(len, prompt_ids)))
+        plans = [self.plan(r.choices) for r in requests]
+        # One row per (request, branch prefix); the empty prefix is the prompt itself.
+        rows: list[list[int]] = []
+        where: dict[tuple[int, tuple[int, ...]], int] = {}
+        for i, (ids, plan) in enumerate(zip(prompt_ids, plans)):
+            for prefix in plan.branches:
+                where[(i, prefix)] = len(rows)
+                rows.append(ids + list(prefix))
+        logprobs = self.last_logprobs(rows, adapter) if rows else None
+
+        def reader(i: int, plan: ChoicePlan):
+            return lambda prefix: logprobs[where[(i, prefix)], list(plan.siblings[prefix])]
+
+        return [plan.probabilities(reader(i, plan)) for i, plan in enumerate(plans)]
+
+    def last_logprobs(self, rows: Sequence[Sequence[int]], adapter: str | None) -> torch.Tensor:
+        """Log-softmax of the next-token logits after each row of token ids.
+
+        Rows run in forward passes of similar lengths (:func:`forward_groups`): one long row (a prefix-cache miss)
+        would otherwise pad every short one to its length. With the prefix cache, rows that share a longer prefix
+        with another row of the call than with the cache (two turns of one conversation in one micro-batch, a
+        choice's second read after its prompt) wait for a later wave, which then reuses the first one's KV."""
+        namespace = adapter or ""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        if self.prefix_cache is None:
+            waves = [(list(range(len(rows))), [MISS] * len(rows))]
+            hashes: list[tuple[int, ...]] = [()] * len(rows)
+        else:
+            hashes = [prefix_hashes(namespace, r) for r in rows]
+            waves = self._waves(rows, hashes, namespace)
+        for wave, hits in waves:  # a generator: each wave's lookups see the previous wave's entries
+            for group in forward_groups([len(rows[i]) - h.tokens for i, h in zip(wave, hits)]):
+                idx = [wave[g] for g in group]
+                logprobs = self._forward([rows[i] for i in idx], [hits[g] for g in group], [hashes[i] for i in idx],
+                                         namespace, adapter)
+                for i, lp in zip(idx, logprobs):
+                    out[i] = lp
+        return torch.stack(out)
+
+    def _waves(self, rows: Sequence[Sequence[int]], hashes: Sequence[tuple[int, ...]], namespace: str,
+               margin: int = 16) -> Iterator[tuple[list[int], list[Hit]]]:
+        """Rows to compute now with their cache hits; a row sharing ``margin`` tokens more with a row of this
+        wave than with the cache waits for the next wave (looked up again once this one is stored)."""
+        assert self.prefix_cache is not None
+        pending = list(range(len(rows)))
+        while pending:
+            wave: list[int] = []
+            hits: list[Hit] = []
+            later: list[int] = []
+            for i in pending:
+                hit = self.prefix_cache.lookup(namespace, rows[i], hashes[i])
+                if any(_shared_prefix(hashes[i], hashes[j]) > hit.tokens + margin for j in wave):
+                    later.append(i)
+                else:
+                    wave.append(i)
+                    hits.append(hit)
+            yield wave, hits
+            pending = later
+
+    def _forward(self, rows, hits: Sequence[Hit], hashes, namespace: str, adapter: str | None) -> torch.Tensor:
+        """One padded forward pass over ``rows``, each computing only its tokens after its cached prefix."""
+        past = max(h.tokens for h in hits)
+        width = max(len(r) - h.tokens for r, h in zip(rows, hits))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), past + width), dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, h) in enumerate(zip(rows, hits)):
+            new = len(r) - h.tokens
+            input_ids[i, width - new:] = torch.tensor(r[h.tokens:], dtype=torch.long)
+            positions[i, width - new:] = torch.arange(h.tokens, len(r))
+            mask[i, past - h.tokens: past] = 1
+            mask[i, past + width - new:] = 1
+        self.tokens.add(computed=input_ids.numel())
+        with torch.inference_mode(), self._adapter(adapter):
+            model = self._peft if self._peft is not None else self.model
+            out = model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                past_key_values=self._padded_past(hits, past) if past else None,
+                use_cache=self.prefix_cache is not None,
+                logits_to_keep=1,
+            )
+            if self.prefix_cache is not None:
+                self._keep(rows, hits, hashes, out.past_key_values, past, width, namespace)
+        return out.logits[:, -1, :].float().log_softmax(-1).cpu()
+
+    def _padded_past(self, hits: Sequence[Hit], past: int):
+        """The hits' cached keys and values as one cache, each row's past right-aligned at ``past`` positions."""
+        from transformers import DynamicCache
+
+        some = next(h for h in hits if h.tokens)
+        layers = []
+        for layer, (k0, _) in enumerate(some.entry.kv):
+            keys = k0.new_zeros((len(hits), k0.shape[0], past, k0.shape[2]))
+            values = torch.zeros_like(keys)
+            for i, h in enumerate(hits):
+                if h.tokens:
+                    k, v = h.entry.kv[layer]
+                    keys[i, :, past - h.tokens:] = k[:, : h.tokens]
+                    values[i, :, past - h.tokens:] = v[:, : h.tokens]
+            layers.append((keys, values))
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    def _keep(self, rows, hits, hashes, cache, past: int, width: int, namespace: str) -> None:
+        """Store each row's whole KV (its reused past and its new tokens, paddings cut out) in the prefix cache."""
+        assert self.prefix_cache is not None
+        for i, (r, h) in enumerate(zip(rows, hits)):
+            new = len(r) - h.tokens
+            kv = []
+            for layer in cache.layers:
+                k, v = layer.keys[i], layer.values[i]
+                kv.append((torch.cat([k[:, past - h.tokens: past], k[:, past + width - new:]], dim=1),
+                           torch.cat([v[:, past - h.tokens: past], v[:, past + width - new:]], dim=1)))
+            self.prefix_cache.put(namespace, r, kv, continues=h, hashes=hashes[i])
+
+    @contextlib.contextmanager
+    def _adapter(self, adapter: str | None) -> Iterator[None]:
+        if self._peft is None:
+            if adapter is not None:
+                raise KeyError(f"adapter {adapter!r} was never added")
+            yield
+            return
+        if adapter is not None and adapter not in self._adapters:
+            raise KeyError(f"adapter {adapter!r} was never added")
+        if self._merged is not None and self._merged != adapter:
+            self._unmerge()
+        if adapter is None:
+            with self._peft.disable_adapter():
+                yield
+            return
+        if self._merged != adapter:  # (peft unmerges on set_adapter)
+            self._peft.set_adapter(adapter)
+            if self.merge_adapter:
+                self._peft.merge_adapter([adapter])
+                self._merged = adapter
+        yield
+
+    def _unmerge(self) -> None:
+        """Take the merged adapter's delta back out of the weights (fp32: within rounding of the originals)."""
+        assert self._peft is not None
+        self._peft.unmerge_adapter()
+        self._merged = None
+
+
+def _plain_kv_cache(config) -> bool:
+    """Whether every layer caches whole keys and values (what the prefix cache slices and pads). Sliding-window
+    layers drop old positions and recurrent layers keep a state instead, so their caches cannot be reused that way."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+
+
+def forward_groups(lengths: Sequence[int], overhead: int = 16) -> list[list[int]]:
+    """Split rows of ``lengths`` tokens into forward passes minimising padded tokens + ``overhead`` per pass.
+
+    Rows are sorted by length and cut into contiguous runs (an exact dynamic programme, O(n²) for n rows).
+    ``overhead`` is a pass's fixed cost in tokens: its per-layer kernel launches, and smaller matrix products
+    running further below the machine's peak."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[order[j - 1]] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two rows share, from their prefix hashes (binary search: equal hashes at n
+    mean equal first n tokens, up to a collision, which would only misplace a row in the waves)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[mid - 1] == b[mid - 1]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

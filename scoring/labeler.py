@@ -1,0 +1,114 @@
+"""From windows to labels: prompt building and batched scoring, with per-item retry on failure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import structlog
+
+from core.labels import LabelSet
+from scoring.adapters import AdapterChoice
+from scoring.backends.base import Backend, ScoreRequest
+from scoring.calibration import Calibration
+from scoring.prompts import Demonstration, Prompt, PromptBuilder, Turn
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Labelled:
+    label: str
+    probabilities: dict[str, float]
+    turns_used: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: str
+
+
+class Labeler:
+    """Builds each window's prompt with the shared builder and scores a batch in one backend call.
+
+    If the batch call fails, each item is retried alone, so one poisonous prompt fails only itself
+    (the caller dead-letters it) and the rest of the batch is labelled.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        builder: PromptBuilder,
+        *,
+        adapter: str | None = None,
+        demonstrations: Callable[[Sequence[str]], list[Demonstration | None]] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.builder = builder
+        self.adapter = adapter
+        self.demonstrations = demonstrations
+        self.calibration: Calibration | None = None
+
+    def use(self, choice: AdapterChoice) -> None:
+        """Switch adapter (and its demonstration index); the backend loads it first if needed."""
+        if choice.ref is not None:
+            self.backend.add_adapter(choice.ref.name, choice.ref.path)
+        self.adapter = choice.name
+        self.demonstrations = choice.demos.lookup if choice.demos is not None else None
+        self.calibration = choice.calibration
+
+    @property
+    def label_set(self) -> LabelSet:
+        return self.builder.label_set
+
+    def label(self, windows: Sequence[Sequence[Turn]]) -> list[Labelled | Failed]:
+        return label_together([(self, windows)])[0]
+
+    def _prompts(self, windows: Sequence[Sequence[Turn]]) -> list[Prompt]:
+        demos = self.demonstrations([w[-1].text for w in windows]) if self.demonstrations else [None] * len(windows)
+        return [self.builder.emotion(window, demo) for window, demo in zip(windows, demos)]
+
+    def _result(self, prompt: Prompt, probs: Sequence[float] | Exception) -> Labelled | Failed:
+        if isinstance(probs, Exception):
+            return Failed(f"{type(probs).__name__}: {probs}")
+        dist = dict(zip(prompt.choices, (float(p) for p in probs)))
+        if self.calibration is not None:
+            dist = self.calibration.apply(dist)
+        return Labelled(max(dist, key=dist.__getitem__), dist, prompt.turns_used)
+
+
+def label_together(
+    groups: Sequence[tuple[Labeler, Sequence[Sequence[Turn]]]],
+) -> list[list[Labelled | Failed]]:
+    """Each labeler's windows, labelled by its own prompts, adapter and calibration, in ONE backend call.
+
+    The labelers must share their backend (a multi-LoRA backend mixes adapters in a call). Results come
+    back per group, in order. If the call fails, each item is retried alone (see :class:`Labeler`).
+    """
+    if not groups:
+        return []
+    backend = groups[0][0].backend
+    if any(labeler.backend is not backend for labeler, _ in groups):
+        raise ValueError("labelers scored together must share one backend")
+    prompted = [(labeler, labeler._prompts(windows)) for labeler, windows in groups]
+    requests = [ScoreRequest(p.text, p.choices, labeler.adapter) for labeler, prompts in prompted for p in prompts]
+    scored = iter(_score(backend, requests))
+    return [[labeler._result(p, next(scored)) for p in prompts] for labeler, prompts in prompted]
+
+
+def _score(backend: Backend, requests: list[ScoreRequest]) -> list[list[float] | Exception]:
+    """The batch in one call; if that fails, item by item, a failing item's exception in its place."""
+    try:
+        scored: list[list[float] | Exception] = list(backend.score(requests))
+        if len(scored) != len(requests):
+            raise RuntimeError(f"the backend answered {len(scored)} of {len(requests)} requests")
+        return scored
+    except Exception as e:  # noqa: BLE001 - any backend failure falls back to item by item
+        log.warning("batch inference failed; retrying item by item", error=repr(e), size=len(requests))
+    one_by_one: list[list[float] | Exception] = []
+    for r in requests:
+        try:
+            one_by_one.append(backend.score([r])[0])
+        except Exception as item_error:  # noqa: BLE001
+            one_by_one.append(item_error)
+    return one_by_one

@@ -1,0 +1,272 @@
+"""ConversationStore on a real Redis: ordered windows, idempotent appends, trimming, TTL, atomicity."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+import redis
+
+from consumer.conversation_store import ConversationStore, StoredTurn
+from scoring.prompts import Turn
+
+
+@pytest.fixture
+def client(any_redis: redis.Redis) -> redis.Redis:
+    """Standalone Redis, then Redis Cluster (every key a script touches shares one hash tag)."""
+    return any_redis
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"erc-test-{uuid.uuid4().hex[:8]}"
+
+
+def _store(client: redis.Redis, prefix: str, *, size: int = 3, retain: int = 5, ttl_s: int = 600) -> ConversationStore:
+    return ConversationStore(client, prefix=prefix, size=size, retain=retain, ttl_s=ttl_s)
+
+
+def _turn(n: int, text: str | None = None, speaker: str | None = None) -> StoredTurn:
+    return StoredTurn(n, speaker or ("A" if n % 2 == 0 else "B"), text if text is not None else f"text {n}", f"m-{n}")
+
+
+def _append(store: ConversationStore, conv: str, t: StoredTurn):
+    [update] = store.append_many([(conv, t)])
+    return update
+
+
+def test_retain_below_size_is_refused(client: redis.Redis, prefix: str) -> None:
+    with pytest.raises(ValueError, match="retain"):
+        _store(client, prefix, size=4, retain=3)
+
+
+def test_key_uses_a_cluster_hash_tag(client: redis.Redis, prefix: str) -> None:
+    assert _store(client, prefix).key("c-1") == f"{prefix}:win:{{c-1}}"
+
+
+def test_empty_append_many_is_a_no_op(client: redis.Redis, prefix: str) -> None:
+    assert _store(client, prefix).append_many([]) == []
+
+
+def test_appending_in_order_returns_the_last_size_turns_oldest_first(client: redis.Redis, prefix: str) -> None:
+    store = _store(client, prefix, size=3, retain=5)
+    for n in range(8):
+        update = _append(store, "c", _turn(n))
+        assert update.added is True
+        expected = list(range(max(0, n - 2), n + 1))
+        assert [t.turn for t in update.window] == expected
+        assert update.window[-1] == _turn(n)  # the target is last, stored exactly
+        assert [t.message_id for t in update.window] == [f"m-{i}" for i in expected]
+
+
+def test_window_turns_convert_to_prompt_turns(client: redis.Redis, prefix: str) -> None:
+    store = _store(client, prefix)
+    update = _append(store, "c", StoredTurn(0, "Zoë", 'say "hi"\n— ok ✓', "m-0"))
+    assert update.window[0].as_prompt_turn() == Turn("Zoë", 'say "hi"\n— ok ✓')
+
+
+def test_a_duplicate_turn_is_not_appended_twice_and_the_first_version_wins(client: redis.Redis, prefix: str) -> None:
+    store = _store(client, prefix, size=3, retain=10)
+    first = [_append(store, "c", _turn(n)) for n in range(4)]
+    again = _append(store, "c", _turn(2))  # an exact redelivery
+    assert again.added is False
+    assert again.window == first[2].window
+    conflicting = _append(store, "c", StoredTurn(2, "Mallory", "a different text", "m-other"))
+    assert conflicting.added is False
+    assert conflicting.window == first[2].window
+    assert conflicting.window[-1].text == "text 2" and conflicting.window[-1].message_id == "m-2"
+    assert [t.turn for t in store.get("c")] == [0, 1, 2, 3]
+
+
+def test_retain_trims_the_oldest_turns(client: redis.Redis, prefix: str) -> None:
+    store = _store(client, prefix, size=3, retain=5)
+    for n in range(12):
+        _append(store, "c", _turn(n))
+        assert len(store.get("c")) == min(n + 1, 5)
+    assert [t.turn for t in store.get("c")] == [7, 8, 9, 10, 11]
+    assert client.zcard(store.key("c")) == 5
+
+
+def test_a_replayed_old_turn_never_sees_future_turns(client: redis.Redis, prefix: str) -> None:
+    store = _store(client, prefix, size=3, retain=8)
+    for n in range(6):
+        _append(store, "c", _turn(n))
+    replay = _append(store, "c", _turn(3))
+    assert replay.added is False
+    assert [t.turn for t in replay.window] == [1, 2, 3]
+    first = _append(store, "c", _turn(0))
+    assert [t.turn for t in first.window] == [0]
+
+
+def test_a_replayed_turn_older_than_retain_sees_no_future_and_does_not_grow_the_set(
+    client: redis.Redis, prefix: str
+) -> None:
+    store = _store(client, prefix, size=3, retain=4)
+    for n in range(10):
+        _append(store, "c", _turn(n))
+    replay = _append(store, "c", _turn(2))  # trimmed long ago
+    assert [t.turn for t in replay.window] == [2]
+    assert [t.turn for t in store.get("c")] == [6, 7, 8, 9]
+
+
+def test_an_out_of_order_turn_sees_only_its_past(client: redis.Redis, prefix: str) -> None:
+    store = _store(client, prefix, size=4, retain=8)
+    for n in (0, 1, 4, 5):
+        _append(store, "c", _turn(n))
+    late = _append(store, "c", _turn(2))  # arrives after turns 4 and 5
+    assert late.added is True
+    assert [t.turn for t in late.window] == [0, 1, 2]
+    assert [t.turn for t in store.get("c")] == [0, 1, 2, 4, 5]
+
+
+def test_conversations_are_separate(client: redis.Redis, prefix: str) -> None:
+    store = _store(client, prefix, size=3, retain=5)
+    _append(store, "a", _turn(0, "from a"))
+    update = _append(store, "b", _turn(1, "from b"))
+    assert [t.text for t in update.window] == ["from b"]
+    assert [t.text for t in store.get("a")] == ["from a"]
+
+
+def test_ttl_is_set_and_refreshed(client: redis.Redis, prefix: str) -> None:
+    store = _store(client, prefix, ttl_s=100)
+    _append(store, "c", _turn(0))
+    ttl = client.ttl(store.key("c"))
+    assert 95 <= ttl <= 100
+    client.expire(store.key("c"), 10)
+    _append(store, "c", _turn(0))  # even a duplicate refreshes the conversation's TTL
+    assert 95 <= client.ttl(store.key("c")) <= 100
+
+
+def test_concurrent_appends_to_one_conversation_are_atomic(redis_url: str, prefix: str) -> None:
+    """Two writers racing on the same turns: each turn stored exactly once, windows always ordered."""
+    n_turns, size = 300, 6
+    results: dict[str, list] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def writer(name: str) -> None:
+        c = redis.Redis.from_url(redis_url, socket_timeout=10)
+        try:
+            store = _store(c, prefix, size=size, retain=1_000)
+            barrier.wait()
+            out = []
+            for n in range(n_turns):  # one round trip per turn, to interleave as much as possible
+                out.append(_append(store, "shared", StoredTurn(n, name, f"{name} {n}", f"{name}-{n}")))
+            results[name] = out
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=writer, args=(name,)) for name in ("w1", "w2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    c = redis.Redis.from_url(redis_url)
+    try:
+        stored = _store(c, prefix, size=size, retain=1_000).get("shared")
+    finally:
+        c.close()
+    assert [t.turn for t in stored] == list(range(n_turns))
+    # Exactly one writer added each turn, and the stored version is that writer's.
+    for n in range(n_turns):
+        adders = [name for name in ("w1", "w2") if results[name][n].added]
+        assert len(adders) == 1, (n, adders)
+        assert stored[n].speaker == adders[0]
+    for name in ("w1", "w2"):
+        for n, update in enumerate(results[name]):
+            turns = [t.turn for t in update.window]
+            assert turns == list(range(max(0, n - size + 1), n + 1)), (name, n, turns)
+            assert update.window[-1] == stored[n]
+
+
+def test_concurrent_appends_of_disjoint_turns(redis_url: str, prefix: str) -> None:
+    """Even turns from one thread, odd from another: all stored once, in turn order."""
+    n_turns = 400
+
+    def writer(parity: int) -> None:
+        c = redis.Redis.from_url(redis_url, socket_timeout=10)
+        try:
+            store = _store(c, prefix, size=4, retain=1_000)
+            for start in range(parity, n_turns, 40):
+                store.append_many([("shared", _turn(n)) for n in range(start, min(start + 40, n_turns), 2)])
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    c = redis.Redis.from_url(redis_url)
+    try:
+        stored = _store(c, prefix, size=4, retain=1_000).get("shared")
+    finally:
+        c.close()
+    assert stored == [_turn(n) for n in range(n_turns)]
+
+
+def test_append_many_of_200_items_keeps_input_order(client: redis.Redis, prefix: str) -> None:
+    store = _store(client, prefix, size=4, retain=10)
+    items = [(f"conv-{i % 7}", _turn(i // 7, f"conv-{i % 7} turn {i // 7}")) for i in range(200)]
+    items.append(items[195])  # a redelivery inside the same batch (still retained)
+    updates = store.append_many(items)
+    assert len(updates) == len(items)
+    for (conv, t), update in zip(items[:200], updates):
+        assert update.added is True
+        assert update.window[-1] == t
+        assert all(w.text.startswith(f"{conv} ") for w in update.window)
+        assert [w.turn for w in update.window] == list(range(max(0, t.turn - 3), t.turn + 1))
+    assert updates[-1].added is False and updates[-1].window == updates[195].window
+    for k in range(7):
+        turns = [t.turn for t in store.get(f"conv-{k}")]
+        n = len(range(k, 200, 7))
+        assert turns == list(range(max(0, n - 10), n))
+
+
+# -- duplicate message ids and degraded windows ---------------------------------------------------
+
+
+def test_a_message_id_already_stored_at_another_turn_is_reported_and_not_stored(client, prefix) -> None:
+    store = _store(client, prefix)
+    conv = "dup"
+    assert _append(store, conv, StoredTurn(0, "A", "first", "same-id")).added
+    u = _append(store, conv, StoredTurn(1, "B", "second", "same-id"))
+    assert u.duplicate_of_turn == 0 and not u.added and u.window == ()
+    assert [t.turn for t in store.get(conv)] == [0]
+    # The same message at its own turn again is a redelivery, not a duplicate.
+    again = _append(store, conv, StoredTurn(0, "A", "first", "same-id"))
+    assert again.duplicate_of_turn is None and not again.added
+    # Ids that only share a suffix are not duplicates.
+    assert _append(store, conv, StoredTurn(1, "B", "x", "the-same-id")).added
+
+
+def test_message_ids_with_quotes_and_non_ascii_are_matched_exactly(client, prefix) -> None:
+    store = _store(client, prefix)
+    tricky = 'id "quoted" é 😀 \\ /'
+    assert _append(store, "q", StoredTurn(0, "A", "t", tricky)).added
+    assert _append(store, "q", StoredTurn(1, "A", "t", tricky)).duplicate_of_turn == 0
+    assert _append(store, "q", StoredTurn(2, "A", "t", tricky + "x")).added
+
+
+@pytest.mark.parametrize(
+    ("stored", "turn", "size", "degraded"),
+    [
+        ([0], 0, 3, False),
+        ([0, 1, 2], 2, 3, False),
+        ([1, 2, 3], 3, 3, False),  # a full window need not start at 0
+        ([2, 3], 3, 3, True),  # turn 1 is missing: Redis lost it
+        ([0, 2], 2, 3, True),  # a gap in the input
+        ([5], 5, 3, True),  # a conversation resumed after Redis was emptied
+        ([3, 4, 5], 5, 3, False),  # ... and whole again once `size` turns arrived
+    ],
+)
+def test_degraded_windows(client, prefix, stored, turn, size, degraded) -> None:
+    store = _store(client, prefix, size=size, retain=8)
+    u = None
+    for t in stored:
+        u = _append(store, "deg", _turn(t))
+    assert u is not None and u.degraded(turn, size) == degraded

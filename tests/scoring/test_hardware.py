@@ -1,0 +1,15 @@
+"""The ``auto`` dtype follows the CPU's native bf16 support."""
+
+from __future__ import annotations
+
+import pytest
+
+from scoring import hardware
+
+
+@pytest.mark.parametrize(("flags", "dtype"), [({"avx2", "avx512_bf16"}, "bfloat16"), ({"amx_bf16"}, "bfloat16"),
+                                              ({"avx2", "fma"}, "float32"), (set(), "float32")])
+def test_auto_dtype_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, flags: set[str], dtype: str) -> None:
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    assert hardware.auto_dtype("cpu") == dtype
+

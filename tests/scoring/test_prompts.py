@@ -1,0 +1,291 @@
+"""The shared InstructERC prompt builder: exact renderings, anonymisation, truncation, caps, the three tasks."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.labels import get_label_set
+from scoring.prompts import INSTRUCTION, Demonstration, Prompt, PromptBuilder, Turn
+
+MELD = get_label_set("meld")
+CONVERSATION = (
+    Turn("Ross", "Hi there."),
+    Turn("Rachel", "Oh, hey!"),
+    Turn("Ross", "Did you get my message?"),
+    Turn("Monica", "What message?"),
+)
+DEMO = Demonstration("I can't believe it!", "surprise")
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def builder(**kw) -> PromptBuilder:
+    kw.setdefault("count_tokens", words)
+    return PromptBuilder(MELD, **kw)
+
+
+def test_instruction_text() -> None:
+    assert INSTRUCTION == (
+        "Now you are expert of sentiment and emotional analysis. "
+        "The following conversation noted between '### ###' involves several speakers."
+    )
+
+
+def test_emotion_prompt_without_demonstration() -> None:
+    prompt = builder().emotion(CONVERSATION)
+    assert prompt.text == (
+        "Now you are expert of sentiment and emotional analysis. The following conversation noted between "
+        "'### ###' involves several speakers.\n"
+        '### Speaker_0: "Hi there."\n'
+        'Speaker_1: "Oh, hey!"\n'
+        'Speaker_0: "Did you get my message?"\n'
+        'Speaker_2: "What message?" ###\n'
+        'Please select the emotional label of <Speaker_2: "What message?"> '
+        "from <neutral, surprise, fear, sad, joyful, disgust, angry>:"
+    )
+    assert prompt.choices == ("neutral", "surprise", "fear", "sad", "joyful", "disgust", "angry")
+    assert prompt.turns_used == 4
+    assert Prompt.answer("joyful") == " joyful"
+
+
+def test_emotion_prompt_with_demonstration_after_history() -> None:
+    prompt = builder(demo_position="after_history").emotion(CONVERSATION, DEMO)
+    assert prompt.text == (
+        "Now you are expert of sentiment and emotional analysis. The following conversation noted between "
+        "'### ###' involves several speakers.\n"
+        '### Speaker_0: "Hi there."\n'
+        'Speaker_1: "Oh, hey!"\n'
+        'Speaker_0: "Did you get my message?"\n'
+        'Speaker_2: "What message?" ###\n'
+        'Here is a similar utterance with its emotional label: "I can\'t believe it!" -> surprise.\n'
+        'Please select the emotional label of <Speaker_2: "What message?"> '
+        "from <neutral, surprise, fear, sad, joyful, disgust, angry>:"
+    )
+    assert prompt.turns_used == 4
+
+
+def test_emotion_prompt_with_demonstration_after_instruction() -> None:
+    prompt = builder(demo_position="after_instruction").emotion(CONVERSATION, DEMO)
+    assert prompt.text == (
+        "Now you are expert of sentiment and emotional analysis. The following conversation noted between "
+        "'### ###' involves several speakers.\n"
+        'Here is a similar utterance with its emotional label: "I can\'t believe it!" -> surprise.\n'
+        '### Speaker_0: "Hi there."\n'
+        'Speaker_1: "Oh, hey!"\n'
+        'Speaker_0: "Did you get my message?"\n'
+        'Speaker_2: "What message?" ###\n'
+        'Please select the emotional label of <Speaker_2: "What message?"> '
+        "from <neutral, surprise, fear, sad, joyful, disgust, angry>:"
+    )
+
+
+def test_after_history_keeps_consecutive_prompts_prefix_stable() -> None:
+    b = builder(demo_position="after_history")
+    earlier = b.emotion(CONVERSATION[:3], DEMO).text
+    later = b.emotion(CONVERSATION, Demonstration("other", "fear")).text
+    history_3 = earlier[: earlier.index(" ###\n")]
+    assert later.startswith(history_3)
+
+
+def test_emotion_prompt_of_a_single_turn() -> None:
+    prompt = builder().emotion([Turn("Joey", "How you doin'?")])
+    assert prompt.text == (
+        f"{INSTRUCTION}\n"
+        '### Speaker_0: "How you doin\'?" ###\n'
+        'Please select the emotional label of <Speaker_0: "How you doin\'?"> '
+        "from <neutral, surprise, fear, sad, joyful, disgust, angry>:"
+    )
+    assert prompt.turns_used == 1
+
+
+def test_empty_window_is_refused() -> None:
+    with pytest.raises(ValueError):
+        builder().emotion([])
+    with pytest.raises(ValueError):
+        builder().speaker([])
+
+
+def test_speakers_are_anonymised_in_order_of_first_appearance() -> None:
+    window = [Turn("Zed", "a"), Turn("Amy", "b"), Turn("Zed", "c"), Turn("Bob", "d"), Turn("Amy", "e")]
+    text = builder().emotion(window).text
+    assert 'Speaker_0: "a"\nSpeaker_1: "b"\nSpeaker_0: "c"\nSpeaker_2: "d"\nSpeaker_1: "e" ###' in text
+    assert '<Speaker_1: "e">' in text
+    for name in ("Zed", "Amy", "Bob"):
+        assert name not in text
+
+
+def test_labels_follow_the_label_set() -> None:
+    text = PromptBuilder(get_label_set("emorynlp"), count_tokens=words).emotion(CONVERSATION).text
+    assert text.endswith("from <Joyful, Mad, Peaceful, Neutral, Sad, Powerful, Scared>:")
+
+
+# -- truncation --------------------------------------------------------------------------------
+
+
+def test_no_truncation_within_budget() -> None:
+    full = builder().emotion(CONVERSATION, DEMO)
+    assert builder(max_tokens=words(full.text)).emotion(CONVERSATION, DEMO) == full
+
+
+def test_truncation_drops_the_oldest_turn_first_and_re_anonymises() -> None:
+    full = builder().emotion(CONVERSATION, DEMO).text
+    prompt = builder(max_tokens=words(full) - 1).emotion(CONVERSATION, DEMO)
+    assert prompt.turns_used == 3
+    assert prompt.text == (
+        f"{INSTRUCTION}\n"
+        '### Speaker_0: "Oh, hey!"\n'
+        'Speaker_1: "Did you get my message?"\n'
+        'Speaker_2: "What message?" ###\n'
+        'Here is a similar utterance with its emotional label: "I can\'t believe it!" -> surprise.\n'
+        'Please select the emotional label of <Speaker_2: "What message?"> '
+        "from <neutral, surprise, fear, sad, joyful, disgust, angry>:"
+    )
+    assert words(prompt.text) <= words(full) - 1
+
+
+def test_truncation_goes_as_far_as_needed_and_each_step_fits() -> None:
+    window = [Turn(f"P{i % 3}", f"turn number {i} " + "blah " * 5) for i in range(10)]
+    b = builder()
+    sizes = [words(builder(max_tokens=10_000).emotion(window[i:]).text) for i in range(10)]
+    for budget in range(sizes[-1], sizes[0] + 2):
+        prompt = builder(max_tokens=budget).emotion(window)
+        kept = prompt.turns_used
+        assert words(prompt.text) <= budget
+        # the most turns that fit are kept, and they are the newest ones
+        assert kept == max(10 - i for i in range(10) if sizes[i] <= budget)
+        assert f"turn number {10 - kept} " in prompt.text
+        if kept < 10:
+            assert f"turn number {9 - kept} " not in prompt.text
+    assert b.emotion(window).turns_used == 10
+
+
+def test_truncation_never_cuts_the_target_the_instruction_or_the_statement() -> None:
+    prompt = builder(max_tokens=1).emotion(CONVERSATION, DEMO)
+    assert prompt.turns_used == 1
+    assert prompt.text == (
+        f"{INSTRUCTION}\n"
+        '### Speaker_0: "What message?" ###\n'
+        'Here is a similar utterance with its emotional label: "I can\'t believe it!" -> surprise.\n'
+        'Please select the emotional label of <Speaker_0: "What message?"> '
+        "from <neutral, surprise, fear, sad, joyful, disgust, angry>:"
+    )
+
+
+def test_default_token_count_is_approximate_characters() -> None:
+    b = PromptBuilder(MELD, max_tokens=64)  # no count_tokens: ~4 characters a token
+    long = [Turn("A", "word " * 40) for _ in range(6)] + [Turn("B", "the end")]
+    prompt = b.emotion(long)
+    assert prompt.turns_used < len(long)
+    assert prompt.text.endswith('<Speaker_0: "the end"> from <neutral, surprise, fear, sad, joyful, disgust, angry>:') \
+        or prompt.text.endswith('<Speaker_1: "the end"> from <neutral, surprise, fear, sad, joyful, disgust, angry>:')
+
+
+# -- caps --------------------------------------------------------------------------------------
+
+
+def test_max_turn_chars_caps_history_target_and_demonstration() -> None:
+    b = builder(max_turn_chars=10)
+    window = [Turn("A", "0123456789abcdef"), Turn("B", "short"), Turn("A", "abcdefghijKLMNOP")]
+    prompt = b.emotion(window, Demonstration("ZYXWVUTSRQponm", "fear"))
+    assert prompt.text == (
+        f"{INSTRUCTION}\n"
+        '### Speaker_0: "0123456789…"\n'
+        'Speaker_1: "short"\n'
+        'Speaker_0: "abcdefghij…" ###\n'
+        'Here is a similar utterance with its emotional label: "ZYXWVUTSRQ…" -> fear.\n'
+        'Please select the emotional label of <Speaker_0: "abcdefghij…"> '
+        "from <neutral, surprise, fear, sad, joyful, disgust, angry>:"
+    )
+
+
+def test_a_huge_turn_is_capped_before_counting() -> None:
+    seen: list[int] = []
+
+    def count(text: str) -> int:
+        seen.append(len(text))
+        return words(text)
+
+    b = PromptBuilder(MELD, count_tokens=count, max_turn_chars=2000, max_tokens=100_000)
+    prompt = b.emotion([Turn("B", "y" * 1_000_000), Turn("A", "x" * 1_000_000)])
+    assert seen and max(seen) < 7_000  # three capped texts (two history lines, the target)
+    assert "x" * 2000 + "…" in prompt.text and "x" * 2001 not in prompt.text
+
+
+def test_text_at_the_cap_is_not_marked() -> None:
+    assert '"0123456789"' in builder(max_turn_chars=10).emotion([Turn("A", "0123456789")]).text
+
+
+def test_newlines_and_runs_of_whitespace_are_collapsed() -> None:
+    prompt = builder().emotion([Turn("A", "line one\nline two\r\n\tthree   four  ")])
+    assert '### Speaker_0: "line one line two three four" ###' in prompt.text
+    assert prompt.text.count("\n") == 2
+
+
+# -- speaker identification and emotion impact -------------------------------------------------
+
+
+def test_speaker_prompt() -> None:
+    prompt = builder().speaker(CONVERSATION)
+    assert prompt.choices == ("Speaker_0", "Speaker_1", "Speaker_2")
+    assert prompt.turns_used == 4
+    assert prompt.text == (
+        f"{INSTRUCTION}\n"
+        '### Speaker_0: "Hi there."\n'
+        'Speaker_1: "Oh, hey!"\n'
+        'Speaker_0: "Did you get my message?" ###\n'
+        'Please select the speaker of the next utterance "What message?" from <Speaker_0, Speaker_1, Speaker_2>:'
+    )
+
+
+def test_speaker_prompt_keeps_names_fixed_under_truncation() -> None:
+    full = builder().speaker(CONVERSATION).text
+    prompt = builder(max_tokens=words(full) - 1).speaker(CONVERSATION)
+    assert prompt.turns_used == 3  # two history turns and the target
+    assert prompt.choices == ("Speaker_0", "Speaker_1", "Speaker_2")
+    assert prompt.text == (
+        f"{INSTRUCTION}\n"
+        '### Speaker_1: "Oh, hey!"\n'
+        'Speaker_0: "Did you get my message?" ###\n'
+        'Please select the speaker of the next utterance "What message?" from <Speaker_0, Speaker_1, Speaker_2>:'
+    )
+    bare = builder(max_tokens=1).speaker(CONVERSATION)
+    assert bare.turns_used == 1
+    assert "### ###" in bare.text and bare.text.endswith("from <Speaker_0, Speaker_1, Speaker_2>:")
+
+
+def test_speaker_prompt_of_a_known_speaker() -> None:
+    prompt = builder().speaker(CONVERSATION[:3])
+    assert prompt.choices == ("Speaker_0", "Speaker_1")
+    assert prompt.text.endswith('"Did you get my message?" from <Speaker_0, Speaker_1>:')
+
+
+def test_impact_prompt() -> None:
+    prompt = builder().impact(CONVERSATION[:3], "Monica")
+    assert prompt.choices == MELD.labels
+    assert prompt.turns_used == 3
+    assert prompt.text == (
+        f"{INSTRUCTION}\n"
+        '### Speaker_0: "Hi there."\n'
+        'Speaker_1: "Oh, hey!"\n'
+        'Speaker_0: "Did you get my message?" ###\n'
+        "Based on the conversation so far, please predict the emotional label of the next utterance, "
+        "by <Speaker_2>, from <neutral, surprise, fear, sad, joyful, disgust, angry>:"
+    )
+    assert builder().impact(CONVERSATION[:3], "Rachel").text.endswith(
+        "by <Speaker_1>, from <neutral, surprise, fear, sad, joyful, disgust, angry>:"
+    )
+
+
+def test_impact_prompt_without_history_and_under_truncation() -> None:
+    empty = builder().impact([], "Joey")
+    assert empty.turns_used == 0
+    assert empty.text == (
+        f"{INSTRUCTION}\n### ###\n"
+        "Based on the conversation so far, please predict the emotional label of the next utterance, "
+        "by <Speaker_0>, from <neutral, surprise, fear, sad, joyful, disgust, angry>:"
+    )
+    cut = builder(max_tokens=1).impact(CONVERSATION[:3], "Monica")
+    assert cut.turns_used == 0
+    assert cut.text.endswith("by <Speaker_2>, from <neutral, surprise, fear, sad, joyful, disgust, angry>:")
