@@ -102,8 +102,13 @@ class DeadLetter(_Record):
     """A record the stream could not turn into an event, on ``chat.dlq``, with why."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    error_type: str = Field(description="A short machine-readable class: invalid_json, invalid_utf8, schema, too_large, empty, conflict, duplicate_id, inference.")
+    error_type: str = Field(description="A short machine-readable class: invalid_json, invalid_utf8, schema, too_large, "
+                            "empty, conflict, duplicate_id, inference (the model), processing (any other failure of "
+                            "this message in the pipeline).")
     reason: str
+    stage: str | None = Field(None, description="The pipeline stage the message failed in (decode, sanitize, "
+                              "conversation, prompt, inference, calibration, event, alerts), when it got past "
+                              "validation.")
     source_topic: str
     source_partition: int
     source_offset: int
@@ -116,13 +121,14 @@ class DeadLetter(_Record):
     @classmethod
     def for_record(
         cls, *, error_type: str, reason: str, topic: str, partition: int, offset: int,
-        value: bytes | None, key: bytes | None, max_original_bytes: int | None = None,
+        value: bytes | None, key: bytes | None, max_original_bytes: int | None = None, stage: str | None = None,
     ) -> "DeadLetter":
         value = value or b""
         cut = max_original_bytes is not None and len(value) > max_original_bytes
         return cls(
             error_type=error_type,
             reason=reason[:2000],
+            stage=stage,
             source_topic=topic,
             source_partition=partition,
             source_offset=offset,

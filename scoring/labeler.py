@@ -5,15 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import structlog
-
 from core.labels import LabelSet
 from scoring.adapters import AdapterChoice
 from scoring.backends.base import Backend, ScoreRequest
 from scoring.calibration import Calibration
+from scoring.fallback import batch_or_each, describe
 from scoring.prompts import Demonstration, Prompt, PromptBuilder, Turn
-
-log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,14 +22,18 @@ class Labelled:
 
 @dataclass(frozen=True)
 class Failed:
+    """This item could not be labelled: why, and at which stage (``prompt``, ``inference``, ``calibration``)."""
+
     error: str
+    stage: str = "inference"
 
 
 class Labeler:
     """Builds each window's prompt with the shared builder and scores a batch in one backend call.
 
     If the batch call fails, each item is retried alone, so one poisonous prompt fails only itself
-    (the caller dead-letters it) and the rest of the batch is labelled.
+    (the caller dead-letters it) and the rest of the batch is labelled; so do the demonstration lookup, the
+    prompt and the label-prior correction of each item.
     """
 
     def __init__(
@@ -64,17 +65,31 @@ class Labeler:
     def label(self, windows: Sequence[Sequence[Turn]]) -> list[Labelled | Failed]:
         return label_together([(self, windows)])[0]
 
-    def _prompts(self, windows: Sequence[Sequence[Turn]]) -> list[Prompt]:
-        demos = self.demonstrations([w[-1].text for w in windows]) if self.demonstrations else [None] * len(windows)
-        return [self.builder.emotion(window, demo) for window, demo in zip(windows, demos)]
+    def _prompts(self, windows: Sequence[Sequence[Turn]]) -> list[Prompt | Failed]:
+        lookup = self.demonstrations
+        demos: list = (batch_or_each(lookup, [w[-1].text for w in windows], what="demonstration lookup")
+                       if lookup else [None] * len(windows))
+        out: list[Prompt | Failed] = []
+        for window, demo in zip(windows, demos):
+            if isinstance(demo, Exception):
+                out.append(Failed(describe(demo), "prompt"))
+                continue
+            try:
+                out.append(self.builder.emotion(window, demo))
+            except Exception as e:  # noqa: BLE001 - this window only
+                out.append(Failed(describe(e), "prompt"))
+        return out
 
     def _result(self, prompt: Prompt, probs: Sequence[float] | Exception) -> Labelled | Failed:
         if isinstance(probs, Exception):
-            return Failed(f"{type(probs).__name__}: {probs}")
-        dist = dict(zip(prompt.choices, (float(p) for p in probs)))
-        if self.calibration is not None:
-            dist = self.calibration.apply(dist)
-        return Labelled(max(dist, key=dist.__getitem__), dist, prompt.turns_used)
+            return Failed(describe(probs), "inference")
+        try:
+            dist = dict(zip(prompt.choices, (float(p) for p in probs)))
+            if self.calibration is not None:
+                dist = self.calibration.apply(dist)
+            return Labelled(max(dist, key=dist.__getitem__), dist, prompt.turns_used)
+        except Exception as e:  # noqa: BLE001 - this item only
+            return Failed(describe(e), "calibration")
 
 
 def label_together(
@@ -91,24 +106,8 @@ def label_together(
     if any(labeler.backend is not backend for labeler, _ in groups):
         raise ValueError("labelers scored together must share one backend")
     prompted = [(labeler, labeler._prompts(windows)) for labeler, windows in groups]
-    requests = [ScoreRequest(p.text, p.choices, labeler.adapter) for labeler, prompts in prompted for p in prompts]
-    scored = iter(_score(backend, requests))
-    return [[labeler._result(p, next(scored)) for p in prompts] for labeler, prompts in prompted]
-
-
-def _score(backend: Backend, requests: list[ScoreRequest]) -> list[list[float] | Exception]:
-    """The batch in one call; if that fails, item by item, a failing item's exception in its place."""
-    try:
-        scored: list[list[float] | Exception] = list(backend.score(requests))
-        if len(scored) != len(requests):
-            raise RuntimeError(f"the backend answered {len(scored)} of {len(requests)} requests")
-        return scored
-    except Exception as e:  # noqa: BLE001 - any backend failure falls back to item by item
-        log.warning("batch inference failed; retrying item by item", error=repr(e), size=len(requests))
-    one_by_one: list[list[float] | Exception] = []
-    for r in requests:
-        try:
-            one_by_one.append(backend.score([r])[0])
-        except Exception as item_error:  # noqa: BLE001
-            one_by_one.append(item_error)
-    return one_by_one
+    requests = [ScoreRequest(p.text, p.choices, labeler.adapter)
+                for labeler, prompts in prompted for p in prompts if isinstance(p, Prompt)]
+    scored = iter(batch_or_each(backend.score, requests, what="inference"))
+    return [[p if isinstance(p, Failed) else labeler._result(p, next(scored)) for p in prompts]
+            for labeler, prompts in prompted]

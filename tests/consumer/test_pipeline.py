@@ -167,3 +167,98 @@ def test_redis_failing_in_a_stateful_stage_raises_redis_down_with_that_stage(sta
     with pytest.raises(RedisDown) as raised:
         pipeline.process([_msg("r", 0, "hi")], settings, parts)
     assert raised.value.operation == stage
+
+
+# -- one poisonous message at each stage ---------------------------------------------------------
+
+POISON = "poison"
+
+
+def _poisoned(text_or_id: str) -> bool:
+    return POISON in text_or_id
+
+
+class _PoisonTurns(MemoryTurns):
+    def append_many(self, turns):
+        if any(_poisoned(t.text) for _, t in turns):
+            raise redis.ResponseError("user_script:1: a script failed on this message's data")
+        return super().append_many(turns)
+
+
+class _PoisonAlerts(NoAlerts):
+    def evaluate(self, items):
+        if any(_poisoned(e.message_id) for e, _ in items):
+            raise KeyError("a rule failed on this event")
+        return []
+
+
+class _PoisonCalibration:
+    def apply(self, dist):
+        if max(dist, key=dist.__getitem__) == "disgust":
+            raise ZeroDivisionError("prior correction failed")
+        return dist
+
+
+def _inject(stage: str, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Parts:
+    parts = _parts(settings)
+    if stage == "decode":
+        real = pipeline.decode
+        monkeypatch.setattr(pipeline, "decode", lambda value, **kw: (_ for _ in ()).throw(RuntimeError("decoder bug"))
+                            if POISON.encode() in value else real(value, **kw))
+    elif stage == "sanitize":
+        def count(text: str) -> int:
+            if _poisoned(text):
+                raise UnicodeError("tokenizer failed")
+            return len(text) // 4 + 1
+        parts = Parts(**{**parts.__dict__, "count_tokens": count})
+    elif stage == "conversation":
+        parts = Parts(**{**parts.__dict__, "conversations": _PoisonTurns(settings.window.size)})
+    elif stage == "prompt":
+        def lookup(texts):
+            if any(_poisoned(t) for t in texts):
+                raise IndexError("retrieval index corrupt")
+            return [None] * len(texts)
+        parts.routes.default.labeler.demonstrations = lookup
+    elif stage == "inference":
+        parts.routes.default.labeler.backend.fail_on = POISON
+    elif stage == "calibration":
+        parts.routes.default.labeler.calibration = _PoisonCalibration()
+    elif stage == "event":
+        real_event = pipeline.event
+        monkeypatch.setattr(pipeline, "event", lambda item, msg, *a: (_ for _ in ()).throw(OSError("clock"))
+                            if _poisoned(msg.message_id) else real_event(item, msg, *a))
+    elif stage == "alerts":
+        parts = Parts(**{**parts.__dict__, "alerts": _PoisonAlerts()})
+    return parts
+
+
+@pytest.mark.parametrize("stage", pipeline.STAGES)
+def test_a_message_failing_at_any_stage_is_dead_lettered_with_its_stage_and_the_batch_goes_on(
+    stage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings()
+    parts = _inject(stage, settings, monkeypatch)
+    text = "such disgust" if stage == "calibration" else f"a {POISON} text"
+    batch = [_msg("p", 0, "hello"), _msg("p", 1, text, message_id=f"p:{POISON}"), _msg("q", 0, "so sad"),
+             _msg("p", 2, "fine")]
+    out = pipeline.process(batch, settings, parts)
+    dead = [d for d in out.dead if d.source_offset == batch[1].record.offset]
+    assert len(out.dead) == 1 and len(dead) == 1, out.dead
+    assert dead[0].stage == stage
+    assert dead[0].error_type == ("inference" if stage == "inference" else "processing")
+    labelled = {e.message_id for e, _ in out.events}
+    others = {"p:0", "q:0", "p:2"}
+    # Its rules failed, not its label: the event stands, and a replay of the dead letter evaluates them again.
+    assert labelled == (others | {f"p:{POISON}"} if stage == "alerts" else others)
+
+
+def test_redis_out_of_memory_is_an_outage_not_a_poisonous_message() -> None:
+    class Full(MemoryTurns):
+        def append_many(self, turns):
+            raise redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+
+    settings = _settings()
+    with pytest.raises(RedisDown):
+        pipeline.process([_msg("o", 0, "hi")], settings, _parts(settings, conversations=Full(3)))
+    assert pipeline.redis_outage(redis.ConnectionError("refused"))
+    assert not pipeline.redis_outage(redis.ResponseError("ERR user_script:1: bad argument"))
