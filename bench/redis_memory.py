@@ -35,7 +35,7 @@ def _event(msg, label: str):
     from core.records import EmotionEvent
 
     probs = {name: (0.7 if name == label else 0.05) for name in LABELS}
-    return EmotionEvent(event_id=EmotionEvent.make_id(msg.message_id, "smollm2-135m", "meld-smollm2-lora"),
+    return EmotionEvent(event_id=EmotionEvent.make_id(tenant=msg.tenant, conversation_id=msg.conversation_id, message_id=msg.message_id, model="smollm2-135m", adapter="meld-smollm2-lora"),
                         message_id=msg.message_id, conversation_id=msg.conversation_id, turn=msg.turn,
                         speaker=msg.speaker, tenant=msg.tenant, label=label, probabilities=probs, label_set="meld",
                         model="smollm2-135m", adapter="meld-smollm2-lora", window=12, latency_ms=1.0,
@@ -45,7 +45,7 @@ def _event(msg, label: str):
 def _alert(msg):
     from core.records import Alert
 
-    return Alert(alert_id=Alert.make_id("negative_streak", msg.conversation_id, msg.message_id), rule="negative_streak",
+    return Alert(alert_id=Alert.make_id("negative_streak", tenant=msg.tenant, conversation_id=msg.conversation_id, trigger_message_id=msg.message_id), rule="negative_streak",
                  severity="warning", summary="s", conversation_id=msg.conversation_id, tenant=msg.tenant,
                  trigger_message_id=msg.message_id, evidence=[], metrics={}, label_set="meld", model="m", adapter=None)
 

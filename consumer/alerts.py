@@ -14,7 +14,7 @@ Three rules (settings section ``alerts``):
 
 State (atomic Lua scripts, keys hash-tagged per conversation / tenant like the windows):
 
-- ``<prefix>:alert:conv:{<conversation>}``: a sorted set of the conversation's recent turns, scored by
+- ``<prefix>:alert:conv:{<conversation scope>}`` (``core.records.conversation_scope``: tenant and conversation): a sorted set of the conversation's recent turns, scored by
   turn, each member the turn's message id, speaker, label and probabilities. A redelivered turn replaces
   itself, so the rules are a pure function of the labels stored up to the turn being evaluated: a
   redelivery recomputes the same alert.
@@ -22,7 +22,7 @@ State (atomic Lua scripts, keys hash-tagged per conversation / tenant like the w
   ``:ev`` (evidence of the negative ones) and ``:cool`` (the last alert's id and time, for the cooldown);
   ``t=`` keeps the hash tag non-empty for events without a tenant.
 
-Redelivery: alert ids are deterministic (uuid5 of rule, scope and the triggering message), and an
+Redelivery: alert ids are deterministic (uuid5 of rule, tenant, conversation and the triggering message), and an
 alert's id is recorded with ``SET NX`` once the broker acknowledged it (``mark_sent``); an alert whose
 id is recorded is not sent again (``unsent``). Between the acks and the record a crash can send an
 alert twice, with the same id: readers dedupe by ``alert_id`` (``core.readers.read_alerts``).
@@ -39,7 +39,7 @@ import redis
 import structlog
 
 from consumer.redis_scripts import run_scripts
-from core.records import Alert, AlertEvidence, ChatMessage, EmotionEvent
+from core.records import Alert, AlertEvidence, ChatMessage, EmotionEvent, conversation_scope
 from core.settings import AlertSettings
 
 log = structlog.get_logger(__name__)
@@ -154,8 +154,8 @@ class AlertEngine:
 
     # -- keys --------------------------------------------------------------------------------
 
-    def _conv_key(self, conversation_id: str) -> str:
-        return f"{self.prefix}:alert:conv:{{{conversation_id}}}"
+    def _conv_key(self, event: EmotionEvent) -> str:
+        return f"{self.prefix}:alert:conv:{{{conversation_scope(event.tenant, event.conversation_id)}}}"
 
     def _tenant_keys(self, tenant: str | None) -> list[str]:
         # The hash tag is never empty: Redis Cluster hashes a key with an empty `{}` whole, which would
@@ -195,17 +195,19 @@ class AlertEngine:
         for event, msg in items:
             negative = event.label in self._labels(event.label_set, s.negative_labels)
             if conv_on:
-                calls.append((self._conv, [self._conv_key(event.conversation_id)],
+                calls.append((self._conv, [self._conv_key(event)],
                               [event.turn, _turn(event).to_json(), self.keep, self.ttl_s,
                                "1" if self._reads_turns(event) else "0"]))
             if tenant_on:
                 ts = min(msg.sent_at.timestamp(), now + _MAX_FUTURE_S)
                 # The script reads the evidence and the alert id of negative events only.
-                alert_id = Alert.make_id("tenant_negative_rate", event.tenant or "", event.message_id) if negative else ""
+                alert_id = self._alert_id("tenant_negative_rate", event) if negative else ""
                 evidence = _turn(event).evidence(event.conversation_id).model_dump_json() if negative else ""
                 args = per_tenant.setdefault(event.tenant, [])
                 tenant_slot.append((event.tenant, len(args) // 5))
-                args += [event.message_id, ts, "1" if negative else "0", evidence, alert_id]
+                # Members are (conversation, message): message ids are unique only within a conversation.
+                member = json.dumps([event.conversation_id, event.message_id], ensure_ascii=False)
+                args += [member, ts, "1" if negative else "0", evidence, alert_id]
         if per_tenant:
             ttl = int(max(s.tenant_window_s, s.tenant_cooldown_s) * 2) + 3600
             for tenant, args in per_tenant.items():
@@ -257,7 +259,7 @@ class AlertEngine:
             if len(streak) == s.streak_length:  # first reaches the length: once per streak
                 streak.reverse()
                 found.append(self._alert(
-                    "negative_streak", event, scope=event.conversation_id,
+                    "negative_streak", event,
                     summary=f"{len(streak)} negative turns in a row in conversation {event.conversation_id}: "
                             + ", ".join(t.label for t in streak),
                     evidence=[t.evidence(event.conversation_id) for t in streak[-s.evidence_max:]],
@@ -271,7 +273,7 @@ class AlertEngine:
             if previous is not None and previous.label in self._labels(event.label_set, s.calm_labels):
                 current = turns.get(event.turn) or _turn(event)
                 found.append(self._alert(
-                    "shift_to_anger", event, scope=event.conversation_id,
+                    "shift_to_anger", event,
                     summary=f"{event.speaker} went from {previous.label} to {event.label} in conversation "
                             f"{event.conversation_id}",
                     evidence=[previous.evidence(event.conversation_id), current.evidence(event.conversation_id)],
@@ -289,7 +291,7 @@ class AlertEngine:
         rate = int(negs) / int(total)
         who = event.tenant if event.tenant is not None else "(no tenant)"
         return [self._alert(
-            "tenant_negative_rate", event, scope=event.tenant or "", conversation_id=None,
+            "tenant_negative_rate", event, conversation_id=None,
             summary=f"tenant {who}: {int(negs)} of {int(total)} events negative ({100 * rate:.0f} %) in the last "
                     f"{s.tenant_window_s:g} s, over the {100 * s.tenant_threshold:.0f} % threshold",
             evidence=items, metrics={"negative_rate": round(rate, 4), "events": float(total),
@@ -298,13 +300,18 @@ class AlertEngine:
         )]
 
     @staticmethod
-    def _alert(rule: str, event: EmotionEvent, *, scope: str, summary: str, evidence: list[AlertEvidence],
+    def _alert_id(rule: str, event: EmotionEvent) -> str:
+        return Alert.make_id(rule, tenant=event.tenant, conversation_id=event.conversation_id,
+                             trigger_message_id=event.message_id)
+
+    @classmethod
+    def _alert(cls, rule: str, event: EmotionEvent, *, summary: str, evidence: list[AlertEvidence],
                metrics: dict[str, float], conversation_id: str | None, severity: str = "warning") -> Alert:
         return Alert(
-            alert_id=Alert.make_id(rule, scope, event.message_id), rule=rule, severity=severity, summary=summary,
+            alert_id=cls._alert_id(rule, event), rule=rule, severity=severity, summary=summary,
             conversation_id=conversation_id,
             tenant=event.tenant, trigger_message_id=event.message_id, evidence=evidence, metrics=metrics,
-            label_set=event.label_set, model=event.model, adapter=event.adapter,
+            label_set=event.label_set, model=event.model, adapter=event.adapter, adapter_version=event.adapter_version,
         )
 
     # -- redelivery ----------------------------------------------------------------------------

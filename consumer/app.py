@@ -223,7 +223,8 @@ class StreamApp:
 
     def _publish_adapter(self) -> None:
         self.metrics.set_adapters(type(self.backend).__name__, self.backend.model_id,
-                                  [(r.labeler.adapter, r.labeler.label_set.name) for r in self.routes.routes])
+                                  [(r.labeler.adapter, r.labeler.adapter_version, r.labeler.label_set.name)
+                                   for r in self.routes.routes])
 
     # -- one batch ---------------------------------------------------------------------------
 

@@ -91,7 +91,7 @@ class ConsumerMetrics:
                                   ["topic", "partition"], registry=r)
         self.adapter_info = Gauge("erc_adapter_info",
                                   "The model and adapters labelling the stream, one series per route (value 1).",
-                                  ["backend", "model", "adapter", "label_set"], registry=r)
+                                  ["backend", "model", "adapter", "version", "label_set"], registry=r)
         self.redis_errors = Counter("erc_redis_errors", "Redis operations that failed (each pauses the stream or is "
                                     "retried).", ["operation"], registry=r)
         self.broker_errors = Counter("erc_broker_errors", "Batches whose emit or commit failed (redone).", registry=r)
@@ -118,7 +118,7 @@ class ConsumerMetrics:
         for operation in REDIS_OPERATIONS:
             self.redis_errors.labels(operation)
         self._lag_labels: set[tuple[str, str]] = set()
-        self._adapter_labels: set[tuple[str, str, str, str]] = set()
+        self._adapter_labels: set[tuple[str, str, str, str, str]] = set()
         self._tokens_seen = (0, 0)
         self._recent_latencies_ms: deque[float] = deque(maxlen=RECENT_LATENCIES)
         self.last_beat = time.monotonic()
@@ -130,9 +130,10 @@ class ConsumerMetrics:
         self.last_beat = time.monotonic()
         self.loop_heartbeat.set(time.time())
 
-    def set_adapters(self, backend: str, model: str, routes: Iterable[tuple[str | None, str]]) -> None:
-        """One series per route's (adapter, label set) now serving; series of routes no longer served are removed."""
-        current = {(backend, model, adapter or "none", label_set) for adapter, label_set in routes}
+    def set_adapters(self, backend: str, model: str, routes: Iterable[tuple[str | None, str | None, str]]) -> None:
+        """One series per route's (adapter, version, label set) now serving; series no longer served are removed."""
+        current = {(backend, model, adapter or "none", version or "none", label_set)
+                   for adapter, version, label_set in routes}
         for gone in self._adapter_labels - current:
             self.adapter_info.remove(*gone)
         for labels in current - self._adapter_labels:

@@ -31,7 +31,7 @@ import structlog
 from consumer.conversation_store import StoredTurn, TurnUpdate
 from consumer.sanitize import clean_text
 from consumer.validation import decode
-from core.records import Alert, ChatMessage, DeadLetter, EmotionEvent, utcnow
+from core.records import Alert, ChatMessage, DeadLetter, EmotionEvent, conversation_scope, utcnow
 from core.settings import Settings
 from scoring.fallback import batch_or_each, describe
 from scoring.labeler import Failed, Labelled
@@ -175,7 +175,7 @@ def stored_turns(valid: Sequence[Item], settings: Settings, count_tokens: Callab
             continue
         truncated += cut
         kept.append((item, m))
-        turns.append((m.conversation_id, StoredTurn(m.turn, m.speaker, text, m.message_id)))
+        turns.append((conversation_scope(m.tenant, m.conversation_id), StoredTurn(m.turn, m.speaker, text, m.message_id)))
     return kept, turns, truncated
 
 
@@ -291,7 +291,8 @@ def event(item: Polled, msg: ChatMessage, update: TurnUpdate, result: Labelled, 
     labeler = parts.routes.labeler(msg.tenant)
     label_set = labeler.label_set
     return EmotionEvent(
-        event_id=EmotionEvent.make_id(msg.message_id, parts.model_id, labeler.adapter),
+        event_id=EmotionEvent.make_id(tenant=msg.tenant, conversation_id=msg.conversation_id,
+                                      message_id=msg.message_id, model=parts.model_id, adapter=labeler.adapter_key),
         message_id=msg.message_id,
         conversation_id=msg.conversation_id,
         turn=msg.turn,
@@ -302,6 +303,7 @@ def event(item: Polled, msg: ChatMessage, update: TurnUpdate, result: Labelled, 
         label_set=label_set.name,
         model=parts.model_id,
         adapter=labeler.adapter,
+        adapter_version=labeler.adapter_version,
         window=result.turns_used,
         latency_ms=round((time.monotonic() - item.received) * 1000, 3),
         emitted_at=utcnow(),

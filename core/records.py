@@ -9,6 +9,7 @@ silently coerced.
 from __future__ import annotations
 
 import base64
+import json
 import math
 import uuid
 from datetime import UTC, datetime
@@ -17,10 +18,21 @@ from typing import Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
-# Namespace of event ids: uuid5(EVENT_NAMESPACE, "<message_id>|<model>|<adapter>").
+# Namespace of event ids: uuid5 of the JSON list [tenant, conversation id, message id, model, adapter@version].
 EVENT_NAMESPACE = uuid.UUID("6f1c7a52-3b0e-4c1e-9a51-2d7c0e4b9f10")
-# Namespace of alert ids: uuid5(ALERT_NAMESPACE, "<rule>|<scope>|<trigger message id>").
+# Namespace of alert ids: uuid5 of the JSON list [rule, tenant, conversation id, trigger message id].
 ALERT_NAMESPACE = uuid.UUID("0b8f3c2e-7d41-4a9b-8e6f-5c2a1d9e4f70")
+
+
+def _identity(*parts: str | None) -> str:
+    # JSON, not a separator: no id can make two different tuples encode alike ("a|b", "c" vs "a", "b|c").
+    return json.dumps(parts, ensure_ascii=False, separators=(",", ":"))
+
+
+def conversation_scope(tenant: str | None, conversation_id: str) -> str:
+    """A conversation's identity across tenants (its state's key in Redis): two tenants' conversation "1" are
+    two conversations. Without a tenant, the conversation id itself."""
+    return conversation_id if tenant is None else f"t{len(tenant)}:{tenant}:{conversation_id}"
 
 
 def utcnow() -> datetime:
@@ -69,6 +81,7 @@ class EmotionEvent(_Record):
     label_set: str
     model: str
     adapter: str | None = None
+    adapter_version: str | None = Field(None, description="The adapter's content hash (its immutable version).")
     window: int = Field(description="Turns in the prompt's history window, the target included.")
     latency_ms: float = Field(description="From the message's receipt by the consumer to the event's emission.")
     emitted_at: AwareDatetime
@@ -89,9 +102,11 @@ class EmotionEvent(_Record):
         return self
 
     @staticmethod
-    def make_id(message_id: str, model: str, adapter: str | None) -> str:
-        """Deterministic: the same message labelled by the same model and adapter always has the same id."""
-        return str(uuid.uuid5(EVENT_NAMESPACE, f"{message_id}|{model}|{adapter or ''}"))
+    def make_id(*, tenant: str | None, conversation_id: str, message_id: str, model: str,
+                adapter: str | None) -> str:
+        """Deterministic: the same message of the same conversation and tenant, labelled by the same model and
+        adapter version (``adapter`` = ``NAME@VERSION``), always has the same id; any other message, another."""
+        return str(uuid.uuid5(EVENT_NAMESPACE, _identity(tenant, conversation_id, message_id, model, adapter or None)))
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "EmotionEvent":
@@ -180,11 +195,13 @@ class Alert(_Record):
     label_set: str
     model: str
     adapter: str | None = None
+    adapter_version: str | None = None
     raised_at: AwareDatetime = Field(default_factory=utcnow)
 
     @staticmethod
-    def make_id(rule: str, scope: str, trigger_message_id: str) -> str:
-        return str(uuid.uuid5(ALERT_NAMESPACE, f"{rule}|{scope}|{trigger_message_id}"))
+    def make_id(rule: str, *, tenant: str | None, conversation_id: str, trigger_message_id: str) -> str:
+        """Deterministic: the same rule fired by the same message (of that conversation and tenant), the same id."""
+        return str(uuid.uuid5(ALERT_NAMESPACE, _identity(rule, tenant, conversation_id, trigger_message_id)))
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "Alert":

@@ -42,17 +42,18 @@ def print_registry(registry) -> None:
     for b in registry.bases():
         bases.add_row(b["name"], "yes" if b["converted"] else "on first use", b["path"])
     console.print(bases)
-    active = {ls: (registry.active(ls).name if registry.active(ls) else None)
+    active = {ls: ((ref.name, ref.version) if (ref := registry.active(ls)) else None)
               for ls in ("meld", "emorynlp", "iemocap", "unified")}
     adapters = Table(title="adapters")
-    for col in ("name", "label set", "base", "window", "dev W-F1", "created", "where", "active"):
+    for col in ("name", "version", "label set", "base", "window", "dev W-F1", "created", "where", "active"):
         adapters.add_column(col)
     for a in registry.adapters():
         m = a.meta
         dev = (m.get("dev") or {}).get("weighted_f1")
-        adapters.add_row(a.name, str(a.label_set), str(m.get("base")), str(m.get("window")),
+        adapters.add_row(a.name, str(a.version), str(a.label_set), str(m.get("base")), str(m.get("window")),
                          f"{dev:.1f}" if dev is not None else "-", str(m.get("created", "-")),
-                         "shipped" if a.shipped else "store", "yes" if active.get(a.label_set) == a.name else "")
+                         "shipped" if a.shipped else "store",
+                         "yes" if active.get(a.label_set) == (a.name, a.version) else "")
     console.print(adapters)
 
 

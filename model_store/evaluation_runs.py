@@ -51,6 +51,6 @@ def run_eval(
     report["margin_over_best_baseline"] = round(report["weighted_f1"] - best, 2)
     report["calibrated"] = choice.calibration is not None
     if choice.ref is not None and dialogues is None and limit is None and calibrated and adapter != NO_ADAPTER:
-        Registry(settings.store.dir).record_eval(choice.ref.name, f"{dataset}:{split}", {
+        Registry(settings.store.dir).record_eval(choice.ref.key, f"{dataset}:{split}", {
             k: report[k] for k in ("weighted_f1", "accuracy", "n", "per_label_f1", "baselines")})
     return report

@@ -342,12 +342,19 @@ def training_index(cfg: TrainConfig, conversations, store_dir: Path):
 def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, progress: bool = True,
           command: str | None = None) -> Path:
     """Run one training job end to end and write the adapter (or, ``full``, the model) with its metadata;
-    returns its directory."""
+    returns its directory.
+
+    Without ``out_dir`` a LoRA adapter trains in ``<store>/adapters/<name>/.training/`` (where its checkpoints
+    are, so the same command resumes it) and is published as a new immutable version of ``name``
+    (``model_store.registry.publish``); versions trained before are never touched."""
     from model_store.base_models import resolve_base
 
     if cfg.full and cfg.calibration:
         raise ValueError("calibration is stored with a LoRA adapter; train --full without --calibration")
-    out_dir = out_dir or store_dir / "adapters" / cfg.name
+    from model_store.registry import publish
+
+    versioned = out_dir is None and not cfg.full
+    out_dir = out_dir or store_dir / "adapters" / cfg.name / (".training" if versioned else "")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     label_set = get_label_set(cfg.label_set)
@@ -381,6 +388,8 @@ def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, pro
         (out_dir / "erc_meta.json").write_text(json.dumps(meta, indent=2, default=str))
         log.info("calibrated", power=calibration.power, weighted_f1_before=calibration.weighted_f1_before,
                  weighted_f1_after=calibration.weighted_f1_after, n=calibration.n)
+    if versioned:
+        out_dir = publish(out_dir, store_dir, cfg.name)
     log.info("adapter written", path=str(out_dir), **result)
     return out_dir
 

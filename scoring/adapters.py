@@ -26,8 +26,16 @@ class Demonstrations(Protocol):
 
 @dataclass(frozen=True)
 class AdapterRef:
+    """An adapter version: its name, its files and its content hash (``model_store.registry.adapter_version``)."""
+
     name: str
     path: Path
+    version: str | None = None
+
+    @property
+    def key(self) -> str:
+        """What a backend knows this version by: a new version of a name is a different adapter to load."""
+        return f"{self.name}@{self.version}" if self.version else self.name
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,14 @@ class AdapterChoice:
     @property
     def name(self) -> str | None:
         return self.ref.name if self.ref else None
+
+    @property
+    def version(self) -> str | None:
+        return self.ref.version if self.ref else None
+
+    @property
+    def key(self) -> str | None:
+        return self.ref.key if self.ref else None
 
 
 #: Chooses a route's adapter from its settings (``model_store.loading.choose_adapter`` in the product).

@@ -46,15 +46,23 @@ class Labeler:
     ) -> None:
         self.backend = backend
         self.builder = builder
-        self.adapter = adapter
+        self.adapter = adapter  # the adapter's name (events carry it)
+        self.adapter_version: str | None = None  # its content hash, once chosen (events carry it too)
         self.demonstrations = demonstrations
         self.calibration: Calibration | None = None
+
+    @property
+    def adapter_key(self) -> str | None:
+        """What the backend knows the adapter by (``NAME@VERSION``): a new version is loaded, never mistaken for
+        the old one."""
+        return f"{self.adapter}@{self.adapter_version}" if self.adapter and self.adapter_version else self.adapter
 
     def use(self, choice: AdapterChoice) -> None:
         """Switch adapter (and its demonstration index); the backend loads it first if needed."""
         if choice.ref is not None:
-            self.backend.add_adapter(choice.ref.name, choice.ref.path)
+            self.backend.add_adapter(choice.ref.key, choice.ref.path)
         self.adapter = choice.name
+        self.adapter_version = choice.version
         self.demonstrations = choice.demos.lookup if choice.demos is not None else None
         self.calibration = choice.calibration
 
@@ -106,7 +114,7 @@ def label_together(
     if any(labeler.backend is not backend for labeler, _ in groups):
         raise ValueError("labelers scored together must share one backend")
     prompted = [(labeler, labeler._prompts(windows)) for labeler, windows in groups]
-    requests = [ScoreRequest(p.text, p.choices, labeler.adapter)
+    requests = [ScoreRequest(p.text, p.choices, labeler.adapter_key)
                 for labeler, prompts in prompted for p in prompts if isinstance(p, Prompt)]
     scored = iter(batch_or_each(backend.score, requests, what="inference"))
     return [[p if isinstance(p, Failed) else labeler._result(p, next(scored)) for p in prompts]

@@ -113,13 +113,13 @@ def _route(settings: Settings, model: ModelSettings, backend: Backend, adapter: 
 def _use(route: Route, choose: AdapterChooser, message: str, *, only_if_changed: bool = False) -> bool:
     choice = choose(route.settings)
     labeler = route.labeler
-    if only_if_changed and choice.name == labeler.adapter:
+    if only_if_changed and choice.key == labeler.adapter_key:
         return False
     label_set = route.settings.model.label_set
     if choice.label_set is not None and choice.label_set != label_set:
         # Served anyway (the prompt lists the route's labels), but it was trained to answer with others.
         log.warning("adapter trained for another label set", adapter=choice.name, trained_for=choice.label_set,
                     label_set=label_set)
-    log.info(message, label_set=label_set, old=labeler.adapter, new=choice.name)
+    log.info(message, label_set=label_set, old=labeler.adapter_key, new=choice.key)
     labeler.use(choice)
     return True

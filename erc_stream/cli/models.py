@@ -1,4 +1,4 @@
-"""``erc-stream models``: train, evaluate, sweep, list, show and promote adapters (:mod:`model_store`)."""
+"""``erc-stream models``: train, evaluate, sweep, list, show, promote and roll back adapters (:mod:`model_store`)."""
 
 from __future__ import annotations
 
@@ -210,7 +210,8 @@ def models_show(ctx, name):
     from model_store.registry import Registry
 
     info = Registry(settings_of(ctx).store.dir).info(name)
-    click.echo(json.dumps({"name": info.name, "path": str(info.path), "shipped": info.shipped, **info.meta},
+    click.echo(json.dumps({"name": info.name, "version": info.version, "path": str(info.path),
+                           "shipped": info.shipped, **info.meta},
                           indent=2, default=str))
 
 
@@ -219,8 +220,26 @@ def models_show(ctx, name):
 @click.option("--label-set", default=None, help="Default: the adapter's own label set.")
 @click.pass_context
 def models_promote(ctx, name, label_set):
-    """Make an adapter the active one for its label set; running consumers switch between batches."""
+    """Make NAME (its newest version) or NAME@VERSION the active adapter of its label set; running consumers
+    switch between batches."""
     from model_store.registry import Registry
 
-    info = Registry(settings_of(ctx).store.dir).promote(name, label_set)
-    click.echo(f"{info.name} is now active for {label_set or info.label_set}")
+    try:
+        info = Registry(settings_of(ctx).store.dir).promote(name, label_set)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{info.spec} is now active for {label_set or info.label_set}")
+
+
+@models.command("rollback")
+@click.argument("label_set", type=LABEL_SETS)
+@click.pass_context
+def models_rollback(ctx, label_set):
+    """Make the adapter version that was active before the current one active again (running consumers switch)."""
+    from model_store.registry import Registry
+
+    try:
+        info = Registry(settings_of(ctx).store.dir).rollback(label_set)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{info.spec} is active again for {label_set}")

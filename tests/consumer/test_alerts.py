@@ -15,7 +15,7 @@ import redis
 from consumer.alerts import AlertEngine
 from consumer.app import StreamApp
 from core.readers import read_alerts, read_events
-from core.records import Alert, ChatMessage, EmotionEvent
+from core.records import Alert, ChatMessage, EmotionEvent, conversation_scope
 from core.settings import AlertSettings, Settings
 from tests.app_threads import FailOnce, run_until
 from tests.kafka_helpers import produce_raw
@@ -30,7 +30,7 @@ def _pair(conv: str, turn: int, label: str, *, speaker: str = "A", tenant: str |
     probs = {name: (p if name == label else (1 - p) / (len(LABELS) - 1)) for name in LABELS}
     msg = ChatMessage(message_id=f"{conv}:{turn}", conversation_id=conv, turn=turn, speaker=speaker, text="x",
                       sent_at=sent_at or T0 + timedelta(seconds=turn), tenant=tenant)
-    event = EmotionEvent(event_id=EmotionEvent.make_id(msg.message_id, "m", None), message_id=msg.message_id,
+    event = EmotionEvent(event_id=EmotionEvent.make_id(tenant=msg.tenant, conversation_id=msg.conversation_id, message_id=msg.message_id, model="m", adapter=None), message_id=msg.message_id,
                          conversation_id=conv, turn=turn, speaker=speaker, tenant=tenant, label=label,
                          probabilities=probs, label_set="meld", model="m", window=1, latency_ms=1.0,
                          emitted_at=T0)
@@ -65,7 +65,7 @@ def test_a_streak_alerts_once_when_it_first_reaches_its_length(client) -> None:
     assert all(e.probability == pytest.approx(0.7) and e.probabilities["angry"] > 0 for e in first.evidence)
     assert first.metrics["streak_length"] == 3 and first.severity == "critical"  # anger in the streak
     assert alerts[1].severity == "warning"  # sad, sad, fear
-    assert first.alert_id == Alert.make_id("negative_streak", conv, f"{conv}:3")
+    assert first.alert_id == Alert.make_id("negative_streak", tenant="acme", conversation_id=conv, trigger_message_id=f"{conv}:3")
 
     # The same events again (a redelivery), and all of them in one batch: the same alerts, same ids.
     again = engine.evaluate(pairs)
@@ -148,11 +148,13 @@ def test_every_script_touches_one_hash_slot(client, tenant: str | None) -> None:
 
 def test_bad_state_costs_an_event_its_alerts_not_the_batch(client) -> None:
     engine = _engine(client, streak_length=2)
-    client.set(f"{engine.prefix}:alert:conv:{{c-bad}}", "not a sorted set")  # WRONGTYPE for this conversation
+    key = f"{engine.prefix}:alert:conv:{{{conversation_scope('acme', 'c-bad')}}}"
+    client.set(key, "not a sorted set")  # WRONGTYPE for this conversation
     with pytest.raises(redis.ResponseError):
-        engine.evaluate([_pair("c-bad", 0, "sad")])  # a Redis error: the stream rewinds and retries
-    client.delete(f"{engine.prefix}:alert:conv:{{c-bad}}")
-    client.zadd(f"{engine.prefix}:alert:conv:{{c-bad}}", {"{not json": 0})
+        # An error reply: the pipeline evaluates each event alone and dead-letters this one (stage alerts)
+        engine.evaluate([_pair("c-bad", 0, "sad")])
+    client.delete(key)
+    client.zadd(key, {"{not json": 0})
     alerts = engine.evaluate([_pair("c-bad", 1, "sad"), _pair("c-ok", 0, "sad"), _pair("c-ok", 1, "sad")])
     assert [a.trigger_message_id for a in alerts] == ["c-ok:1"]
 
@@ -217,4 +219,4 @@ def test_an_alert_of_a_batch_redone_after_a_failure_is_not_lost_and_keeps_its_id
     alerts, copies = read_alerts(settings, timeout_s=20)
     # Sent with the failed batch and again with its redo: two records, one alert id.
     assert len(alerts) == 1 and copies == 1
-    assert alerts[0].alert_id == Alert.make_id("negative_streak", streak[0].conversation_id, streak[2].message_id)
+    assert alerts[0].alert_id == Alert.make_id("negative_streak", tenant=streak[0].tenant, conversation_id=streak[0].conversation_id, trigger_message_id=streak[2].message_id)

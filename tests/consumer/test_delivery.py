@@ -61,7 +61,7 @@ def test_at_least_once_redo_emits_copies_with_the_same_event_id(settings: Settin
     # The failed batch's events were sent before the failure: they are on the topic twice, same ids.
     assert out.records == len(msgs) + out.copies and 1 <= out.copies <= 10
     assert sorted(e.message_id for e in out.events) == sorted(m.message_id for m in msgs)
-    assert all(e.event_id == EmotionEvent.make_id(e.message_id, "null", None) for e in out.events)
+    assert all(e.event_id == EmotionEvent.make_id(tenant=e.tenant, conversation_id=e.conversation_id, message_id=e.message_id, model="null", adapter=None) for e in out.events)
     assert committed_offsets(settings) == {p: ends.get(p) for p in range(settings.kafka.partitions)}
 
 

@@ -50,4 +50,4 @@ def test_promoted_adapter_is_used_between_batches(settings: Settings, own_hf_bac
     assert {events[m.message_id].adapter for m in first} == {initial}
     assert {events[m.message_id].adapter for m in second} == {"swap-me"}
     # The event id names the adapter too: the same message under another adapter is another event.
-    assert all(e.event_id == EmotionEvent.make_id(e.message_id, e.model, e.adapter) for e in events.values())
+    assert all(e.event_id == EmotionEvent.make_id(tenant=e.tenant, conversation_id=e.conversation_id, message_id=e.message_id, model=e.model, adapter=f"{e.adapter}@{e.adapter_version}" if e.adapter else None) for e in events.values())

@@ -111,7 +111,7 @@ def test_the_endpoint_serves_the_stream_metrics_and_probes(settings: Settings) -
     assert _value(s, "erc_prompt_tokens_total") == backend.tokens.prompt_tokens > 0
     assert _value(s, "erc_computed_tokens_total") == backend.tokens.computed > 0
     assert _value(s, "erc_end_to_end_latency_seconds_sum") > 0
-    assert _value(s, "erc_adapter_info", backend="_SlowBackend", model="null", adapter="none", label_set="meld") == 1
+    assert _value(s, "erc_adapter_info", backend="_SlowBackend", model="null", adapter="none", version="none", label_set="meld") == 1
     assert {labels for (n, labels) in s if n == "erc_consumer_lag"} == {
         (("partition", str(p)), ("topic", settings.kafka.input_topic)) for p in range(4)}
     # The injected failure after the first batch's send: one broker error, one rewind.

@@ -95,7 +95,7 @@ def test_a_batch_becomes_events_and_dead_letters_with_their_reasons() -> None:
     assert [d.error_type for d in out.dead] == ["invalid_json", "schema"]
     assert out.alerts == [] and out.truncated == 0
     first = out.events[0][0]
-    assert first.event_id == EmotionEvent.make_id("a:0", "keyword", None) and first.window == 1
+    assert first.event_id == EmotionEvent.make_id(tenant=None, conversation_id="a", message_id="a:0", model="keyword", adapter=None) and first.window == 1
     assert out.events[1][0].window == 2 and not out.events[1][0].window_degraded
 
 

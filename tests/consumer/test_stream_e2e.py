@@ -136,7 +136,7 @@ def _check_common(run: StreamRun, settings: Settings, model: str) -> dict[str, E
     for record, event in zip(run.events, events):
         msg = inputs[event.message_id]
         assert record.key == msg.conversation_id.encode()
-        assert event.event_id == EmotionEvent.make_id(msg.message_id, model, None)
+        assert event.event_id == EmotionEvent.make_id(tenant=msg.tenant, conversation_id=msg.conversation_id, message_id=msg.message_id, model=model, adapter=None)
         assert (event.conversation_id, event.turn, event.speaker) == (msg.conversation_id, msg.turn, msg.speaker)
         assert event.model == model and event.adapter is None and event.label_set == label_set.name
         assert event.label in label_set

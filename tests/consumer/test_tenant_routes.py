@@ -74,7 +74,9 @@ def test_one_consumer_serves_each_tenant_its_own_adapter_and_labels(
         assert e.label in labels and set(e.probabilities) == set(labels)
         assert math.isclose(sum(e.probabilities.values()), 1.0, abs_tol=1e-4)
         assert e.gold_label == get_label_set(label_set).map_gold(m.gold_label)
-        assert e.event_id == EmotionEvent.make_id(m.message_id, backend.model_id, adapter)
+        assert e.event_id == EmotionEvent.make_id(tenant=m.tenant, conversation_id=m.conversation_id,
+                                                  message_id=m.message_id, model=backend.model_id,
+                                                  adapter=f"{adapter}@{e.adapter_version}" if adapter else None)
     assert "mad" in {events[m.message_id].gold_label for m in messages if m.tenant == "acme"}  # MELD's anger
     assert "angry" in {events[m.message_id].gold_label for m in messages if m.tenant == "globex"}
     # Batches mixed the routes, each in one backend call, and every tenant's scores are its own adapter's:
@@ -86,7 +88,8 @@ def test_one_consumer_serves_each_tenant_its_own_adapter_and_labels(
                  if o.conversation_id == m.conversation_id and o.turn <= m.turn][-e.window:]
         prompt = PromptBuilder(get_label_set(e.label_set), max_tokens=settings.model.max_prompt_tokens,
                                count_tokens=backend.count_tokens).emotion(turns)
-        [alone] = backend.score([ScoreRequest(prompt.text, prompt.choices, e.adapter)])
+        key = f"{e.adapter}@{e.adapter_version}" if e.adapter else None
+        [alone] = backend.score([ScoreRequest(prompt.text, prompt.choices, key)])
         assert max(abs(p - e.probabilities[c]) for c, p in zip(prompt.choices, alone)) < 1e-4, e.message_id
     assert {(s.labels["adapter"], s.labels["label_set"]) for s in _adapter_info(app)} == {
         ("unified-lora", "unified"), ("meld-lora", "meld"), ("none", "meld")}

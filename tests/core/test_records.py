@@ -146,7 +146,8 @@ def test_chat_message_is_frozen() -> None:
 
 def _event(**overrides) -> EmotionEvent:
     fields = dict(
-        event_id=EmotionEvent.make_id("m-1", "smollm2-135m", None), message_id="m-1", conversation_id="c-1",
+        event_id=EmotionEvent.make_id(tenant=None, conversation_id="c-1", message_id="m-1", model="smollm2-135m",
+                                      adapter=None), message_id="m-1", conversation_id="c-1",
         turn=3, speaker="Alice", label="joyful", probabilities={"joyful": 0.7, "sad": 0.2, "neutral": 0.1},
         label_set="meld", model="smollm2-135m", window=4, latency_ms=12.5, emitted_at=SENT,
     )
@@ -183,14 +184,20 @@ def test_emotion_event_validator_applies_when_reading_bytes() -> None:
         EmotionEvent.from_bytes(json.dumps(d).encode())
 
 
-def test_make_id_is_deterministic_and_depends_on_message_model_and_adapter() -> None:
-    a = EmotionEvent.make_id("m-1", "smollm2-135m", None)
-    assert a == EmotionEvent.make_id("m-1", "smollm2-135m", None)
-    assert a == EmotionEvent.make_id("m-1", "smollm2-135m", "")  # no adapter either way
-    assert a != EmotionEvent.make_id("m-1", "smollm2-135m", "meld-lora")
-    assert a != EmotionEvent.make_id("m-2", "smollm2-135m", None)
-    assert a != EmotionEvent.make_id("m-1", "null", None)
-    assert EmotionEvent.make_id("m-1", "smollm2-135m", "x") != EmotionEvent.make_id("m-1", "smollm2-135m", "y")
+def test_make_id_is_deterministic_and_depends_on_tenant_conversation_message_model_and_adapter_version() -> None:
+    def make(tenant=None, conv="c-1", mid="m-1", model="smollm2-135m", adapter=None):
+        return EmotionEvent.make_id(tenant=tenant, conversation_id=conv, message_id=mid, model=model, adapter=adapter)
+
+    a = make()
+    assert a == make()
+    assert a == make(adapter="")  # no adapter either way
+    assert a != make(adapter="meld-lora@0123456789ab")
+    assert make(adapter="meld-lora@0123456789ab") != make(adapter="meld-lora@ba9876543210")  # another version
+    assert a != make(mid="m-2") and a != make(model="null")
+    assert a != make(conv="c-2")  # two conversations that both number their messages "m-1"
+    assert a != make(tenant="acme") and make(tenant="acme") != make(tenant="globex")
+    # An unambiguous encoding: moving a separator between fields gives another id.
+    assert make(conv="a|b", mid="c") != make(conv="a", mid="b|c")
     import uuid
 
     assert uuid.UUID(a).version == 5

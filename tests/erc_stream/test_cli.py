@@ -65,7 +65,7 @@ def test_demo_runs_end_to_end_and_prints_the_summary(settings: Settings, tmp_pat
         count, mean = re.fullmatch(r"count (\d+), mean ([\d.e-]+)( s)?", _metric(out, name)).group(1, 2)
         assert int(count) > 0 and float(mean) > 0, name
     assert re.fullmatch(r"now 0 over 4 partitions, peak seen \d+", _metric(out, "erc_consumer_lag"))
-    assert _metric(out, "erc_adapter_info") == "adapter=none, backend=NullBackend, label_set=meld, model=null"
+    assert _metric(out, "erc_adapter_info") == "adapter=none, backend=NullBackend, label_set=meld, model=null, version=none"
     assert "the null backend labels every message alike" in out
 
     # export, then report, on this run: a Parquet dataset and charts, checked by their contents.

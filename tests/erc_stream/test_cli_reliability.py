@@ -58,3 +58,40 @@ def test_export_writes_each_event_once_and_replay_dlq_resends_originals(settings
     assert result.returncode == 0 and "replayed 1 records" in result.stderr, result.stderr
     again = read_all(settings, settings.kafka.input_topic, expected=len(items) + 1, timeout_s=20)
     assert [(r.key, r.value) for r in again].count((b"bad-key", bad)) == 2
+
+
+def test_conversations_and_tenants_that_number_messages_alike_keep_every_event(settings: Settings,
+                                                                               tmp_path: Path) -> None:
+    """Call-center and chat systems number messages per conversation: "1", "2", ... Two conversations, and the
+    same conversation id under two tenants, all sending ids "1".."5", are twenty events with twenty ids."""
+    from datetime import UTC, datetime
+
+    from core.readers import read_events
+    from core.records import ChatMessage
+
+    settings = settings.with_overrides(batch={"micro_batch_size": 8, "max_wait_ms": 50})
+    now = datetime.now(UTC)
+    streams = [(None, "c1"), (None, "c2"), ("acme", "c1"), ("globex", "c1")]
+    msgs = [ChatMessage(message_id=str(i), conversation_id=conv, turn=i - 1, speaker=f"S{i % 2}", text=f"turn {i}",
+                        sent_at=now, tenant=tenant) for tenant, conv in streams for i in range(1, 6)]
+    produce_raw(settings, settings.kafka.input_topic, [(m.conversation_id.encode(), m.to_bytes()) for m in msgs])
+    app = StreamApp(settings, NullBackend())
+    thread = threading.Thread(target=app.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while app.stats.consumed < len(msgs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    app.stop()
+    thread.join(30)
+    assert app.stats.events == len(msgs) and app.stats.dead_letters == 0, app.stats
+
+    read = read_events(settings, timeout_s=20)
+    assert len(read.events) == len(msgs) == len({e.event_id for e in read.events})
+    assert sorted((e.tenant or "", e.conversation_id, e.message_id) for e in read.events) == sorted(
+        (m.tenant or "", m.conversation_id, m.message_id) for m in msgs)
+    assert all(not e.window_degraded for e in read.events)  # each conversation kept its own turns
+    out = tmp_path / "events.jsonl"
+    result = _cli(settings, "export", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == len(msgs) == len({e["event_id"] for e in lines})

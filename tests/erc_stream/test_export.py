@@ -30,7 +30,7 @@ def _event(run: str, i: int, *, tenant: str | None, emitted_at: datetime, label:
     probs = {name: (0.4 if name == label else 0.1) for name in LABELS}
     conv = f"{run}:c{i % 3}"
     mid = f"{conv}:{i}"
-    return EmotionEvent(event_id=EmotionEvent.make_id(mid, "m", "a"), message_id=mid, conversation_id=conv, turn=i,
+    return EmotionEvent(event_id=EmotionEvent.make_id(tenant=tenant, conversation_id=conv, message_id=mid, model="m", adapter="a"), message_id=mid, conversation_id=conv, turn=i,
                         speaker="A", tenant=tenant, label=label, probabilities=probs, label_set="meld", model="m",
                         adapter="a", window=3, latency_ms=12.5, emitted_at=emitted_at, gold_label=gold)
 

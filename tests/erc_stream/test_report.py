@@ -31,7 +31,7 @@ def _events(gold: bool) -> list[EmotionEvent]:
             probs = {name: (0.55 if name == label else 0.075) for name in LABELS}
             mid = f"conv-{c}:{t}"
             out.append(EmotionEvent(
-                event_id=EmotionEvent.make_id(mid, "m", None), message_id=mid, conversation_id=f"conv-{c}", turn=t,
+                event_id=EmotionEvent.make_id(tenant=None, conversation_id=f"conv-{c}", message_id=mid, model="m", adapter=None), message_id=mid, conversation_id=f"conv-{c}", turn=t,
                 speaker=f"s{t % 2}", tenant=["acme", "globex"][c % 2], label=label, probabilities=probs,
                 label_set="meld", model="m", window=1, latency_ms=5.0, emitted_at=T0 + timedelta(minutes=2 * t + c),
                 gold_label=(label if t % 3 else "neutral") if gold else None))

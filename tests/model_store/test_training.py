@@ -59,3 +59,23 @@ def test_two_step_training_writes_an_adapter_with_metadata_and_resumes(tmp_path:
     assert len(meta["data_hash"]) == 16
     assert (path / "demos" / "items.json").exists()
     assert not (path / "checkpoint").exists()  # removed once the adapter is final
+
+
+def test_training_again_under_a_name_adds_a_version_and_leaves_the_old_one(tmp_path: Path) -> None:
+    from model_store.base_models import ensure_embedded
+    from model_store.registry import Registry, versions
+
+    data = _write_jsonl(tmp_path / "train.jsonl", 3)
+    store = tmp_path / "store"
+    base = str(ensure_embedded(Settings().store.dir))  # a local HF directory: no conversion into this store
+    cfg = TrainConfig(name="again", dataset="jsonl", train_file=str(data), label_set="meld", base=base,
+                      speaker_steps=0, steps=1, batch_size=2, impact_per_batch=0, aux_weight=0.0, max_tokens=128,
+                      demonstrations=False, threads=1)
+    first = train(cfg, store_dir=store, progress=False, command="test")
+    weights = (first / "adapter_model.safetensors").read_bytes()
+    second = train(TrainConfig(**{**cfg.__dict__, "seed": 1}), store_dir=store, progress=False, command="test")
+    assert first != second and first.parent == second.parent == store / "adapters" / "again"
+    assert (first / "adapter_model.safetensors").read_bytes() == weights  # never touched
+    assert [ref.path for ref in versions("again", store)] == [first, second]
+    assert Registry(store).info("again").path == second  # a bare name is its newest version
+    assert not (store / "adapters" / "again" / ".training").exists()
