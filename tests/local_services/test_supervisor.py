@@ -18,6 +18,7 @@ from kafka import KafkaAdminClient
 
 from core.settings import KafkaSettings, RedisSettings, ServicesSettings, Settings
 from local_services import supervisor as sv
+from local_services.processes import is_running
 from local_services.supervisor import ServiceError
 from tests.conftest import free_port
 
@@ -113,7 +114,7 @@ def test_up_is_idempotent_status_reports_running_and_down_stops(local: Settings)
     assert not (run_dir / f"tansu-{kport}.pid").exists()
     assert not (run_dir / f"redis-{rport}.pid").exists()
     for pid in (kafka.pid, red.pid):
-        assert not sv.is_running(pid)
+        assert not is_running(pid)
     assert [s.running for s in sv.services_status(local)] == [False, False]
     assert [s.running for s in sv.services_down(local)] == [False, False]  # down twice is fine
 
@@ -133,7 +134,7 @@ def test_up_from_another_process_survives_it_and_is_stopped_here(local: Settings
     pids = [s.pid for s in status]
     down = sv.services_down(local)
     assert [s.running for s in down] == [False, False]
-    assert not any(sv.is_running(pid) for pid in pids if pid)
+    assert not any(is_running(pid) for pid in pids if pid)
 
 
 @pytest.mark.parametrize("reply", [b"HTTP/1.0 400 Bad Request\r\n\r\n", None], ids=["chatty", "silent"])
@@ -176,7 +177,7 @@ def test_redis_is_started_when_absent(local: Settings) -> None:
     client.close()
     down = sv.redis_down(local)
     assert (down.running, down.managed) == (False, False)
-    assert not sv.is_running(st.pid)  # type: ignore[arg-type]
+    assert not is_running(st.pid)  # type: ignore[arg-type]
 
 
 def test_foreign_broker_is_used_topics_ensured_and_left_running(tmp_path: Path, kafka_bootstrap: str) -> None:
