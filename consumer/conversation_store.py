@@ -4,12 +4,14 @@ Layout: one sorted set per conversation, ``<prefix>:win:{<conversation_id>}``, s
 member a small JSON object. The braces are a Redis Cluster hash tag: every key of a conversation
 lands in one slot. The script, in one atomic step:
 
-1. appends the turn unless that turn is already stored (a redelivered message does not grow the
+1. numbers a message that carries no turn: the turn it already has if its id is stored (a redelivery keeps
+   its turn), else one past the conversation's newest stored turn (arrival order);
+2. appends the turn unless that turn is already stored (a redelivered message does not grow the
    window twice, and a conflicting duplicate keeps the first version), or unless the same message id
    is already stored at another turn (a duplicate message id: reported, nothing stored);
-2. reads the window that ends at this turn: the last ``size`` turns with turn <= this one, so a
+3. reads the window that ends at this turn: the last ``size`` turns with turn <= this one, so a
    replayed old turn still sees its own past and never a future turn;
-3. trims the set to the newest ``retain`` turns and refreshes the TTL.
+4. trims the set to the newest ``retain`` turns and refreshes the TTL.
 
 Many messages go to Redis in one pipelined round-trip (``append_many``, via :func:`consumer.redis_scripts.run_scripts`).
 """
@@ -28,24 +30,38 @@ from scoring.prompts import Turn
 
 _APPEND_LUA = """
 local key = KEYS[1]
-local turn = tonumber(ARGV[1])
+local turn = tonumber(ARGV[1])  -- nil: the message carries no turn, number it by arrival
+-- members end with '"m":<json message id>}': the same suffix is the same message id
+local suffix = ARGV[6]
+local stored_at = nil
+local stored = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+for i = 1, #stored, 2 do
+  if string.sub(stored[i], -#suffix) == suffix then
+    stored_at = tonumber(stored[i + 1])
+    break
+  end
+end
+if turn == nil then
+  if stored_at ~= nil then
+    turn = stored_at  -- a redelivered message keeps the turn it was given
+  elseif #stored > 0 then
+    turn = tonumber(stored[#stored]) + 1
+  else
+    turn = 0
+  end
+end
+if stored_at ~= nil and stored_at ~= turn then
+  return {0, {}, string.format('%d', stored_at), turn}
+end
 local added = 0
 if #redis.call('ZRANGEBYSCORE', key, turn, turn, 'LIMIT', 0, 1) == 0 then
-  -- members end with '"m":<json message id>}': the same suffix at another turn is a duplicate id
-  local suffix = ARGV[6]
-  local stored = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-  for i = 1, #stored, 2 do
-    if string.sub(stored[i], -#suffix) == suffix then
-      return {0, {}, stored[i + 1]}
-    end
-  end
-  redis.call('ZADD', key, turn, ARGV[2])
+  redis.call('ZADD', key, turn, '{"t":' .. string.format('%d', turn) .. ',' .. ARGV[2])
   added = 1
 end
 local window = redis.call('ZREVRANGEBYSCORE', key, turn, '-inf', 'LIMIT', 0, tonumber(ARGV[3]))
 redis.call('ZREMRANGEBYRANK', key, 0, -(tonumber(ARGV[4]) + 1))
 redis.call('EXPIRE', key, tonumber(ARGV[5]))
-return {added, window, false}
+return {added, window, false, turn}
 """
 
 
@@ -53,7 +69,7 @@ return {added, window, false}
 class StoredTurn:
     """A stored turn: what the prompt needs plus the message id, for audits."""
 
-    turn: int
+    turn: int | None  # None until the store numbers it (a message without a turn)
     speaker: str
     text: str
     message_id: str
@@ -78,6 +94,7 @@ class TurnUpdate:
     added: bool
     window: tuple[StoredTurn, ...]
     duplicate_of_turn: int | None = None
+    turn: int | None = None  # the message's turn: its own, or the one the store gave it
 
     def degraded(self, turn: int, size: int) -> bool:
         """True if the window lacks turns it should hold: it is not exactly turns max(0, turn-size+1)..turn."""
@@ -110,12 +127,12 @@ class ConversationStore:
             return []
         calls = []
         for conversation_id, t in turns:
-            member = json.dumps(
-                {"t": t.turn, "s": t.speaker, "x": t.text, "m": t.message_id}, ensure_ascii=False, separators=(",", ":")
-            )
+            # The member without its turn: the script prefixes '{"t":<turn>,' (it may number the turn itself).
+            rest = json.dumps({"s": t.speaker, "x": t.text, "m": t.message_id}, ensure_ascii=False,
+                              separators=(",", ":"))[1:]
             suffix = '"m":' + json.dumps(t.message_id, ensure_ascii=False) + "}"
             calls.append((self._append, [self.key(conversation_id)],
-                          [t.turn, member, self.size, self.retain, self.ttl_s, suffix]))
+                          ["" if t.turn is None else t.turn, rest, self.size, self.retain, self.ttl_s, suffix]))
         return [self._parse(r) for r in run_scripts(self.client, calls)]
 
     def get(self, conversation_id: str) -> list[StoredTurn]:
@@ -129,6 +146,7 @@ class ConversationStore:
         return TurnUpdate(
             bool(added), tuple(_decode(m) for m in reversed(members)),
             int(float(duplicate)) if duplicate is not None else None,
+            int(reply[3]) if len(reply) > 3 else None,
         )
 
 

@@ -40,7 +40,7 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 DEAD_LETTER_REASONS = ("invalid_json", "invalid_utf8", "schema", "too_large", "empty", "conflict", "duplicate_id",
-                       "inference", "processing")
+                       "inference", "processing", "unsupported_version")
 ALERT_RULES = ("negative_streak", "shift_to_anger", "tenant_negative_rate")
 #: Where a Redis call failed: the window update, the alert rules, a health ping.
 REDIS_OPERATIONS = ("window", "alerts", "ping")

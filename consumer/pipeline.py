@@ -211,12 +211,12 @@ def drop_conflicts(valid: Sequence[Item], updates: Sequence[TurnUpdate], setting
         if u.duplicate_of_turn is not None:
             dead.append(_dead_letter(item, settings, "duplicate_id",
                                      f"message id {msg.message_id!r} is already turn {u.duplicate_of_turn} of "
-                                     f"conversation {msg.conversation_id!r}, not turn {msg.turn}"))
+                                     f"conversation {msg.conversation_id!r}, not turn {u.turn}"))
             continue
         stored = u.window[-1].message_id
         if not u.added and stored != msg.message_id:
             dead.append(_dead_letter(item, settings, "conflict",
-                                     f"turn {msg.turn} of conversation {msg.conversation_id!r} already holds message "
+                                     f"turn {u.turn} of conversation {msg.conversation_id!r} already holds message "
                                      f"{stored!r}"))
             continue
         keep_valid.append((item, msg))
@@ -295,8 +295,10 @@ def event(item: Polled, msg: ChatMessage, update: TurnUpdate, result: Labelled, 
                                       message_id=msg.message_id, model=parts.model_id, adapter=labeler.adapter_key),
         message_id=msg.message_id,
         conversation_id=msg.conversation_id,
-        turn=msg.turn,
+        turn=update.turn if update.turn is not None else msg.turn,
         speaker=msg.speaker,
+        role=msg.role,
+        reply_to=msg.reply_to,
         tenant=msg.tenant,
         label=result.label,
         probabilities=result.probabilities,
@@ -308,7 +310,7 @@ def event(item: Polled, msg: ChatMessage, update: TurnUpdate, result: Labelled, 
         latency_ms=round((time.monotonic() - item.received) * 1000, 3),
         emitted_at=utcnow(),
         gold_label=label_set.map_gold(msg.gold_label) if msg.gold_label else None,
-        window_degraded=update.degraded(msg.turn, settings.window.size),
+        window_degraded=update.degraded(update.turn if update.turn is not None else msg.turn, settings.window.size),
     )
 
 

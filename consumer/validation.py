@@ -11,7 +11,7 @@ from consumer.sanitize import has_control_chars
 from core.records import ChatMessage, DeadLetter
 
 #: Identifier fields that must be printable and not blank (they become Redis keys, log fields and event ids).
-_ID_FIELDS = ("message_id", "conversation_id", "speaker", "tenant")
+_ID_FIELDS = ("message_id", "conversation_id", "speaker", "tenant", "role", "reply_to")
 #: Turns are Redis sorted-set scores (doubles): above 2**53 two turns could compare equal.
 MAX_TURN = 2**53 - 1
 
@@ -49,8 +49,12 @@ def decode(
     except ValidationError as e:
         if any(err["type"] == "json_invalid" for err in e.errors()):
             return dead("invalid_json", f"value is not JSON: {e.errors()[0]['msg']}")
+        version = [err for err in e.errors() if err["loc"] == ("schema_version",)]
+        if version:
+            return dead("unsupported_version", f"schema_version {version[0].get('input')!r} is not one this "
+                        f"consumer reads (1, 2)")
         return dead("schema", _schema_reason(e))
-    if message.turn > MAX_TURN:
+    if message.turn is not None and message.turn > MAX_TURN:
         return dead("schema", f"turn: must be at most {MAX_TURN}")
     for name in _ID_FIELDS:
         field = getattr(message, name)

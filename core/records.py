@@ -15,7 +15,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails
 
 SCHEMA_VERSION = 1
 # Namespace of event ids: uuid5 of the JSON list [tenant, conversation id, message id, model, adapter@version].
@@ -46,20 +47,40 @@ class _Record(BaseModel):
         return self.model_dump_json(exclude_none=True).encode("utf-8")
 
 
+#: Roles the alert rules and the docs name; ``role`` takes any other string too.
+ROLES = ("customer", "agent", "system")
+
+
 class ChatMessage(_Record):
-    """A chat message on ``chat.messages``, keyed by ``conversation_id``."""
+    """A chat message on ``chat.messages``, keyed by ``conversation_id``.
+
+    Version 1 needs ``turn``. Version 2 adds ``role`` and ``reply_to`` and makes ``turn`` optional (the consumer
+    numbers a conversation's messages by arrival when it is absent). ``message_id`` need only be unique within
+    its conversation (and tenant)."""
 
     model_config = ConfigDict(frozen=True, extra="ignore", strict=True, str_strip_whitespace=False)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     message_id: str = Field(min_length=1, max_length=256)
     conversation_id: str = Field(min_length=1, max_length=256)
-    turn: int = Field(ge=0, description="Order of the message within its conversation.")
+    turn: int | None = Field(None, ge=0, description="Order of the message within its conversation (version 1: "
+                             "required; version 2: optional, assigned by arrival when absent).")
     speaker: str = Field(min_length=1, max_length=256)
+    role: str | None = Field(None, min_length=1, max_length=64,
+                             description="The speaker's role: customer, agent, system, or any other (version 2).")
+    reply_to: str | None = Field(None, min_length=1, max_length=256,
+                                 description="The message id this one replies to, in the same conversation (version 2).")
     text: str
     sent_at: AwareDatetime
     tenant: str | None = Field(None, max_length=256)
     gold_label: str | None = Field(None, max_length=64, description="Carried by replays of labelled data.")
+
+    @model_validator(mode="after")
+    def _version_fields(self) -> "ChatMessage":
+        if self.schema_version == 1 and self.turn is None:  # version 2 makes it optional
+            raise ValidationError.from_exception_data(
+                type(self).__name__, [InitErrorDetails(type="missing", loc=("turn",), input=None)])
+        return self
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "ChatMessage":
@@ -69,12 +90,14 @@ class ChatMessage(_Record):
 class EmotionEvent(_Record):
     """An emotion event on ``chat.emotions``, keyed by ``conversation_id``."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = 2
     event_id: str
     message_id: str
     conversation_id: str
     turn: int
     speaker: str
+    role: str | None = None
+    reply_to: str | None = None
     tenant: str | None = None
     label: str
     probabilities: dict[str, float]
@@ -117,8 +140,8 @@ class DeadLetter(_Record):
     """A record the stream could not turn into an event, on ``chat.dlq``, with why."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    error_type: str = Field(description="A short machine-readable class: invalid_json, invalid_utf8, schema, too_large, "
-                            "empty, conflict, duplicate_id, inference (the model), processing (any other failure of "
+    error_type: str = Field(description="A short machine-readable class: invalid_json, invalid_utf8, schema, "
+                            "unsupported_version, too_large, empty, conflict, duplicate_id, inference (the model), processing (any other failure of "
                             "this message in the pipeline).")
     reason: str
     stage: str | None = Field(None, description="The pipeline stage the message failed in (decode, sanitize, "

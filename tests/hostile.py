@@ -79,7 +79,7 @@ def _attacks(run: str, i: int, rng: random.Random, big: bool) -> Iterator[list[H
     yield [_dlq(key, _enc({**base, "speaker": None}), "speaker null", "schema")]
     yield [_dlq(key, _enc({**base, "sent_at": "yesterday"}), "bad timestamp", "schema")]
     yield [_dlq(key, _enc({**base, "sent_at": "2024-05-01T12:00:00"}), "naive timestamp", "schema")]
-    yield [_dlq(key, _enc({**base, "schema_version": 2}), "unknown schema version", "schema")]
+    yield [_dlq(key, _enc({**base, "schema_version": 3}), "unknown schema version", "unsupported_version")]
     missing = rng.choice(["message_id", "conversation_id", "turn", "speaker", "text", "sent_at"])
     yield [_dlq(key, _enc({k: v for k, v in base.items() if k != missing}), f"missing {missing}", "schema")]
     yield [_dlq(key, _enc({**base, "turn": -1}), "negative turn", "schema")]

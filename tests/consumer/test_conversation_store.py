@@ -270,3 +270,24 @@ def test_degraded_windows(client, prefix, stored, turn, size, degraded) -> None:
     for t in stored:
         u = _append(store, "deg", _turn(t))
     assert u is not None and u.degraded(turn, size) == degraded
+
+
+def test_messages_without_turns_are_numbered_by_arrival_and_keep_their_turn_when_redelivered(
+    client: redis.Redis, prefix: str
+) -> None:
+    store = _store(client, prefix, size=3, retain=5)
+    untimed = [StoredTurn(None, "A", f"text {i}", f"u-{i}") for i in range(4)]
+    updates = store.append_many([("c", t) for t in untimed])
+    assert [u.turn for u in updates] == [0, 1, 2, 3] and all(u.added for u in updates)
+    assert [t.message_id for t in updates[3].window] == ["u-1", "u-2", "u-3"]
+    # The same message again (a redelivery, in another batch): the same turn, nothing stored twice.
+    [again] = store.append_many([("c", untimed[1])])
+    assert (again.turn, again.added, again.duplicate_of_turn) == (1, False, None)
+    assert [t.message_id for t in again.window] == ["u-0", "u-1"]
+    # A message with an explicit turn among them, then one without: after the newest stored turn.
+    assert _append(store, "c", StoredTurn(7, "B", "late", "x-7")).turn == 7
+    assert _append(store, "c", StoredTurn(None, "A", "next", "u-9")).turn == 8
+    # An explicit turn for an id stored at another turn is still a duplicate id.
+    dup = _append(store, "c", StoredTurn(5, "A", "text 2", "u-2"))
+    assert dup.duplicate_of_turn == 2 and not dup.added
+    assert [t.turn for t in store.get("c")] == [1, 2, 3, 7, 8]  # the newest retain=5
