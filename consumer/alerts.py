@@ -117,15 +117,17 @@ class _Turn:
     speaker: str
     label: str
     probabilities: dict[str, float]
+    role: str | None = None
 
     def to_json(self) -> str:
         return json.dumps({"t": self.turn, "m": self.message_id, "s": self.speaker, "l": self.label,
-                           "p": self.probabilities}, separators=(",", ":"), sort_keys=True)
+                           "p": self.probabilities, **({"r": self.role} if self.role else {})},
+                          separators=(",", ":"), sort_keys=True)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> "_Turn":
         d = json.loads(raw)
-        return cls(int(d["t"]), d["m"], d["s"], d["l"], d["p"])
+        return cls(int(d["t"]), d["m"], d["s"], d["l"], d["p"], d.get("r"))
 
     def evidence(self, conversation_id: str) -> AlertEvidence:
         return AlertEvidence(message_id=self.message_id, conversation_id=conversation_id, turn=self.turn,
@@ -135,7 +137,13 @@ class _Turn:
 
 def _turn(event: EmotionEvent) -> _Turn:
     return _Turn(event.turn, event.message_id, event.speaker, event.label,
-                 {k: round(v, 4) for k, v in event.probabilities.items()})
+                 {k: round(v, 4) for k, v in event.probabilities.items()}, event.role)
+
+
+def _keep(s: AlertSettings) -> int:
+    """Turns a conversation keeps in its alert state: enough for the longest look-back of a rule; with roles,
+    room for other roles' turns between the counted ones (up to three between two)."""
+    return max(s.streak_length, s.shift_lookback) * (4 if s.streak_roles or s.shift_roles else 1) + 1
 
 
 class AlertEngine:
@@ -148,9 +156,16 @@ class AlertEngine:
         self.ttl_s = ttl_s
         self._conv = client.register_script(_CONV_LUA)
         self._tenant = client.register_script(_TENANT_LUA)
-        s = settings
-        #: Turns a conversation keeps in its alert state: enough for the longest look-back of a rule.
-        self.keep = max(s.streak_length, s.shift_lookback) + 1
+        #: Turns a conversation keeps in its alert state (the default tenant's; see ``_keep``).
+        self.keep = _keep(settings)
+        self._by_tenant: dict[str | None, AlertSettings] = {}
+
+    def settings_for(self, tenant: str | None) -> AlertSettings:
+        """The rules' settings for a tenant's events (``alerts.tenants`` overrides), built once per tenant."""
+        s = self._by_tenant.get(tenant)
+        if s is None:
+            s = self._by_tenant[tenant] = self.settings.for_tenant(tenant)
+        return s
 
     # -- keys --------------------------------------------------------------------------------
 
@@ -171,66 +186,67 @@ class AlertEngine:
     def _labels(self, label_set: str, which: dict[str, tuple[str, ...]]) -> frozenset[str]:
         return frozenset(which.get(label_set, ()))
 
-    def _reads_turns(self, event: EmotionEvent) -> bool:
+    def _reads_turns(self, event: EmotionEvent, s: AlertSettings) -> bool:
         """Whether a conversation rule looks at the turns stored before this event (only for negative or anger)."""
-        s = self.settings
         return (s.streak_length > 0 and event.label in self._labels(event.label_set, s.negative_labels)) or (
             s.shift and event.label in self._labels(event.label_set, s.anger_labels))
 
     def evaluate(self, items: Sequence[tuple[EmotionEvent, ChatMessage]]) -> list[Alert]:
-        """The alerts the batch's events raise, in order, each alert id once. Raises redis.RedisError
-        (the caller rewinds the batch); any other failure costs that event its alerts, never the batch."""
-        s = self.settings
-        if not s.enabled or not items:
+        """The alerts the batch's events raise, in order, each alert id once, each event under its tenant's
+        settings. Raises redis.RedisError (the caller decides: wait, or that event's failure); any other failure
+        costs that event its alerts, never the batch."""
+        if not items:
             return []
-        tenant_on = s.tenant_threshold < 1
-        conv_on = s.streak_length > 0 or s.shift
         # One round trip for the whole batch. Events of one conversation run in order, so each
         # sees the turns before it (Lua scripts of a pipeline run one after the other). The tenant rule
         # takes one call per tenant with its events in order (a tenant's keys share one hash tag).
         calls: list = []
         now = time.time()
         per_tenant: dict[str | None, list] = {}
-        tenant_slot: list[tuple[str | None, int]] = []  # each event's tenant and its place in that tenant's call
+        conv_call: list[int | None] = []  # each event's conversation call, if any
+        tenant_slot: list[tuple[str | None, int] | None] = []  # each event's tenant and place in that call
         for event, msg in items:
-            negative = event.label in self._labels(event.label_set, s.negative_labels)
+            s = self.settings_for(event.tenant)
+            conv_on = s.enabled and (s.streak_length > 0 or s.shift)
+            conv_call.append(len(calls) if conv_on else None)
             if conv_on:
                 calls.append((self._conv, [self._conv_key(event)],
-                              [event.turn, _turn(event).to_json(), self.keep, self.ttl_s,
-                               "1" if self._reads_turns(event) else "0"]))
-            if tenant_on:
-                ts = min(msg.sent_at.timestamp(), now + _MAX_FUTURE_S)
-                # The script reads the evidence and the alert id of negative events only.
-                alert_id = self._alert_id("tenant_negative_rate", event) if negative else ""
-                evidence = _turn(event).evidence(event.conversation_id).model_dump_json() if negative else ""
-                args = per_tenant.setdefault(event.tenant, [])
-                tenant_slot.append((event.tenant, len(args) // 5))
-                # Members are (conversation, message): message ids are unique only within a conversation.
-                member = json.dumps([event.conversation_id, event.message_id], ensure_ascii=False)
-                args += [member, ts, "1" if negative else "0", evidence, alert_id]
-        if per_tenant:
+                              [event.turn, _turn(event).to_json(), _keep(s), self.ttl_s,
+                               "1" if self._reads_turns(event, s) else "0"]))
+            if not (s.enabled and s.tenant_threshold < 1):
+                tenant_slot.append(None)
+                continue
+            negative = event.label in self._labels(event.label_set, s.negative_labels)
+            ts = min(msg.sent_at.timestamp(), now + _MAX_FUTURE_S)
+            # The script reads the evidence and the alert id of negative events only.
+            alert_id = self._alert_id("tenant_negative_rate", event) if negative else ""
+            evidence = _turn(event).evidence(event.conversation_id).model_dump_json() if negative else ""
+            args = per_tenant.setdefault(event.tenant, [])
+            tenant_slot.append((event.tenant, len(args) // 5))
+            # Members are (conversation, message): message ids are unique only within a conversation.
+            member = json.dumps([event.conversation_id, event.message_id], ensure_ascii=False)
+            args += [member, ts, "1" if negative else "0", evidence, alert_id]
+        first_tenant_call = len(calls)
+        for tenant, args in per_tenant.items():
+            s = self.settings_for(tenant)
             ttl = int(max(s.tenant_window_s, s.tenant_cooldown_s) * 2) + 3600
-            for tenant, args in per_tenant.items():
-                calls.append((self._tenant, self._tenant_keys(tenant),
-                              [s.tenant_window_s, s.tenant_threshold, s.tenant_min_count, s.tenant_cooldown_s,
-                               s.evidence_max, ttl, *args]))
+            calls.append((self._tenant, self._tenant_keys(tenant),
+                          [s.tenant_window_s, s.tenant_threshold, s.tenant_min_count, s.tenant_cooldown_s,
+                           s.evidence_max, ttl, *args]))
+        if not calls:
+            return []
         replies = run_scripts(self.redis, calls)
-        conv_replies = iter(replies[:len(items)] if conv_on else [])
-        tenant_replies = dict(zip(per_tenant, replies[len(items) if conv_on else 0:]))
+        tenant_replies = dict(zip(per_tenant, replies[first_tenant_call:]))
 
         alerts: dict[str, Alert] = {}
-        for i, (event, msg) in enumerate(items):
-            conv_reply = next(conv_replies) if conv_on else None
-            tenant_reply = None
-            if tenant_on:
-                tenant, slot = tenant_slot[i]
-                tenant_reply = tenant_replies[tenant][slot]
+        for (event, _), conv_i, slot in zip(items, conv_call, tenant_slot):
+            s = self.settings_for(event.tenant)
             try:
                 found: list[Alert] = []
-                if conv_reply is not None:
-                    found += self._conversation_rules(event, conv_reply)
-                if tenant_reply is not None:
-                    found += self._tenant_rule(event, tenant_reply)
+                if conv_i is not None:
+                    found += self._conversation_rules(event, replies[conv_i], s)
+                if slot is not None:
+                    found += self._tenant_rule(event, tenant_replies[slot[0]][slot[1]], s)
             except Exception as e:  # noqa: BLE001 - a rule's failure must never stop the stream
                 log.error("alert rules failed for an event; no alert from it", error=repr(e),
                           conversation_id=event.conversation_id, message_id=event.message_id)
@@ -239,22 +255,25 @@ class AlertEngine:
                 alerts.setdefault(alert.alert_id, alert)
         return list(alerts.values())
 
-    def _conversation_rules(self, event: EmotionEvent, reply) -> list[Alert]:
+    def _conversation_rules(self, event: EmotionEvent, reply, s: AlertSettings) -> list[Alert]:
         newest, stored = reply
-        s = self.settings
-        if newest is not None and event.turn < float(newest) - self.keep + 1:
+        if newest is not None and event.turn < float(newest) - _keep(s) + 1:
             return []  # a replay older than the kept turns: its history is gone, do not guess
         found: list[Alert] = []
         negative = self._labels(event.label_set, s.negative_labels)
         anger = self._labels(event.label_set, s.anger_labels)
-        if not self._reads_turns(event):
+        if not self._reads_turns(event, s):
             return found  # no rule looks at the stored turns of a calm event (nor were they sent)
         turns = {int(float(score)): _Turn.from_json(member) for member, score in zip(stored[::2], stored[1::2])}
-        if s.streak_length > 0 and event.label in negative:
+        counted = (lambda turn: turn.role in s.streak_roles) if s.streak_roles else (lambda turn: True)
+        if s.streak_length > 0 and event.label in negative and counted(_turn(event)):
             streak: list[_Turn] = []
             t = event.turn
-            while t in turns and turns[t].label in negative and len(streak) <= s.streak_length:
-                streak.append(turns[t])
+            while t in turns and len(streak) <= s.streak_length:
+                if counted(turns[t]):  # other roles' turns between are looked through, not counted
+                    if turns[t].label not in negative:
+                        break
+                    streak.append(turns[t])
                 t -= 1
             if len(streak) == s.streak_length:  # first reaches the length: once per streak
                 streak.reverse()
@@ -267,7 +286,7 @@ class AlertEngine:
                     severity="critical" if any(t.label in self._labels(event.label_set, s.anger_labels)
                                                for t in streak) else "warning",
                 ))
-        if s.shift and event.label in anger:
+        if s.shift and event.label in anger and (not s.shift_roles or event.role in s.shift_roles):
             previous = next((turns[t] for t in range(event.turn - 1, event.turn - s.shift_lookback - 1, -1)
                              if t in turns and turns[t].speaker == event.speaker), None)
             if previous is not None and previous.label in self._labels(event.label_set, s.calm_labels):
@@ -282,11 +301,10 @@ class AlertEngine:
                 ))
         return found
 
-    def _tenant_rule(self, event: EmotionEvent, reply) -> list[Alert]:
+    def _tenant_rule(self, event: EmotionEvent, reply, s: AlertSettings) -> list[Alert]:
         fire, total, negs, evidence = reply
         if not int(fire):
             return []
-        s = self.settings
         items = [AlertEvidence.model_validate_json(e) for e in evidence if e is not None]
         rate = int(negs) / int(total)
         who = event.tenant if event.tenant is not None else "(no tenant)"

@@ -1,17 +1,22 @@
-"""Per-conversation history windows in Redis, updated atomically by one Lua script.
+"""Each conversation's stored turns in Redis, and each new turn's history window, updated atomically by one
+Lua script.
 
-Layout: one sorted set per conversation, ``<prefix>:win:{<conversation_id>}``, scored by turn, each
-member a small JSON object. The braces are a Redis Cluster hash tag: every key of a conversation
-lands in one slot. The script, in one atomic step:
+Layout, per conversation (``core.records.conversation_scope``: tenant and conversation id):
+``<prefix>:win:{<scope>}``, a sorted set scored by turn, each member a small JSON object (turn, speaker,
+text, the parent message id of a reply, the message id); and ``<prefix>:ids:{<scope>}``, a hash from message
+id to its member (duplicate ids, redeliveries and reply chains in O(1)). The braces are a Redis Cluster hash
+tag: every key of a conversation lands in one slot. The script, in one atomic step:
 
 1. numbers a message that carries no turn: the turn it already has if its id is stored (a redelivery keeps
    its turn), else one past the conversation's newest stored turn (arrival order);
 2. appends the turn unless that turn is already stored (a redelivered message does not grow the
    window twice, and a conflicting duplicate keeps the first version), or unless the same message id
    is already stored at another turn (a duplicate message id: reported, nothing stored);
-3. reads the window that ends at this turn: the last ``size`` turns with turn <= this one, so a
+3. reads the window that ends at this turn: for a reply (``reply_to``), its chain of ancestors, parent
+   first, up to ``size`` turns (never a sibling branch; a parent that is not stored ends the chain and
+   the window is reported incomplete); otherwise the last ``size`` turns with turn <= this one, so a
    replayed old turn still sees its own past and never a future turn;
-4. trims the set to the newest ``retain`` turns and refreshes the TTL.
+4. trims both keys to the newest ``retain`` turns and refreshes their TTL.
 
 Many messages go to Redis in one pipelined round-trip (``append_many``, via :func:`consumer.redis_scripts.run_scripts`).
 """
@@ -29,39 +34,58 @@ from consumer.redis_scripts import run_scripts
 from scoring.prompts import Turn
 
 _APPEND_LUA = """
-local key = KEYS[1]
+local zkey, hkey = KEYS[1], KEYS[2]
 local turn = tonumber(ARGV[1])  -- nil: the message carries no turn, number it by arrival
--- members end with '"m":<json message id>}': the same suffix is the same message id
-local suffix = ARGV[6]
+local size, retain, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local id, parent = ARGV[6], ARGV[7]
+local known = redis.call('HGET', hkey, id)
 local stored_at = nil
-local stored = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-for i = 1, #stored, 2 do
-  if string.sub(stored[i], -#suffix) == suffix then
-    stored_at = tonumber(stored[i + 1])
-    break
-  end
-end
+if known then stored_at = tonumber(cjson.decode(known).t) end
 if turn == nil then
   if stored_at ~= nil then
     turn = stored_at  -- a redelivered message keeps the turn it was given
-  elseif #stored > 0 then
-    turn = tonumber(stored[#stored]) + 1
   else
-    turn = 0
+    local newest = redis.call('ZRANGE', zkey, -1, -1, 'WITHSCORES')
+    if #newest > 0 then turn = tonumber(newest[2]) + 1 else turn = 0 end
   end
 end
 if stored_at ~= nil and stored_at ~= turn then
-  return {0, {}, string.format('%d', stored_at), turn}
+  return {0, {}, string.format('%d', stored_at), turn, 0}
 end
-local added = 0
-if #redis.call('ZRANGEBYSCORE', key, turn, turn, 'LIMIT', 0, 1) == 0 then
-  redis.call('ZADD', key, turn, '{"t":' .. string.format('%d', turn) .. ',' .. ARGV[2])
+local added, member = 0, nil
+local at = redis.call('ZRANGEBYSCORE', zkey, turn, turn, 'LIMIT', 0, 1)
+if #at == 0 then
+  member = '{"t":' .. string.format('%d', turn) .. ',' .. ARGV[2]
+  redis.call('ZADD', zkey, turn, member)
+  redis.call('HSET', hkey, id, member)
   added = 1
+else
+  member = at[1]  -- this turn's stored message: this one again, or a conflicting one
 end
-local window = redis.call('ZREVRANGEBYSCORE', key, turn, '-inf', 'LIMIT', 0, tonumber(ARGV[3]))
-redis.call('ZREMRANGEBYRANK', key, 0, -(tonumber(ARGV[4]) + 1))
-redis.call('EXPIRE', key, tonumber(ARGV[5]))
-return {added, window, false, turn}
+local window, incomplete = nil, 0
+if parent == '' then
+  window = redis.call('ZREVRANGEBYSCORE', zkey, turn, '-inf', 'LIMIT', 0, size)
+else
+  window = {member}
+  local p = parent
+  while p ~= nil and #window < size do
+    local m = redis.call('HGET', hkey, p)
+    if not m then
+      incomplete = 1
+      break
+    end
+    window[#window + 1] = m
+    p = cjson.decode(m).p
+  end
+end
+local gone = redis.call('ZRANGE', zkey, 0, -(retain + 1))
+if #gone > 0 then
+  for _, g in ipairs(gone) do redis.call('HDEL', hkey, cjson.decode(g).m) end
+  redis.call('ZREMRANGEBYRANK', zkey, 0, -(retain + 1))
+end
+redis.call('EXPIRE', zkey, ttl)
+redis.call('EXPIRE', hkey, ttl)
+return {added, window, false, turn, incomplete}
 """
 
 
@@ -73,6 +97,7 @@ class StoredTurn:
     speaker: str
     text: str
     message_id: str
+    reply_to: str | None = None  # the parent's message id, for a reply in a thread
 
     def as_prompt_turn(self) -> Turn:
         # Built once per stored turn: decoded turns are shared by every window that holds them (see _decode).
@@ -95,9 +120,13 @@ class TurnUpdate:
     window: tuple[StoredTurn, ...]
     duplicate_of_turn: int | None = None
     turn: int | None = None  # the message's turn: its own, or the one the store gave it
+    thread_incomplete: bool = False  # a reply whose chain of ancestors reached a parent not stored
 
-    def degraded(self, turn: int, size: int) -> bool:
-        """True if the window lacks turns it should hold: it is not exactly turns max(0, turn-size+1)..turn."""
+    def degraded(self, turn: int, size: int, *, reply: bool = False) -> bool:
+        """True if the window lacks turns it should hold. A reply's: an ancestor was not found. Any other's:
+        it is not exactly turns max(0, turn-size+1)..turn."""
+        if reply:
+            return self.thread_incomplete
         first = max(0, turn - size + 1)
         window = self.window
         if len(window) != turn - first + 1:
@@ -121,6 +150,9 @@ class ConversationStore:
     def key(self, conversation_id: str) -> str:
         return f"{self.prefix}:win:{{{conversation_id}}}"
 
+    def ids_key(self, conversation_id: str) -> str:
+        return f"{self.prefix}:ids:{{{conversation_id}}}"
+
     def append_many(self, turns: Sequence[tuple[str, StoredTurn]]) -> list[TurnUpdate]:
         """Append ``(conversation_id, turn)`` pairs in order, in one pipelined round-trip."""
         if not turns:
@@ -128,11 +160,11 @@ class ConversationStore:
         calls = []
         for conversation_id, t in turns:
             # The member without its turn: the script prefixes '{"t":<turn>,' (it may number the turn itself).
-            rest = json.dumps({"s": t.speaker, "x": t.text, "m": t.message_id}, ensure_ascii=False,
-                              separators=(",", ":"))[1:]
-            suffix = '"m":' + json.dumps(t.message_id, ensure_ascii=False) + "}"
-            calls.append((self._append, [self.key(conversation_id)],
-                          ["" if t.turn is None else t.turn, rest, self.size, self.retain, self.ttl_s, suffix]))
+            fields = {"s": t.speaker, "x": t.text, **({"p": t.reply_to} if t.reply_to else {}), "m": t.message_id}
+            rest = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))[1:]
+            calls.append((self._append, [self.key(conversation_id), self.ids_key(conversation_id)],
+                          ["" if t.turn is None else t.turn, rest, self.size, self.retain, self.ttl_s,
+                           t.message_id, t.reply_to or ""]))
         return [self._parse(r) for r in run_scripts(self.client, calls)]
 
     def get(self, conversation_id: str) -> list[StoredTurn]:
@@ -147,6 +179,7 @@ class ConversationStore:
             bool(added), tuple(_decode(m) for m in reversed(members)),
             int(float(duplicate)) if duplicate is not None else None,
             int(reply[3]) if len(reply) > 3 else None,
+            bool(reply[4]) if len(reply) > 4 else False,
         )
 
 
@@ -155,4 +188,4 @@ def _decode(member: bytes | str) -> StoredTurn:
     # Cached by the member's bytes: consecutive windows of a conversation share all but one turn, so a
     # batch's replies repeat members ~size times; StoredTurn is frozen, the same bytes decode alike.
     d = json.loads(member)
-    return StoredTurn(turn=int(d["t"]), speaker=d["s"], text=d["x"], message_id=d["m"])
+    return StoredTurn(turn=int(d["t"]), speaker=d["s"], text=d["x"], message_id=d["m"], reply_to=d.get("p"))

@@ -175,7 +175,8 @@ def stored_turns(valid: Sequence[Item], settings: Settings, count_tokens: Callab
             continue
         truncated += cut
         kept.append((item, m))
-        turns.append((conversation_scope(m.tenant, m.conversation_id), StoredTurn(m.turn, m.speaker, text, m.message_id)))
+        stored = StoredTurn(m.turn, m.speaker, text, m.message_id, m.reply_to)
+        turns.append((conversation_scope(m.tenant, m.conversation_id), stored))
     return kept, turns, truncated
 
 
@@ -310,7 +311,8 @@ def event(item: Polled, msg: ChatMessage, update: TurnUpdate, result: Labelled, 
         latency_ms=round((time.monotonic() - item.received) * 1000, 3),
         emitted_at=utcnow(),
         gold_label=label_set.map_gold(msg.gold_label) if msg.gold_label else None,
-        window_degraded=update.degraded(update.turn if update.turn is not None else msg.turn, settings.window.size),
+        window_degraded=update.degraded(update.turn if update.turn is not None else msg.turn, settings.window.size,
+                                        reply=msg.reply_to is not None),
     )
 
 

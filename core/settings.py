@@ -422,6 +422,32 @@ class AlertSettings(_Section):
         7 * 86_400, ge=1, description="How long an emitted alert's id is remembered, so a redelivered message does not "
         "raise it again.",
     )
+    streak_roles: tuple[str, ...] = Field(
+        (), description="`negative_streak` counts only turns of these roles (e.g. `[\"customer\"]`), looking through "
+        "the other roles' turns between them; empty: every turn.",
+    )
+    shift_roles: tuple[str, ...] = Field(
+        (), description="`shift_to_anger` only for speakers of these roles (e.g. `[\"customer\"]`); empty: every speaker.",
+    )
+    tenants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-tenant overrides of any setting of this section, e.g. "
+        "`{\"acme\": {\"streak_length\": 4, \"streak_roles\": [\"customer\"]}}`; validated at start.",
+    )
+
+    @model_validator(mode="after")
+    def _check_tenants(self) -> "AlertSettings":
+        for tenant, override in self.tenants.items():
+            if "tenants" in override:
+                raise ValueError(f"alerts.tenants.{tenant}: an override cannot hold tenants of its own")
+            self.for_tenant(tenant)  # an invalid override fails here, at start, not on the tenant's first event
+        return self
+
+    def for_tenant(self, tenant: str | None) -> "AlertSettings":
+        """This section as ``tenant``'s events see it: its overrides on top of the defaults."""
+        override = self.tenants.get(tenant) if tenant is not None else None
+        if not override:
+            return self
+        return AlertSettings.model_validate({**self.model_dump(exclude={"tenants"}), **override})
 
 
 class ExportSettings(_Section):

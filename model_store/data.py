@@ -30,7 +30,9 @@ Supported formats (``load_conversations(dataset, path)`` dispatches on ``dataset
 
     ``conversation_id`` (string, unique in the file) and ``turns`` (a non-empty list) are required; each
     turn needs a non-empty ``speaker`` and a ``text`` string. ``dataset`` (default ``"jsonl"``) and a turn's
-    ``label`` (default none) are optional; labels are kept raw. Other keys are ignored.
+    ``label`` (default none) are optional; labels are kept raw. A comment thread gives turns an ``id`` and
+    ``reply_to`` (the parent's ``id``): a reply's window is then its chain of ancestors, as in the stream
+    (``model_store.examples.Target.window``). Other keys are ignored.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class Utterance:
     speaker: str
     text: str
     label: str | None
+    message_id: str | None = None  # jsonl ``id``: what a reply's ``reply_to`` names
+    reply_to: str | None = None  # jsonl ``reply_to``: the parent's id, in a comment thread
 
 
 @dataclass(frozen=True)
@@ -294,13 +298,17 @@ def _jsonl_conversation(record: object, where: str) -> Conversation:
         if not isinstance(turn, dict):
             raise ValueError(f"{where}: turn {i} must be an object")
         speaker, text, label = turn.get("speaker"), turn.get("text"), turn.get("label")
+        message_id, reply_to = turn.get("id"), turn.get("reply_to")
+        for name, value in (("id", message_id), ("reply_to", reply_to)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{where}: turn {i}: {name} must be a non-empty string or absent")
         if not isinstance(speaker, str) or not speaker.strip():
             raise ValueError(f"{where}: turn {i}: speaker must be a non-empty string")
         if not isinstance(text, str):
             raise ValueError(f"{where}: turn {i}: text must be a string")
         if label is not None and not isinstance(label, str):
             raise ValueError(f"{where}: turn {i}: label must be a string or absent")
-        utts.append(Utterance(speaker.strip(), text, label or None))
+        utts.append(Utterance(speaker.strip(), text, label or None, message_id, reply_to))
     return Conversation(dataset, conv_id, tuple(utts))
 
 

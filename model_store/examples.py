@@ -30,8 +30,17 @@ class Target:
         return self.conversation.utterances[self.index].text
 
     def window(self, size: int) -> list[Turn]:
-        utts = self.conversation.utterances[max(0, self.index - size + 1): self.index + 1]
-        return [Turn(u.speaker, u.text) for u in utts]
+        """The history the stream would give this utterance: a reply's chain of ancestors (parent first, never
+        a sibling branch, as ``consumer.conversation_store`` reads it), otherwise the last ``size`` turns."""
+        utts = self.conversation.utterances
+        target = utts[self.index]
+        if target.reply_to is None:
+            return [Turn(u.speaker, u.text) for u in utts[max(0, self.index - size + 1): self.index + 1]]
+        by_id = {u.message_id: u for u in utts[: self.index] if u.message_id is not None}
+        chain = [target]
+        while len(chain) < size and chain[-1].reply_to in by_id:
+            chain.append(by_id[chain[-1].reply_to])
+        return [Turn(u.speaker, u.text) for u in reversed(chain)]
 
 
 @dataclass(frozen=True)

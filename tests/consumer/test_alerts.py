@@ -26,12 +26,12 @@ T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 
 
 def _pair(conv: str, turn: int, label: str, *, speaker: str = "A", tenant: str | None = "acme",
-          sent_at: datetime | None = None, p: float = 0.7) -> tuple[EmotionEvent, ChatMessage]:
+          sent_at: datetime | None = None, p: float = 0.7, role: str | None = None) -> tuple[EmotionEvent, ChatMessage]:
     probs = {name: (p if name == label else (1 - p) / (len(LABELS) - 1)) for name in LABELS}
     msg = ChatMessage(message_id=f"{conv}:{turn}", conversation_id=conv, turn=turn, speaker=speaker, text="x",
                       sent_at=sent_at or T0 + timedelta(seconds=turn), tenant=tenant)
     event = EmotionEvent(event_id=EmotionEvent.make_id(tenant=msg.tenant, conversation_id=msg.conversation_id, message_id=msg.message_id, model="m", adapter=None), message_id=msg.message_id,
-                         conversation_id=conv, turn=turn, speaker=speaker, tenant=tenant, label=label,
+                         conversation_id=conv, turn=turn, speaker=speaker, role=role, tenant=tenant, label=label,
                          probabilities=probs, label_set="meld", model="m", window=1, latency_ms=1.0,
                          emitted_at=T0)
     return event, msg
@@ -157,6 +157,30 @@ def test_bad_state_costs_an_event_its_alerts_not_the_batch(client) -> None:
     client.zadd(key, {"{not json": 0})
     alerts = engine.evaluate([_pair("c-bad", 1, "sad"), _pair("c-ok", 0, "sad"), _pair("c-ok", 1, "sad")])
     assert [a.trigger_message_id for a in alerts] == ["c-ok:1"]
+
+
+def test_a_customer_streak_counts_across_agent_turns_and_agent_turns_never_count(client) -> None:
+    engine = _engine(client, streak_length=3, streak_roles=("customer",))
+    script = [("customer", "angry"), ("agent", "sad"), ("customer", "angry"), ("agent", "neutral"),
+              ("agent", "joyful"), ("customer", "sad"), ("agent", "sad"), ("customer", "angry")]
+    pairs = [_pair("call", t, label, speaker=role.title(), role=role) for t, (role, label) in enumerate(script)]
+    alerts = engine.evaluate(pairs)
+    # One streak of customer turns 0, 2, 5 (the agent's calm replies between do not break it), once.
+    assert [a.trigger_message_id for a in alerts] == ["call:5"]
+    assert [e.message_id for e in alerts[0].evidence] == ["call:0", "call:2", "call:5"]
+    # An agent's scripted apology streak raises nothing with the rule limited to customers.
+    agent = [_pair("call-2", t, "sad", speaker="Agent", role="agent") for t in range(4)]
+    assert engine.evaluate(agent) == []
+
+
+def test_rule_settings_can_be_overridden_per_tenant(client) -> None:
+    engine = _engine(client, streak_length=3, tenants={"strict": {"streak_length": 2}, "quiet": {"enabled": False}})
+    labels = ["angry", "sad", "angry"]
+    by_tenant = {t: engine.evaluate([_pair(f"c-{t}", i, label, tenant=t) for i, label in enumerate(labels)])
+                 for t in ("strict", "quiet", "other")}
+    assert [a.trigger_message_id for a in by_tenant["strict"]] == ["c-strict:1"]  # its streak of two
+    assert by_tenant["quiet"] == []
+    assert [a.trigger_message_id for a in by_tenant["other"]] == ["c-other:2"]  # the default streak of three
 
 
 # -- in the stream -------------------------------------------------------------------------------

@@ -291,3 +291,26 @@ def test_messages_without_turns_are_numbered_by_arrival_and_keep_their_turn_when
     dup = _append(store, "c", StoredTurn(5, "A", "text 2", "u-2"))
     assert dup.duplicate_of_turn == 2 and not dup.added
     assert [t.turn for t in store.get("c")] == [1, 2, 3, 7, 8]  # the newest retain=5
+
+
+def test_a_reply_sees_its_chain_of_ancestors_never_a_sibling_branch(client: redis.Redis, prefix: str) -> None:
+    store = _store(client, prefix, size=3, retain=50)
+
+    def post(mid: str, parent: str | None) -> object:
+        return _append(store, "thread", StoredTurn(None, f"u-{mid}", f"comment {mid}", mid, parent))
+
+    post("root", None)
+    post("a", "root")
+    post("b", "root")  # a sibling branch of "a"
+    post("b1", "b")
+    a1 = post("a1", "a")
+    assert [t.message_id for t in a1.window] == ["root", "a", "a1"] and not a1.thread_incomplete
+    deep = post("a2", "a1")  # size 3: the nearest ancestors only
+    assert [t.message_id for t in deep.window] == ["a", "a1", "a2"] and not deep.thread_incomplete
+    assert [t.reply_to for t in deep.window] == ["root", "a", "a1"]
+    orphan = post("x", "never-seen")  # expired or never sent: labelled from what is known, marked
+    assert [t.message_id for t in orphan.window] == ["x"] and orphan.thread_incomplete
+    assert orphan.degraded(orphan.turn, 3, reply=True) and not deep.degraded(deep.turn, 3, reply=True)
+    # A redelivered reply: the same turn and window again.
+    again = post("a1", "a")
+    assert (again.turn, again.added) == (a1.turn, False) and again.window == a1.window

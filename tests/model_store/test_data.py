@@ -226,3 +226,22 @@ def test_default_file(tmp_path: Path) -> None:
         default_file(tmp_path, "friends", "dev")
     with pytest.raises(ValueError, match="jsonl"):
         default_file(tmp_path, "jsonl", "dev")
+
+
+def test_jsonl_threads_give_a_reply_its_chain_of_ancestors(tmp_path) -> None:
+    from core.labels import get_label_set
+    from model_store.data import load_jsonl
+    from model_store.examples import targets
+
+    path = tmp_path / "thread.jsonl"
+    turns = [{"id": "r", "speaker": "op", "text": "new phone!", "label": "joy"},
+             {"id": "a", "reply_to": "r", "speaker": "u1", "text": "nice", "label": "joy"},
+             {"id": "b", "reply_to": "r", "speaker": "u2", "text": "ugh, mine broke", "label": "anger"},
+             {"id": "a1", "reply_to": "a", "speaker": "op", "text": "thanks", "label": "joy"},
+             {"speaker": "u3", "text": "a comment on the post itself", "label": "neutral"}]
+    path.write_text(json.dumps({"conversation_id": "post-1", "turns": turns}) + "\n")
+    [conv] = load_jsonl(path)
+    by_text = {t.text: t for t in targets([conv], get_label_set("meld"))}
+    assert [t.text for t in by_text["thanks"].window(12)] == ["new phone!", "nice", "thanks"]  # not "ugh..."
+    assert [t.text for t in by_text["thanks"].window(2)] == ["nice", "thanks"]
+    assert len(by_text["a comment on the post itself"].window(12)) == 5  # no reply_to: the last turns
