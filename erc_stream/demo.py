@@ -34,14 +34,22 @@ from core.settings import Settings
 from local_services.supervisor import services_up
 from producer_sim.replay import interleave, replay, to_messages
 from producer_sim.sources import load_source, new_run_id
-from producer_sim.synthetic import NEGATIVE_STREAK_ID, negative_streak_conversation
+from producer_sim.synthetic import (
+    CALL_CENTER_ID,
+    NEGATIVE_STREAK_ID,
+    call_center_messages,
+    negative_streak_conversation,
+)
+
+#: The scripted support call's tenant: its negative-streak rule counts the customer's turns only.
+CALL_CENTER_TENANT = "callcenter"
 
 console = Console(stderr=False)
 
 
 @dataclass
 class _Seen:
-    events: dict[str, EmotionEvent] = field(default_factory=dict)  # by message id (copies dropped)
+    events: dict[str, EmotionEvent] = field(default_factory=dict)  # by event id (copies dropped)
     copies: int = 0
     dead: list[DeadLetter] = field(default_factory=list)
     alerts: dict[str, Alert] = field(default_factory=dict)  # by alert id (copies dropped)
@@ -65,7 +73,10 @@ def _start_consumer(settings: Settings, ready: Path, log_path: Path) -> subproce
            "--backend", settings.model.backend]
     env = {**os.environ, "ERC_LOG_LEVEL": os.environ.get("ERC_LOG_LEVEL", "WARNING"), "ERC_LOG_JSON": "true",
            # Any free port unless one is configured: the demo prints the endpoint's URL.
-           "ERC_METRICS__PORT": os.environ.get("ERC_METRICS__PORT", "0")}
+           "ERC_METRICS__PORT": os.environ.get("ERC_METRICS__PORT", "0"),
+           # The support call's tenant counts streaks over the customer's turns (a per-tenant override).
+           "ERC_ALERTS__TENANTS": os.environ.get(
+               "ERC_ALERTS__TENANTS", json.dumps({CALL_CENTER_TENANT: {"streak_roles": ["customer"]}}))}
     return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
@@ -79,7 +90,7 @@ def _reader(settings: Settings) -> KafkaConsumer:
     return reader
 
 
-def _table(seen: _Seen, expected: int, texts: dict[str, str]) -> Table:
+def _table(seen: _Seen, expected: int, texts: dict[tuple[str, str], str]) -> Table:
     table = Table(title=f"emotion events  {len(seen.events)}/{expected}   dead letters {len(seen.dead)}",
                   expand=True)
     for col, kw in (("conversation", {"max_width": 14}), ("turn", {"justify": "right"}), ("speaker", {"max_width": 12}),
@@ -91,7 +102,7 @@ def _table(seen: _Seen, expected: int, texts: dict[str, str]) -> Table:
         gold = ev.gold_label or ""
         mark = "green" if gold == ev.label else "red" if gold else ""
         table.add_row(ev.conversation_id.rsplit(":", 1)[-1], str(ev.turn), ev.speaker[:12],
-                      texts.get(ev.message_id, ""), f"[{mark}]{ev.label}[/]" if mark else ev.label,
+                      texts.get((ev.conversation_id, ev.message_id), ""), f"[{mark}]{ev.label}[/]" if mark else ev.label,
                       f"{conf:.2f}", gold)
     return table
 
@@ -107,8 +118,10 @@ def run_demo(settings: Settings, *, dialogues: int, synthetic: int | None, rate:
     # The scripted streak goes first: its alert shows up early in the run.
     per_conv = to_messages([negative_streak_conversation(), *source.conversations], run_id=run_id, tenant="demo")
     streak_id = per_conv[0][0].conversation_id
-    messages = list(interleave(per_conv, concurrency=4, seed=0))
-    texts = {m.message_id: m.text for m in messages}
+    # The support call: schema version 2, roles, no turn numbers, message ids "1", "2", ... of its own.
+    call = call_center_messages(run_id, tenant=CALL_CENTER_TENANT)
+    messages = list(interleave([per_conv[0], call, *per_conv[1:]], concurrency=4, seed=0))
+    texts = {(m.conversation_id, m.message_id): m.text for m in messages}  # message ids repeat across calls
     bad = _malformed(run_id)
 
     workdir = Path(tempfile.mkdtemp(prefix="erc-demo-"))
@@ -166,16 +179,16 @@ def run_demo(settings: Settings, *, dialogues: int, synthetic: int | None, rate:
                             ev = EmotionEvent.from_bytes(r.value)
                             if not ev.conversation_id.startswith(run_id):
                                 continue
-                            if ev.message_id in seen.events:
+                            if ev.event_id in seen.events:
                                 seen.copies += 1
                                 continue
-                            seen.events[ev.message_id] = ev
+                            seen.events[ev.event_id] = ev
                             seen.first_at = seen.first_at or time.monotonic()
                             seen.last_at = time.monotonic()
                             if not console.is_terminal:
                                 console.print(f"{ev.conversation_id.rsplit(':', 1)[-1]:>6} t{ev.turn:<3} "
                                               f"{ev.speaker[:10]:<10} {ev.label:<9} {ev.probabilities[ev.label]:.2f} "
-                                              f"gold={ev.gold_label or '-':<8} {texts.get(ev.message_id, '')[:60]}",
+                                              f"gold={ev.gold_label or '-':<8} {texts.get((ev.conversation_id, ev.message_id), '')[:60]}",
                                               no_wrap=True, overflow="ellipsis", soft_wrap=True)
                         elif tp.topic == settings.kafka.alerts_topic:
                             alert = Alert.from_bytes(r.value)
@@ -194,7 +207,7 @@ def run_demo(settings: Settings, *, dialogues: int, synthetic: int | None, rate:
         reader.close()
         samples = _scrape(metrics_url) if metrics_url else {}
         _summary(seen, len(messages) + len(bad), len(messages), time.monotonic() - started)
-        _alerts(seen, streak_id, settings.model.backend)
+        _alerts(seen, streak_id, call[0].conversation_id, settings.model.backend)
         if metrics_url:
             _metrics_table(samples, metrics_url, seen.peak_lag)
         return len(seen.events) == len(messages)
@@ -257,13 +270,13 @@ def _by(samples, name: str, label: str) -> str:
     return ", ".join(parts) or "0"
 
 
-def _alerts(seen: _Seen, streak_id: str, backend: str) -> None:
+def _alerts(seen: _Seen, streak_id: str, call_id: str, backend: str) -> None:
     """Every alert of this run with its evidence, and whether the scripted streak raised exactly one."""
     table = Table(title=f"alerts  {len(seen.alerts)}", expand=True)
     for col in ("rule", "conversation / tenant", "evidence (message: label p)"):
         table.add_column(col, overflow="fold")
     for a in seen.alerts.values():
-        evidence = "; ".join(f"{e.message_id.rsplit(':', 2)[-2]}:{e.message_id.rsplit(':', 1)[-1]} "
+        evidence = "; ".join(f"{e.conversation_id.rsplit(':', 1)[-1]}:{e.message_id.rsplit(':', 1)[-1]} "
                              f"{e.label} {e.probability:.2f}" for e in a.evidence)
         table.add_row(a.rule, escape((a.conversation_id or "").rsplit(":", 1)[-1] or f"tenant {a.tenant}"),
                       escape(evidence))
@@ -275,6 +288,12 @@ def _alerts(seen: _Seen, streak_id: str, backend: str) -> None:
     if backend == "null":
         line += " - the null backend labels every message alike, so no rule can fire"
     ok = len(streak) == 1 and streak[0].rule == "negative_streak"
+    console.print(("[green]" if ok else "[yellow]") + escape(line), soft_wrap=True)
+    call = [a for a in seen.alerts.values() if a.conversation_id == call_id]
+    line = (f"scripted support call ({CALL_CENTER_ID}, 4 angry customer turns between calm agent replies, streaks "
+            f"over the customer's turns): {len(call)} alert(s): {', '.join(a.rule for a in call) or 'none'} "
+            f"(expected exactly one negative_streak)")
+    ok = len(call) == 1 and call[0].rule == "negative_streak"
     console.print(("[green]" if ok else "[yellow]") + escape(line), soft_wrap=True)
 
 

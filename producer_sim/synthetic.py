@@ -8,7 +8,9 @@ gold label that ``LABEL_SETS["meld"].map_gold`` understands.
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime, timedelta
 
+from core.records import ChatMessage
 from model_store.data import Conversation, Utterance
 
 DATASET = "synthetic"
@@ -163,3 +165,29 @@ NEGATIVE_STREAK_ID = "negative-streak"
 def negative_streak_conversation() -> Conversation:
     """The scripted negative streak (conversation id ``negative-streak``)."""
     return Conversation(DATASET, NEGATIVE_STREAK_ID, tuple(Utterance(s, t, label) for s, t, label in _NEGATIVE_STREAK))
+
+
+#: A support call: the customer's anger keeps building while the agent answers calmly between. With the
+#: negative-streak rule limited to the customer's turns (``alerts.streak_roles``), it raises exactly one alert;
+#: counting every turn, the agent's calm replies would break the streak each time.
+_CALL_CENTER: tuple[tuple[str, str, str, str], ...] = (
+    ("Dana", "customer", "My card was charged twice and nobody answers my emails. I'm furious!", "anger"),
+    ("Agent", "agent", "Thank you for calling. Let me look into that for you.", "neutral"),
+    ("Dana", "customer", "I've been waiting forty minutes. This is outrageous!", "anger"),
+    ("Agent", "agent", "I understand. I can see both charges on your account.", "neutral"),
+    ("Dana", "customer", "Then refund it right now! I am absolutely livid!", "anger"),
+    ("Agent", "agent", "I have started the refund; it takes three to five days.", "neutral"),
+    ("Dana", "customer", "Five days?! This is the worst service I have ever had!", "anger"),
+)
+CALL_CENTER_ID = "support-call"
+
+
+def call_center_messages(run_id: str, *, tenant: str | None, start: datetime | None = None) -> list[ChatMessage]:
+    """The scripted support call as schema-version-2 messages: roles, no turn numbers (the consumer numbers
+    them by arrival), message ids numbered per conversation as call-center systems do ("1", "2", ...)."""
+    start = start or datetime.now(UTC)
+    conversation_id = f"{run_id}:{CALL_CENTER_ID}"
+    return [ChatMessage(schema_version=2, message_id=str(i + 1), conversation_id=conversation_id, speaker=speaker,
+                        role=role, text=text, sent_at=start + timedelta(seconds=4 * i), tenant=tenant,
+                        gold_label=label)
+            for i, (speaker, role, text, label) in enumerate(_CALL_CENTER)]

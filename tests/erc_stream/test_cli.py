@@ -110,5 +110,10 @@ def test_the_demo_on_the_real_model_raises_one_alert_for_the_scripted_streak(set
     assert all(e.label in ("angry", "disgust", "fear", "sad") and e.probability > 0.2 for e in alert.evidence)
     assert all(abs(sum(e.probabilities.values()) - 1) < 1e-2 for e in alert.evidence)
     assert alert.trigger_message_id == alert.evidence[-1].message_id and alert.model == "smollm2-135m"
+    # The support call (version 2, roles, no turns, ids "1".."7"): the customer's streak across the agent's
+    # calm replies raises exactly one alert, its evidence the customer's turns only.
+    call = [a for a in alerts if (a.conversation_id or "").endswith(":support-call")]
+    assert [a.rule for a in call] == ["negative_streak"], [a.summary for a in alerts]
+    assert [e.speaker for e in call[0].evidence] == ["Dana"] * 3 and call[0].tenant == "callcenter"
     assert int(_metric(out, "erc_events_emitted_total")) > 0
     assert "negative_streak=" in _metric(out, "erc_alerts_emitted_total")
