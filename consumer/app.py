@@ -249,12 +249,13 @@ class StreamApp:
             log.warning("batch not delivered; redoing it", error=str(e), retry_in_s=self._kafka_delay)
             self._stop.wait(self._kafka_delay)
             return
-        self._report(len(batch), outcome)
+        self._report(len(batch), outcome, acked=time.monotonic(), acked_at=time.time())
 
-    def _report(self, consumed: int, outcome: pipeline.Outcome) -> None:
+    def _report(self, consumed: int, outcome: pipeline.Outcome, *, acked: float, acked_at: float) -> None:
         """A delivered batch: count it, log it, hand its events and alerts to the callbacks."""
         self.metrics.count_batch(consumed, [e for e, _ in outcome.events], outcome.alerts, outcome.dead,
-                                 outcome.truncated)
+                                 outcome.truncated, processing_s=[acked - r for r in outcome.received],
+                                 end_to_end_s=[acked_at - m.sent_at.timestamp() for _, m in outcome.events])
         log_texts = self.settings.log_texts
         for event, msg in outcome.events:
             log.debug("event", conversation_id=event.conversation_id, message_id=event.message_id,

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter as Tally
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
@@ -85,8 +85,14 @@ class ConsumerMetrics:
         self.inference_seconds = Histogram("erc_inference_seconds", "Label scoring time of one micro-batch.",
                                            buckets=_INFERENCE_BUCKETS, registry=r)
         self.end_to_end_seconds = Histogram(
-            "erc_end_to_end_latency_seconds", "From a message's receipt by the consumer to its event's emission.",
+            "erc_end_to_end_latency_seconds", "From a message's sent_at (the producer's clock) to the broker's ack of "
+            "its event: what a user waiting for a label or an alert feels.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.processing_seconds = Histogram(
+            "erc_processing_latency_seconds", "From the poll that took a message to the broker's ack of its event.",
             buckets=_LATENCY_BUCKETS, registry=r)
+        self.clock_skew = Counter(
+            "erc_clock_skew", "Events whose sent_at was later than their ack (the producer's clock ahead of ours; "
+            "their end-to-end latency counts as 0).", registry=r)
         self.consumer_lag = Gauge("erc_consumer_lag", "Records behind the partition's highwater (highwater - position).",
                                   ["topic", "partition"], registry=r)
         self.adapter_info = Gauge("erc_adapter_info",
@@ -141,15 +147,22 @@ class ConsumerMetrics:
         self._adapter_labels = current
 
     def count_batch(self, consumed: int, events: "list[EmotionEvent]", alerts: "list[Alert]",
-                    dead: "list[DeadLetter]", truncated: int) -> None:
-        """One delivered stream batch: its records, the events and alerts acknowledged, its dead letters."""
+                    dead: "list[DeadLetter]", truncated: int, *, processing_s: Sequence[float] = (),
+                    end_to_end_s: Sequence[float] = ()) -> None:
+        """One delivered stream batch: its records, the events and alerts acknowledged, its dead letters, and
+        each event's latencies to its ack (end to end: negative ones are clock skew, counted and clamped)."""
+        for seconds in processing_s:
+            self.processing_seconds.observe(seconds)
+        for seconds in end_to_end_s:
+            if seconds < 0:
+                self.clock_skew.inc()
+            self.end_to_end_seconds.observe(max(0.0, seconds))
         self.messages_consumed.inc(consumed)
         self.stream_batch_records.observe(consumed)
         self.events_emitted.inc(len(events))
         self.texts_truncated.inc(truncated)
         for event in events:
             self._recent_latencies_ms.append(event.latency_ms)
-            self.end_to_end_seconds.observe(event.latency_ms / 1000)
             if event.window_degraded:
                 self.degraded_windows.inc()
         for alert in alerts:

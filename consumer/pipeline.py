@@ -120,6 +120,7 @@ class Outcome:
     """What one batch produced: everything the checkpoint emits, and what the counters need."""
 
     events: list[tuple[EmotionEvent, ChatMessage]] = field(default_factory=list)
+    received: list[float] = field(default_factory=list)  # each event's message's poll time (time.monotonic())
     alerts: list[Alert] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     truncated: int = 0  # texts cut to the token budget
@@ -136,6 +137,7 @@ def process(batch: Sequence[Polled], settings: Settings, parts: Parts) -> Outcom
     results = label(valid, updates, settings, parts)
     labelled = build_events(valid, updates, results, settings, parts, out.dead)
     out.events = [(e, m) for _, e, m in labelled]
+    out.received = [item.received for item, _, _ in labelled]
     out.alerts = evaluate_alerts(labelled, settings, parts, out.dead)
     return out
 

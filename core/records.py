@@ -106,7 +106,9 @@ class EmotionEvent(_Record):
     adapter: str | None = None
     adapter_version: str | None = Field(None, description="The adapter's content hash (its immutable version).")
     window: int = Field(description="Turns in the prompt's history window, the target included.")
-    latency_ms: float = Field(description="From the message's receipt by the consumer to the event's emission.")
+    latency_ms: float = Field(description="Processing latency: from the poll that took the message to this event's "
+                              "creation (an event cannot carry its own ack; erc_processing_latency_seconds measures "
+                              "from the same poll to the ack, erc_end_to_end_latency_seconds from sent_at to the ack).")
     emitted_at: AwareDatetime
     gold_label: str | None = None
     window_degraded: bool = Field(

@@ -111,6 +111,11 @@ def test_the_endpoint_serves_the_stream_metrics_and_probes(settings: Settings) -
     assert _value(s, "erc_prompt_tokens_total") == backend.tokens.prompt_tokens > 0
     assert _value(s, "erc_computed_tokens_total") == backend.tokens.computed > 0
     assert _value(s, "erc_end_to_end_latency_seconds_sum") > 0
+    # Poll to ack: every event, each at least its batch's scoring (0.15 s); sent_at to ack is longer still.
+    assert _value(s, "erc_processing_latency_seconds_count") == len(msgs)
+    assert _value(s, "erc_processing_latency_seconds_sum") >= 0.15 * len(msgs)
+    assert _value(s, "erc_end_to_end_latency_seconds_sum") >= _value(s, "erc_processing_latency_seconds_sum")
+    assert _value(s, "erc_clock_skew_total") == 0
     assert _value(s, "erc_adapter_info", backend="_SlowBackend", model="null", adapter="none", version="none", label_set="meld") == 1
     assert {labels for (n, labels) in s if n == "erc_consumer_lag"} == {
         (("partition", str(p)), ("topic", settings.kafka.input_topic)) for p in range(4)}

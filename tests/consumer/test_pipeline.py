@@ -262,3 +262,13 @@ def test_redis_out_of_memory_is_an_outage_not_a_poisonous_message() -> None:
         pipeline.process([_msg("o", 0, "hi")], settings, _parts(settings, conversations=Full(3)))
     assert pipeline.redis_outage(redis.ConnectionError("refused"))
     assert not pipeline.redis_outage(redis.ResponseError("ERR user_script:1: bad argument"))
+
+
+def test_latencies_to_the_ack_are_counted_and_a_clock_ahead_of_ours_is_clamped_and_counted() -> None:
+    from consumer.metrics import ConsumerMetrics
+
+    m = ConsumerMetrics()
+    m.count_batch(2, [], [], [], 0, processing_s=[0.2, 0.4], end_to_end_s=[1.5, -3.0])
+    assert m.value("erc_processing_latency_seconds_count") == 2
+    assert abs(m.value("erc_processing_latency_seconds_sum") - 0.6) < 1e-9
+    assert m.value("erc_end_to_end_latency_seconds_sum") == 1.5 and m.value("erc_clock_skew_total") == 1

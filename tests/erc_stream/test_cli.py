@@ -17,7 +17,7 @@ from core.readers import read_alerts, read_events
 from core.settings import Settings
 from erc_stream.cli import main
 from erc_stream.export import read_dataset
-from producer_sim.synthetic import synthetic_conversations
+from producer_sim.synthetic import call_center_messages, synthetic_conversations
 from tests.procs import service_env
 
 
@@ -56,7 +56,8 @@ def test_demo_runs_end_to_end_and_prints_the_summary(settings: Settings, tmp_pat
     assert "invalid_json" in out and "schema" in out
 
     # The metrics endpoint, read by the demo before it stops the consumer: the stream's figures, non-zero.
-    valid = sum(len(c.utterances) for c in synthetic_conversations(3, seed=0)) + 5  # + the scripted streak
+    # + the scripted streak and the scripted support call
+    valid = sum(len(c.utterances) for c in synthetic_conversations(3, seed=0)) + 5 + len(call_center_messages("x", tenant=None))
     assert re.search(r"consumer metrics: http://127\.0\.0\.1:\d+/metrics", out)
     assert _metric(out, "erc_messages_consumed_total") == str(valid + 2)
     assert _metric(out, "erc_events_emitted_total") == str(valid)
@@ -80,11 +81,11 @@ def test_demo_runs_end_to_end_and_prints_the_summary(settings: Settings, tmp_pat
         assert proc.returncode == 0, proc.stdout + proc.stderr
     table = read_dataset(dataset)
     assert sorted(table.column("event_id").to_pylist()) == sorted(e.event_id for e in events)
-    assert set(table.column("tenant").to_pylist()) == {"demo"}
-    assert {p.parent.name for p in dataset.rglob("part-*.parquet")} == {"tenant=demo"}
+    assert set(table.column("tenant").to_pylist()) == {"demo", "callcenter"}  # + the support call's tenant
+    assert {p.parent.name for p in dataset.rglob("part-*.parquet")} == {"tenant=demo", "tenant=callcenter"}
     assert Counter(table.column("label").to_pylist()) == Counter(e.label for e in events)
     summary = json.loads((charts / "summary.json").read_text())
-    assert summary["events"] == valid and summary["conversations"] == 4
+    assert summary["events"] == valid and summary["conversations"] == 5  # 3 synthetic, the streak, the call
     assert summary["confusion"]["n"] == valid  # the synthetic conversations carry gold labels
     pngs = sorted(p.name for p in charts.glob("*.png"))
     assert len(pngs) == 6 and "confusion_matrix.png" in pngs and "emotion_distribution.png" in pngs
