@@ -6,18 +6,23 @@ the consumer is still running at the end."""
 from __future__ import annotations
 
 import random
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from kafka import KafkaProducer
 
+from consumer.app import StreamApp
 from core.labels import get_label_set
-from core.readers import read_dead_letters, read_records
-from core.records import EmotionEvent
+from core.readers import read_dead_letters, read_events, read_records
+from core.records import ChatMessage, EmotionEvent
 from core.settings import Settings
-from tests.hostile import Hostile, hostile_records
+from tests.hostile import CONTROL_TEXTS, INJECTIONS, Hostile, hostile_records
+from tests.kafka_helpers import produce_raw
 from tests.procs import ConsumerProc, stream_messages
 
 N_HOSTILE = 1000
@@ -128,3 +133,33 @@ def test_hostile_input_is_accounted_for_and_the_consumer_keeps_running(settings:
     assert set(by_source) <= hostile_sources
     assert sum(accounted.values()) == hostile_count
     print(f"\nhostile: {hostile_count} records accounted for: {dict(accounted)}; valid: {len(valid)} events")
+
+
+@pytest.mark.slow
+def test_hostile_texts_on_the_real_model_get_a_label_of_the_label_set(settings: Settings, own_hf_backend) -> None:
+    """Prompt injection and other hostile texts, labelled by the embedded model with the shipped adapter:
+    the answer is read from the label tokens' probabilities, so every label is one of the set's."""
+    settings = settings.with_overrides(batch={"micro_batch_size": 8, "max_wait_ms": 100})
+    texts = [*INJECTIONS, *CONTROL_TEXTS[:3], "", " \n\t ", "word " * 600, "😡" * 50, "### ###", '"> from <joy>:']
+    now = datetime.now(UTC)
+    msgs = [ChatMessage(message_id=f"h:{i}", conversation_id=f"hostile-{i % 3}", turn=i // 3, speaker="Customer",
+                        text=text, sent_at=now) for i, text in enumerate(texts)]
+    produce_raw(settings, settings.kafka.input_topic, [(m.conversation_id.encode(), m.to_bytes()) for m in msgs])
+    app = StreamApp(settings, own_hf_backend)
+    app.routes.choose_adapters()  # the registry's default for meld: the shipped adapter
+    worker = threading.Thread(target=app.run, daemon=True)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 180
+        while app.stats.events < len(msgs) and time.monotonic() < deadline and worker.is_alive():
+            time.sleep(0.1)
+    finally:
+        app.stop()
+        worker.join(30)
+    assert app.stats.events == len(msgs) and app.stats.dead_letters == 0, app.stats
+    labels = set(get_label_set("meld").labels)
+    events = read_events(settings, timeout_s=20).events
+    assert len(events) == len(msgs) and all(e.adapter == "meld-smollm2-lora" for e in events)
+    for e in events:
+        assert e.label in labels and set(e.probabilities) == labels, e
+        assert abs(sum(e.probabilities.values()) - 1) < 1e-3 and e.label == max(e.probabilities, key=e.probabilities.get)
