@@ -6,7 +6,6 @@ the consumer is still running at the end."""
 from __future__ import annotations
 
 import random
-import threading
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -21,6 +20,7 @@ from core.labels import get_label_set
 from core.readers import read_dead_letters, read_events, read_records
 from core.records import ChatMessage, EmotionEvent
 from core.settings import Settings
+from tests.app_threads import run_until
 from tests.hostile import CONTROL_TEXTS, INJECTIONS, Hostile, hostile_records
 from tests.kafka_helpers import produce_raw
 from tests.procs import ConsumerProc, stream_messages
@@ -147,15 +147,7 @@ def test_hostile_texts_on_the_real_model_get_a_label_of_the_label_set(settings: 
     produce_raw(settings, settings.kafka.input_topic, [(m.conversation_id.encode(), m.to_bytes()) for m in msgs])
     app = StreamApp(settings, own_hf_backend)
     app.routes.choose_adapters()  # the registry's default for meld: the shipped adapter
-    worker = threading.Thread(target=app.run, daemon=True)
-    worker.start()
-    try:
-        deadline = time.monotonic() + 180
-        while app.stats.events < len(msgs) and time.monotonic() < deadline and worker.is_alive():
-            time.sleep(0.1)
-    finally:
-        app.stop()
-        worker.join(30)
+    run_until(app, lambda: app.stats.events >= len(msgs), timeout_s=180)
     assert app.stats.events == len(msgs) and app.stats.dead_letters == 0, app.stats
     labels = set(get_label_set("meld").labels)
     events = read_events(settings, timeout_s=20).events

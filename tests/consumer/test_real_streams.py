@@ -4,8 +4,6 @@ messages in the same stream."""
 
 from __future__ import annotations
 
-import threading
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -16,6 +14,7 @@ from core.readers import read_alerts, read_events
 from core.records import ChatMessage
 from core.settings import Settings
 from producer_sim.synthetic import call_center_messages
+from tests.app_threads import run_until
 from tests.kafka_helpers import produce_raw
 
 THREAD = [  # (id, reply_to, speaker, text)
@@ -53,15 +52,7 @@ def test_roles_threads_and_version_1_in_one_stream_on_the_real_model(settings: S
     own_hf_backend.score = recording
     app = StreamApp(settings, own_hf_backend)
     app.routes.choose_adapters()  # the registry's default for meld: the shipped adapter
-    worker = threading.Thread(target=app.run, daemon=True)
-    worker.start()
-    try:
-        deadline = time.monotonic() + 240
-        while app.stats.events < len(msgs) and time.monotonic() < deadline and worker.is_alive():
-            time.sleep(0.1)
-    finally:
-        app.stop()
-        worker.join(30)
+    run_until(app, lambda: app.stats.events >= len(msgs), timeout_s=240)
     assert app.stats.events == len(msgs) and app.stats.dead_letters == 0, app.stats
 
     events = {(e.conversation_id, e.message_id): e for e in read_events(settings, timeout_s=20).events}

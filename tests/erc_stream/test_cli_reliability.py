@@ -14,7 +14,7 @@ from consumer.app import StreamApp
 from consumer.delivery import make_emitter
 from core.settings import Settings
 from scoring.backends.null import NullBackend
-from tests.app_threads import FailOnce
+from tests.app_threads import FailOnce, run_until
 from tests.kafka_helpers import produce_raw, read_all
 from tests.procs import PROJECT, consumer_env, stream_messages
 
@@ -76,13 +76,7 @@ def test_conversations_and_tenants_that_number_messages_alike_keep_every_event(s
                         sent_at=now, tenant=tenant) for tenant, conv in streams for i in range(1, 6)]
     produce_raw(settings, settings.kafka.input_topic, [(m.conversation_id.encode(), m.to_bytes()) for m in msgs])
     app = StreamApp(settings, NullBackend())
-    thread = threading.Thread(target=app.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while app.stats.consumed < len(msgs) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    app.stop()
-    thread.join(30)
+    run_until(app, lambda: app.stats.consumed >= len(msgs))
     assert app.stats.events == len(msgs) and app.stats.dead_letters == 0, app.stats
 
     read = read_events(settings, timeout_s=20)
