@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from erc_stream.cli import main
+from model_store.registry import versions
 from model_store.sweep import Cell, SweepPlan, plot, write_table
 from tests.datasets import write_data_dir
 
@@ -66,7 +67,8 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path: Path, monkeypatch: pytest.
     ratio = json.loads(cells[0].read_text())
     assert ratio["trained_on"] == "meld+emorynlp" and ratio["meld_n"] == 4 and ratio["emorynlp_n"] == 4
     assert 0 <= ratio["meld_weighted_f1"] <= 100 and ratio["steps"] >= 1
-    assert (tmp_path / "store" / "adapters" / "sweep-ratio-lora-f1_2" / "adapter_config.json").exists()
+    [version] = versions("sweep-ratio-lora-f1_2", tmp_path / "store")  # one version of the cell's adapter
+    assert (version.path / "adapter_config.json").exists() and version.path.parent.name == "sweep-ratio-lora-f1_2"
     assert "| 1/2 | ratio | meld+emorynlp | lora |" in result.output
     # A rerun finds every cell done: nothing trains again.
     stamps = [c.stat().st_mtime_ns for c in cells]
