@@ -26,6 +26,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from bench.consumer_throughput import _with_services, make_messages
+from core.records import conversation_scope
 from core.settings import Settings
 
 LABELS = ("neutral", "surprise", "fear", "sad", "joyful", "disgust", "angry")
@@ -70,13 +71,17 @@ def measure(settings: Settings, *, conversations: int) -> dict[str, float]:
             by_conv.setdefault(m.conversation_id, []).append(m)
         for start in range(0, len(msgs), 500):
             chunk = msgs[start:start + 500]
-            store.append_many([(m.conversation_id, StoredTurn(m.turn, m.speaker, m.text, m.message_id)) for m in chunk])
+            store.append_many([(conversation_scope(m.tenant, m.conversation_id),
+                                StoredTurn(m.turn, m.speaker, m.text, m.message_id)) for m in chunk])
             alerts.evaluate([(_event(m, LABELS[(m.turn * 3) % len(LABELS)]), m) for m in chunk])
         used = client.info("memory")["used_memory"] - base
         first = next(iter(by_conv))
+        first_msg = by_conv[first][0]
+        scope = conversation_scope(first_msg.tenant, first)
         out["conversation_bytes_used_memory"] = round(used / len(by_conv), 1)
-        out["window_key_bytes_retain"] = client.memory_usage(store.key(first), samples=0)
-        out["alert_conv_key_bytes"] = client.memory_usage(alerts._conv_key(first), samples=0)
+        out["window_key_bytes_retain"] = client.memory_usage(store.key(scope), samples=0)
+        out["id_index_key_bytes_retain"] = client.memory_usage(store.ids_key(scope), samples=0)
+        out["alert_conv_key_bytes"] = client.memory_usage(alerts._conv_key(_event(first_msg, "neutral")), samples=0)
         out["avg_text_chars"] = round(sum(len(m.text) for m in msgs) / len(msgs), 1)
         # A window of exactly `size` turns: a fresh conversation of `size` turns.
         conv12 = f"{prefix}-w{w.size}"

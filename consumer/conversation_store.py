@@ -4,7 +4,7 @@ Lua script.
 Layout, per conversation (``core.records.conversation_scope``: tenant and conversation id):
 ``<prefix>:win:{<scope>}``, a sorted set scored by turn, each member a small JSON object (turn, speaker,
 text, the parent message id of a reply, the message id); and ``<prefix>:ids:{<scope>}``, a hash from message
-id to its member (duplicate ids, redeliveries and reply chains in O(1)). The braces are a Redis Cluster hash
+id to its turn (duplicate ids, redeliveries and reply chains without scanning the turns). The braces are a Redis Cluster hash
 tag: every key of a conversation lands in one slot. The script, in one atomic step:
 
 1. numbers a message that carries no turn: the turn it already has if its id is stored (a redelivery keeps
@@ -38,9 +38,7 @@ local zkey, hkey = KEYS[1], KEYS[2]
 local turn = tonumber(ARGV[1])  -- nil: the message carries no turn, number it by arrival
 local size, retain, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local id, parent = ARGV[6], ARGV[7]
-local known = redis.call('HGET', hkey, id)
-local stored_at = nil
-if known then stored_at = tonumber(cjson.decode(known).t) end
+local stored_at = tonumber(redis.call('HGET', hkey, id))  -- nil when the id is not stored
 if turn == nil then
   if stored_at ~= nil then
     turn = stored_at  -- a redelivered message keeps the turn it was given
@@ -57,7 +55,7 @@ local at = redis.call('ZRANGEBYSCORE', zkey, turn, turn, 'LIMIT', 0, 1)
 if #at == 0 then
   member = '{"t":' .. string.format('%d', turn) .. ',' .. ARGV[2]
   redis.call('ZADD', zkey, turn, member)
-  redis.call('HSET', hkey, id, member)
+  redis.call('HSET', hkey, id, turn)
   added = 1
 else
   member = at[1]  -- this turn's stored message: this one again, or a conflicting one
@@ -69,7 +67,8 @@ else
   window = {member}
   local p = parent
   while p ~= nil and #window < size do
-    local m = redis.call('HGET', hkey, p)
+    local at_turn = redis.call('HGET', hkey, p)
+    local m = at_turn and redis.call('ZRANGEBYSCORE', zkey, at_turn, at_turn, 'LIMIT', 0, 1)[1]
     if not m then
       incomplete = 1
       break
