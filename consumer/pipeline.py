@@ -39,8 +39,9 @@ from scoring.prompts import Turn
 
 log = structlog.get_logger(__name__)
 
-#: Redis failures pause the stream until Redis answers again (see :func:`redis_outage` for which).
-REDIS_DOWN = (redis.RedisError,)
+#: Redis failures pause the stream until Redis answers again (see :func:`redis_outage` for which). redis-py's
+#: cluster client raises RedisClusterException (not a RedisError) when it cannot reach the cluster at all.
+REDIS_DOWN = (redis.RedisError, redis_errors.RedisClusterException)
 #: Error replies that are the server's state, not the command's fault (redis-py maps some to classes).
 _SERVER_ERRORS = (redis_errors.OutOfMemoryError, redis_errors.ReadOnlyError, redis_errors.BusyLoadingError,
                   redis_errors.MasterDownError, redis_errors.TryAgainError, redis_errors.ClusterDownError)
@@ -55,7 +56,7 @@ def redis_outage(e: BaseException) -> bool:
     """Redis itself is the problem (unreachable, out of memory, loading, read-only…), not the message: wait.
 
     Any other error reply (a script that fails on one message's data) is that message's failure."""
-    if not isinstance(e, redis.RedisError):
+    if not isinstance(e, REDIS_DOWN):
         return False
     if isinstance(e, _SERVER_ERRORS) or not isinstance(e, redis.ResponseError):
         return True
