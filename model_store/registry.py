@@ -63,7 +63,7 @@ def _is_adapter(path: Path) -> bool:
 
 
 def versions(name: str, store_dir: Path) -> list[AdapterRef]:
-    """Every version of an adapter name, oldest first (the store's before a shipped one of the same name)."""
+    """Every version of an adapter name, oldest first; a shipped one counts as older than any in the store."""
     found: list[tuple[str, AdapterRef]] = []
     shipped = SHIPPED_ADAPTERS / name
     if _is_adapter(shipped):
