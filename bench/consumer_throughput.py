@@ -246,8 +246,9 @@ def _drop_redis_keys(settings: Settings) -> None:
         client.close()
 
 
-def _with_services(fn):
-    """Run ``fn(settings)`` on a fresh tansu broker and Redis on free ports, stopped afterwards."""
+def with_services(fn, settings: Settings | None = None):
+    """Run ``fn(settings)`` on a fresh tansu broker and Redis on free ports, stopped afterwards (``settings``: the
+    rest of the configuration, default the environment's)."""
     import socket
 
     from local_services.supervisor import kafka_down, kafka_up, redis_down, redis_up
@@ -258,7 +259,7 @@ def _with_services(fn):
             return s.getsockname()[1]
 
     with tempfile.TemporaryDirectory(prefix="erc-bench-") as run_dir:
-        base = Settings().with_overrides(
+        base = (settings or Settings()).with_overrides(
             kafka={"bootstrap_servers": f"127.0.0.1:{free_port()}"},
             redis={"url": f"redis://127.0.0.1:{free_port()}/0"},
             services={"run_dir": run_dir},
@@ -303,7 +304,7 @@ def measure(
     process writes its cProfile statistics to (``python -m pstats FILE``; slows it down).
     """
     if settings is None:
-        return _with_services(lambda base: measure(
+        return with_services(lambda base: measure(
             base, messages=messages, conversations=conversations, batch_size=batch_size,
             stream_batch=stream_batch, partitions=partitions,
             stages=stages, verify=verify, seed=seed, profile=profile))
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                         profile=a.profile)
                 for i in range(a.repeat)]
 
-    results = runs(Settings()) if a.external else _with_services(runs)
+    results = runs(Settings()) if a.external else with_services(runs)
     best = max(results, key=lambda r: r["messages_per_s"])
     rates = [r["messages_per_s"] for r in results]
     best = {**best, "runs_messages_per_s": rates, "spread_messages_per_s": round(max(rates) - min(rates), 1)}

@@ -18,7 +18,7 @@ from model_store.base_models import resolve_base
 from model_store.data import default_file, load_conversations
 from model_store.examples import targets
 from model_store.retrieval import DemoIndex
-from scoring.prompts import PromptBuilder
+from scoring.prompts import PromptBuilder, WindowShape
 
 
 def shared_prefix(a: list[int], b: list[int]) -> int:
@@ -49,11 +49,12 @@ def main() -> None:
     out = {}
     for position in ("after_history", "after_instruction"):
         b = PromptBuilder(label_set, max_tokens=s.model.max_prompt_tokens, demo_position=position,
-                          count_tokens=lambda x: len(tok(x, add_special_tokens=False)["input_ids"]))
+                          count_tokens=lambda x: len(tok(x, add_special_tokens=False)["input_ids"]),
+                          window=WindowShape(args.window, s.window.hop))
         total = shared = 0
         prev: dict[str, list[int]] = {}
         for t, d in zip(items, demos):
-            ids = tok(b.emotion(t.window(args.window), d).text)["input_ids"]
+            ids = tok(b.emotion(t.window(b.window.span), d).text)["input_ids"]
             key = t.conversation.conversation_id
             if key in prev:
                 shared += shared_prefix(prev[key], ids)

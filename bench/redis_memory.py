@@ -4,7 +4,7 @@ The capacity plan (docs/capacity.md) sizes Redis from these figures:
 
 - ``MEMORY USAGE`` of one conversation's window key with ``window.size`` (12) turns and with ``conversation.retain_turns``
   (24) turns, and of its alert-state key (``max(streak_length, shift_lookback) + 1`` turns with their labels
-  and probabilities), written by :class:`~consumer.conversation_store.ConversationStore` and
+  and probabilities), and of its speaker numbers (``:spk:``), written by :class:`~consumer.conversation_store.ConversationStore` and
   :class:`~consumer.alerts.AlertEngine` as the stream writes them;
 - the growth of ``used_memory`` per conversation over ``--conversations`` conversations of ``retain`` turns
   (key, TTL and dictionary overhead included: what a shard really holds);
@@ -25,7 +25,7 @@ import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from bench.consumer_throughput import _with_services, make_messages
+from bench.consumer_throughput import make_messages, with_services
 from core.records import conversation_scope
 from core.settings import Settings
 
@@ -59,7 +59,7 @@ def measure(settings: Settings, *, conversations: int) -> dict[str, float]:
     w, c = settings.window, settings.conversation
     client = connect(settings.redis)
     prefix = f"mem-{uuid.uuid4().hex[:6]}"
-    store = ConversationStore(client, prefix=prefix, size=w.size, retain=c.retain_turns, ttl_s=c.ttl_s)
+    store = ConversationStore(client, prefix=prefix, size=w.span, retain=c.retain_turns, ttl_s=c.ttl_s)
     alerts = AlertEngine(client, settings.alerts.model_copy(update={"tenant_threshold": 1.0}), prefix=prefix,
                          ttl_s=c.ttl_s)
     msgs = make_messages(conversations * c.retain_turns, conversations, seed=1)
@@ -81,6 +81,7 @@ def measure(settings: Settings, *, conversations: int) -> dict[str, float]:
         out["conversation_bytes_used_memory"] = round(used / len(by_conv), 1)
         out["window_key_bytes_retain"] = client.memory_usage(store.key(scope), samples=0)
         out["id_index_key_bytes_retain"] = client.memory_usage(store.ids_key(scope), samples=0)
+        out["speakers_key_bytes"] = client.memory_usage(store.speakers_key(scope), samples=0)
         out["alert_conv_key_bytes"] = client.memory_usage(alerts._conv_key(_event(first_msg, "neutral")), samples=0)
         out["avg_text_chars"] = round(sum(len(m.text) for m in msgs) / len(msgs), 1)
         # A window of exactly `size` turns: a fresh conversation of `size` turns.
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.logs import configure
 
     configure("WARNING")
-    result = _with_services(lambda s: measure(s, conversations=a.conversations))
+    result = with_services(lambda s: measure(s, conversations=a.conversations))
     print(json.dumps(result) if a.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
 

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.consumer_throughput import _bench_settings, _drop_redis_keys, _with_services, make_messages
+from bench.consumer_throughput import _bench_settings, _drop_redis_keys, make_messages, with_services
 from core.settings import Settings
 
 
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 cluster.stop()
 
-    _with_services(on_cluster if a.redis_cluster else run)
+    with_services(on_cluster if a.redis_cluster else run)
     return 0
 
 

@@ -57,6 +57,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "vllm-no-prefix-cache": ("vllm", {"vllm": {"enable_prefix_caching": False}}),
     "vllm-fp32": ("vllm", {"vllm": {"dtype": "float32"}}),
     "hf-bf16": ("hf", {"model": {"dtype": "bfloat16"}}),
+    "naive-bf16": ("naive", {"model": {"dtype": "bfloat16"}}),  # every ratio at one dtype (bf16 CPUs)
     "hf-no-prefix-cache": ("hf", {"model": {"prefix_cache_mb": 0}}),
     "hf-merged": ("hf", {"model": {"merge_adapter": True}}),
 }
@@ -76,7 +77,7 @@ def stream_items(settings: Settings, messages: int, open_conversations: int = 8)
     ``open_conversations`` conversations at a time, one turn each in turn, as producer_sim replays them."""
     from core.labels import get_label_set
     from model_store.data import default_file, load_conversations
-    from scoring.prompts import Turn
+    from model_store.examples import Target
 
     label_set = get_label_set(settings.model.label_set)
     path = default_file(settings.data.dir, "meld", "dev")
@@ -88,12 +89,11 @@ def stream_items(settings: Settings, messages: int, open_conversations: int = 8)
         conversations, source = synthetic_conversations(200), "synthetic conversations (no data directory)"
     queues = []
     for conv in conversations:
-        turns = [Turn(u.speaker, u.text) for u in conv.utterances]
         items = []
         for i, u in enumerate(conv.utterances):
             gold = label_set.map_gold(u.label, conv.dataset) if u.label else None
-            if gold is not None:
-                items.append(Item(conv.conversation_id, tuple(turns[max(0, i - settings.window.size + 1): i + 1]), gold))
+            if gold is not None:  # the turns the stream's store would give the prompt builder
+                items.append(Item(conv.conversation_id, tuple(Target(conv, i, gold).window(settings.window.span)), gold))
         if items:
             queues.append(items)
     out: list[Item] = []
@@ -191,11 +191,13 @@ def run_path(path: str, settings: Settings, messages: int, rate: float | None) -
     rss.start()
     items, _ = stream_items(settings, messages)
     started = time.monotonic()
-    if path == "naive":
+    naive = VARIANTS.get(path, (path, {}))[0] == "naive"
+    if naive:
         from scoring.backends.naive import NaiveBackend
 
-        backend = NaiveBackend(resolve_base(settings.model.base, settings.store.dir), model_id=settings.model.base,
-                               device=settings.model.device, dtype=settings.model.dtype, threads=settings.model.threads)
+        model = settings.with_overrides(**VARIANTS.get(path, (path, {}))[1]).model
+        backend = NaiveBackend(resolve_base(model.base, settings.store.dir), model_id=model.base,
+                               device=model.device, dtype=model.dtype, threads=model.threads)
         max_size = 1
     elif path == "vllm-merged":  # the adapter folded into the base weights: one model, no LoRA matmuls
         from model_store.merging import merged_model_dir
@@ -212,15 +214,14 @@ def run_path(path: str, settings: Settings, messages: int, rate: float | None) -
         max_size = settings.batch.micro_batch_size
     load_s = time.monotonic() - started
     label_set = get_label_set(settings.model.label_set)
-    builder = PromptBuilder(label_set, max_tokens=settings.model.max_prompt_tokens, count_tokens=backend.count_tokens,
-                            demo_position=settings.model.demo_position, max_turn_chars=settings.window.max_turn_chars)
+    builder = PromptBuilder.configured(settings, label_set, backend.count_tokens)
     labeler = Labeler(backend, builder)
     choice = choose_adapter(settings)
     if path == "vllm-merged":  # the same adapter's demonstrations and prior correction, its weights merged
         labeler.use(replace(choice, ref=None))  # scored without LoRA; reported under the adapter's name
     else:
         labeler.use(choice)
-    if path == "naive":
+    if naive:
         labeler.calibration = None  # the paper's loop reads the label off the generated text
     labeler.label([[items[0].turns[-1]]])  # warm-up: one short prompt, outside the measured runs
 
@@ -311,9 +312,8 @@ def needed_flops_per_utterance(settings: Settings, items: Sequence[Item]) -> tup
     base = resolve_base(settings.model.base, settings.store.dir)
     cfg = AutoConfig.from_pretrained(base)
     tok = AutoTokenizer.from_pretrained(base)
-    builder = PromptBuilder(get_label_set(settings.model.label_set), max_tokens=settings.model.max_prompt_tokens,
-                            count_tokens=lambda s: len(tok(s, add_special_tokens=False)["input_ids"]),
-                            demo_position=settings.model.demo_position, max_turn_chars=settings.window.max_turn_chars)
+    builder = PromptBuilder.configured(settings, get_label_set(settings.model.label_set),
+                                       lambda s: len(tok(s, add_special_tokens=False)["input_ids"]))
     h, layers, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
     kv = h * cfg.num_key_value_heads // cfg.num_attention_heads
     per_token = 2 * layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
@@ -390,6 +390,10 @@ def run_bench(settings: Settings, *, paths: Sequence[str] = PATHS, messages: int
                                                   / base["computed_tokens_per_utterance"], 3)
             r["weighted_f1_vs_naive"] = round(r["weighted_f1"] - base["weighted_f1"], 2)
             r["weighted_f1_uncorrected_vs_naive"] = round(r["weighted_f1_uncorrected"] - base["weighted_f1"], 2)
+    base16 = results.get("naive-bf16", {})
+    for r in results.values():  # the same ratio at one dtype: a bf16 path against the bf16 naive loop
+        if base16.get("utterances_per_s") and "utterances_per_s" in r:
+            r["speedup_vs_naive_bf16"] = round(r["utterances_per_s"] / base16["utterances_per_s"], 2)
     scored = [r for r in results.values() if "utterances_per_s" in r]
     best = max(scored, key=lambda r: r["utterances_per_s"]) if scored else None
     report = {

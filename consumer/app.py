@@ -78,7 +78,7 @@ class StreamApp:
         self._registry_checked = time.monotonic()
         self.redis = redis_client.connect(settings.redis)  # standalone, or Redis Cluster with redis.cluster
         self.conversations = ConversationStore(
-            self.redis, prefix=settings.redis.key_prefix, size=settings.window.size,
+            self.redis, prefix=settings.redis.key_prefix, size=settings.window.span,
             retain=settings.conversation.retain_turns, ttl_s=settings.conversation.ttl_s,
         )
         self.alerts = AlertEngine(self.redis, settings.alerts, prefix=settings.redis.key_prefix,

@@ -35,7 +35,7 @@ from core.records import Alert, ChatMessage, DeadLetter, EmotionEvent, conversat
 from core.settings import Settings
 from scoring.fallback import batch_or_each, describe
 from scoring.labeler import Failed, Labelled
-from scoring.prompts import Turn
+from scoring.prompts import Turn, WindowShape
 
 log = structlog.get_logger(__name__)
 
@@ -231,7 +231,7 @@ def drop_conflicts(valid: Sequence[Item], updates: Sequence[TurnUpdate], setting
 def label(valid: Sequence[Item], updates: Sequence[TurnUpdate], settings: Settings,
           parts: Parts) -> list[Labelled | Failed]:
     """Each message's history window labelled by its tenant's route, one backend call per micro-batch."""
-    items = [([t.as_prompt_turn() for t in u.window], m.tenant) for (_, m), u in zip(valid, updates)]
+    items = [(u.prompt_turns(), m.tenant) for (_, m), u in zip(valid, updates)]
 
     def label_items(chunk: Sequence[tuple[list[Turn], str | None]]) -> list[Labelled | Failed]:
         return parts.routes.label([w for w, _ in chunk], [t for _, t in chunk])
@@ -314,7 +314,8 @@ def event(item: Polled, msg: ChatMessage, update: TurnUpdate, result: Labelled, 
         latency_ms=round((time.monotonic() - item.received) * 1000, 3),
         emitted_at=utcnow(),
         gold_label=label_set.map_gold(msg.gold_label) if msg.gold_label else None,
-        window_degraded=update.degraded(update.turn if update.turn is not None else msg.turn, settings.window.size,
+        window_degraded=update.degraded(update.turn if update.turn is not None else msg.turn,
+                                        WindowShape(settings.window.size, settings.window.hop),
                                         reply=msg.reply_to is not None),
     )
 

@@ -188,7 +188,18 @@ class RedisSettings(_Section):
 class WindowSettings(_Section):
     """The historical window (InstructERC's w): the turns a prompt holds, and how each turn's text is cut."""
 
-    size: int = Field(12, ge=1, description="Turns in a prompt, the target included (w in the paper).")
+    size: int = Field(12, ge=1, description="Turns in a prompt, the target included (w in the paper): the fewest a "
+                      "window holds once the conversation has that many.")
+    hop: int = Field(
+        12, ge=1, description="How far a window's first turn jumps when it moves: a window holds size to size + hop - 1 "
+        "turns, so a conversation's consecutive prompts share their history and the prefix cache is rebuilt once per "
+        "hop turns (1: a sliding window, rebuilt every turn). See docs/benchmarks.md for how 12 was chosen.",
+    )
+
+    @property
+    def span(self) -> int:
+        """The most turns a window holds (what the conversation store hands the prompt builder)."""
+        return self.size + self.hop - 1
     max_turn_chars: int = Field(2_000, ge=16, description="A turn's text is cut to this many characters before prompting.")
     max_turn_tokens: int = Field(
         256, ge=8, description="A turn's text is cut to this many tokens (the model's tokenizer) before it is stored "
@@ -200,8 +211,8 @@ class ConversationSettings(_Section):
     """Each conversation's state in Redis: its stored turns (the history windows are read from them)."""
 
     retain_turns: int = Field(
-        24, ge=1, description="Turns kept per conversation in Redis (>= window.size, so a replayed turn still finds "
-        "its history).",
+        24, ge=1, description="Turns kept per conversation in Redis (>= window.size + window.hop - 1, so a replayed "
+        "turn still finds its history).",
     )
     ttl_s: int = Field(86_400, ge=1, description="A conversation's state expires this long after its last turn.")
 
@@ -494,6 +505,13 @@ class Settings(BaseSettings):
     log_texts: bool = Field(
         False, description="Put message texts in DEBUG log lines. Off: logs carry ids, labels and reasons only.",
     )
+
+    @model_validator(mode="after")
+    def _check_retention(self) -> "Settings":
+        if self.conversation.retain_turns < self.window.span:
+            raise ValueError(f"conversation.retain_turns ({self.conversation.retain_turns}) must be >= window.size + "
+                             f"window.hop - 1 ({self.window.span}): a window reads that many stored turns")
+        return self
 
     @model_validator(mode="before")
     @classmethod

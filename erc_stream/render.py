@@ -83,3 +83,23 @@ def print_bench(result: dict) -> None:
                   f"{result['needed_gflop_per_utterance']} GFLOP")
     if "consumer_overhead" in result:
         console.print(f"consumer overhead (null backend): {result['consumer_overhead']}")
+
+
+def print_long_bench(result: dict) -> None:
+    """``bench --long``: each backend's three arrangements of the same turns, tokens per utterance and F1."""
+    table = Table(title=f"long conversations · {result['source']} · window {result['window_size']}, "
+                        f"hop {result['window_hop']}")
+    for name in ("backend / arrangement", "hop", "utt", "prompt tok/utt", "computed tok/utt",
+                 "computed in the first window", "after it", "× scenes", "utt/s", "W-F1"):
+        table.add_column(name, justify="left" if name.startswith("backend") else "right")
+    for key, r in result["results"].items():
+        if "error" in r:
+            table.add_row(key, *["–"] * 8, "failed")
+            continue
+        table.add_row(key, str(r["window_hop"]), str(r["messages"]), str(r["prompt_tokens_per_utterance"]),
+                      str(r["computed_tokens_per_utterance"]),
+                      str(r["first_window"]["computed_tokens_per_utterance"]),
+                      str(r["after_first_window"]["computed_tokens_per_utterance"]),
+                      str(r.get("computed_tokens_vs_scenes", "–")), str(r["utterances_per_s"]), str(r["weighted_f1"]))
+    console.print(table)
+    console.print(f"machine: {result['machine']}; {result['seconds']} s")

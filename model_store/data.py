@@ -358,3 +358,56 @@ def default_file(data_dir: Path, dataset: str, split: str) -> Path:
     if dataset == "jsonl":
         raise ValueError("jsonl has no default file; pass the path of your .jsonl file")
     raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Long conversations: a TV episode's scenes joined in order
+
+
+def episode_scenes(dataset: str, path: StrPath) -> list[tuple[str, list[Conversation]]]:
+    """MELD's dialogues or EmoryNLP's scenes grouped per (Season, Episode), in order: ``(episode id, its scenes)``
+    with ids ``<dataset>-s<season>e<episode>``, episodes in (season, episode) order.
+
+    MELD's dialogues are ordered by their first utterance's ``StartTime``, EmoryNLP's scenes by ``Scene_ID``;
+    speakers keep their names across scenes (the same characters)."""
+    path = _existing(path, dataset)
+    if dataset == "meld":
+        rows = _read_csv(path, ("Dialogue_ID", "Season", "Episode", "StartTime"))
+        order: dict[str, tuple[int, int, str]] = {}
+        for line, row in enumerate(rows, start=2):
+            key = (_int(row, "Season", path, line), _int(row, "Episode", path, line), _start_time(row["StartTime"]))
+            dialogue = row["Dialogue_ID"].strip()
+            order[dialogue] = min(order.get(dialogue, key), key)
+        scenes = [(order[c.conversation_id], c) for c in load_meld(path)]
+    elif dataset == "emorynlp":
+        scenes = []
+        for c in load_emorynlp(path):
+            found = re.fullmatch(r"s(\d+)e(\d+)c(\d+)", c.conversation_id)
+            assert found is not None  # load_emorynlp names scenes so
+            season, episode, scene = (int(x) for x in found.groups())
+            scenes.append(((season, episode, f"{scene:06d}"), c))
+    else:
+        raise ValueError(f"episodes are MELD's or EmoryNLP's (their rows name season and episode), not {dataset!r}")
+    episodes: dict[tuple[int, int], list[tuple[str, Conversation]]] = defaultdict(list)
+    for (season, episode, start), conv in scenes:
+        episodes[(season, episode)].append((start, conv))
+    return [(f"{dataset}-s{season}e{episode}", [c for _, c in sorted(parts, key=lambda p: p[0])])
+            for (season, episode), parts in sorted(episodes.items())]
+
+
+def load_episodes(dataset: str, path: StrPath, *, min_turns: int = 1) -> list[Conversation]:
+    """Each episode's scenes joined into one conversation (:func:`episode_scenes`): 60–200-turn conversations from
+    the data we have, for what a call-center call costs (``erc-stream bench --long``). Episodes with fewer than
+    ``min_turns`` utterances are left out."""
+    out = []
+    for episode, scenes in episode_scenes(dataset, path):
+        utterances = tuple(u for c in scenes for u in c.utterances)
+        if len(utterances) >= min_turns:
+            out.append(Conversation(dataset, episode, utterances))
+    return out
+
+
+def _start_time(value: str) -> str:
+    """MELD's ``hh:mm:ss,mmm`` as a string that sorts in time order (some rows pad hours, some do not)."""
+    m = re.match(r"\s*(\d+):(\d+):(\d+)[,.](\d+)", value or "")
+    return "{:02d}:{:02d}:{:02d}.{:03d}".format(*(int(x) for x in m.groups())) if m else "99"

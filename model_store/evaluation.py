@@ -102,23 +102,22 @@ def evaluate(
     from rich.progress import Progress
 
     label_set = label_set or get_label_set(settings.model.label_set)
-    window = window or settings.window.size
-    builder = PromptBuilder(label_set, max_tokens=settings.model.max_prompt_tokens, count_tokens=backend.count_tokens,
-                            demo_position=settings.model.demo_position, max_turn_chars=settings.window.max_turn_chars)
+    builder = PromptBuilder.configured(settings, label_set, backend.count_tokens, size=window)
+    span = builder.window.span
     labeler = Labeler(backend, builder)
     labeler.use(choice)
     if not use_demonstrations:
         labeler.demonstrations = None
     items: list[Target] = targets(conversations, label_set)[:limit]
     # Batches of similar length waste less compute on padding; the metrics do not depend on order.
-    items.sort(key=lambda t: sum(len(turn.text) for turn in t.window(window)))
+    items.sort(key=lambda t: sum(len(turn.text) for turn in t.window(span)))
     gold, pred, failed = [], [], 0
     started = time.monotonic()
     with Progress(disable=not progress) as bar:
         task = bar.add_task("evaluating", total=len(items))
         for i in range(0, len(items), batch_size):
             chunk = items[i: i + batch_size]
-            for t, result in zip(chunk, labeler.label([t.window(window) for t in chunk])):
+            for t, result in zip(chunk, labeler.label([t.window(span) for t in chunk])):
                 if isinstance(result, Failed):
                     failed += 1
                     continue

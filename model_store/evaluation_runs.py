@@ -37,7 +37,8 @@ def run_eval(
     report["baselines"] = {"majority_weighted_f1": report["majority_weighted_f1"]}
     if zero_shot and choice.ref is not None:
         key = hashlib.sha256(json.dumps([backend.model_id, file_hash(path), dialogues, limit, label_set.name,
-                                         window or settings.window.size, settings.model.max_prompt_tokens]).encode()
+                                         window or settings.window.size, settings.window.hop,
+                                         settings.model.max_prompt_tokens]).encode()
                              ).hexdigest()[:16]
         cache = settings.store.dir / "evals" / f"zero-shot-{key}.json"
         if cache.exists():

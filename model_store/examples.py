@@ -1,7 +1,9 @@
 """Training and evaluation examples for the three InstructERC tasks, built with the one prompt builder.
 
-For utterance *i* of a conversation the window is turns ``max(0, i-w+1) .. i``; the history of the
-emotion-impact task is the same span without turn *i* (its speaker is named, its text is not shown).
+Utterance *i* of a conversation gets the window the stream would give it: the turns the prompt builder's
+:class:`~scoring.prompts.WindowShape` keeps for position *i* (a reply: its chain of ancestors, positioned by
+depth), speakers numbered by first appearance in the whole conversation, as ``consumer.conversation_store``
+numbers them. The emotion-impact task uses the same window, its last turn's text not shown.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Literal, Sequence
 
 from core.labels import LabelSet
 from model_store.data import Conversation
-from scoring.prompts import Demonstration, Prompt, PromptBuilder, Turn, anonymise
+from scoring.prompts import Demonstration, Prompt, PromptBuilder, Turn, number_speakers
 
 Task = Literal["main", "speaker", "impact"]
 
@@ -29,18 +31,25 @@ class Target:
     def text(self) -> str:
         return self.conversation.utterances[self.index].text
 
-    def window(self, size: int) -> list[Turn]:
-        """The history the stream would give this utterance: a reply's chain of ancestors (parent first, never
-        a sibling branch, as ``consumer.conversation_store`` reads it), otherwise the last ``size`` turns."""
+    def window(self, span: int) -> list[Turn]:
+        """The turns the stream would hand the prompt builder for this utterance, at most ``span`` of them (oldest
+        first, target last, each with its speaker's number and its position): a reply's chain of ancestors
+        (parent first, never a sibling branch, as ``consumer.conversation_store`` reads it; positions are
+        depths in the thread), otherwise the last ``span`` turns (positions are turns)."""
         utts = self.conversation.utterances
+        ids = number_speakers([u.speaker for u in utts[: self.index + 1]])  # by first appearance, as stored
         target = utts[self.index]
         if target.reply_to is None:
-            return [Turn(u.speaker, u.text) for u in utts[max(0, self.index - size + 1): self.index + 1]]
-        by_id = {u.message_id: u for u in utts[: self.index] if u.message_id is not None}
-        chain = [target]
-        while len(chain) < size and chain[-1].reply_to in by_id:
-            chain.append(by_id[chain[-1].reply_to])
-        return [Turn(u.speaker, u.text) for u in reversed(chain)]
+            first = max(0, self.index - span + 1)
+            return [Turn(u.speaker, u.text, ids[i], i) for i, u in enumerate(utts[first: self.index + 1], start=first)]
+        by_id = {u.message_id: i for i, u in enumerate(utts[: self.index]) if u.message_id is not None}
+        chain = [self.index]
+        while (parent := by_id.get(utts[chain[-1]].reply_to)) is not None:  # type: ignore[arg-type]
+            chain.append(parent)
+        complete = utts[chain[-1]].reply_to is None  # the thread's top is known: depths are exact
+        depth = len(chain) - 1
+        return [Turn(utts[i].speaker, utts[i].text, ids[i], depth - k if complete else None)
+                for k, i in reversed(list(enumerate(chain[:span])))]
 
 
 @dataclass(frozen=True)
@@ -72,20 +81,19 @@ def sample(items: Sequence[Target], *, fraction: float = 1.0, limit: int | None 
     return chosen
 
 
-def main_example(t: Target, builder: PromptBuilder, window: int, demo: Demonstration | None) -> Example:
-    return Example(builder.emotion(t.window(window), demo), t.label, "main")
+def main_example(t: Target, builder: PromptBuilder, demo: Demonstration | None) -> Example:
+    return Example(builder.emotion(t.window(builder.window.span), demo), t.label, "main")
 
 
-def impact_example(t: Target, builder: PromptBuilder, window: int) -> Example | None:
-    if t.index == 0:
-        return None
-    turns = t.window(window)
-    return Example(builder.impact(turns[:-1], turns[-1].speaker), t.label, "impact")
+def impact_example(t: Target, builder: PromptBuilder) -> Example | None:
+    turns = t.window(builder.window.span)
+    if len(turns) < 2:
+        return None  # no history to predict from
+    return Example(builder.impact(turns), t.label, "impact")
 
 
-def speaker_example(t: Target, builder: PromptBuilder, window: int) -> Example | None:
-    turns = t.window(window)
+def speaker_example(t: Target, builder: PromptBuilder) -> Example | None:
+    turns = builder.window.cut(t.window(builder.window.span))
     if len({x.speaker for x in turns}) < 2:
         return None  # one speaker only: nothing to identify
-    prompt = builder.speaker(turns)
-    return Example(prompt, anonymise(turns)[turns[-1].speaker], "speaker")
+    return Example(builder.speaker(turns), builder.answer_speaker(turns), "speaker")

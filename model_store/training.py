@@ -35,7 +35,7 @@ import torch
 
 from core.labels import get_label_set
 from model_store.examples import Example, Target, impact_example, main_example, sample, speaker_example, targets
-from scoring.prompts import Prompt, PromptBuilder
+from scoring.prompts import Prompt, PromptBuilder, WindowShape
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +50,8 @@ class TrainConfig:
     label_set: str
     base: str = "smollm2-135m"
     window: int = 12
+    # The window's hop (scoring.prompts.WindowShape): training draws the windows serving will see.
+    hop: int = 12
     max_tokens: int = 256
     speaker_steps: int = 15
     steps: int = 90
@@ -160,8 +162,8 @@ def build_examples(cfg: TrainConfig, conversations, builder: PromptBuilder, inde
         demos = index.search(embed([t.text for t in chosen]), same_label=same, exclude_text=[t.text for t in chosen])
     out: dict[str, list[Example]] = {"main": [], "impact": [], "speaker": []}
     for t, demo in zip(chosen, demos):
-        out["main"].append(main_example(t, builder, cfg.window, demo))
-        for ex in (impact_example(t, builder, cfg.window), speaker_example(t, builder, cfg.window)):
+        out["main"].append(main_example(t, builder, demo))
+        for ex in (impact_example(t, builder), speaker_example(t, builder)):
             if ex is not None:
                 out[ex.task].append(ex)
     return out
@@ -361,7 +363,8 @@ def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, pro
     conversations = load_sources(cfg)
     trainer = Trainer(cfg, resolve_base(cfg.base, store_dir), out_dir)
     builder = PromptBuilder(label_set, max_tokens=cfg.max_tokens, count_tokens=trainer.count_tokens,
-                            demo_position=cfg.demo_position)  # type: ignore[arg-type]
+                            demo_position=cfg.demo_position,  # type: ignore[arg-type]
+                            window=WindowShape(cfg.window, cfg.hop))
     index = None
     if cfg.demonstrations:
         # Pairing in training searches the whole training set; the (smaller, balanced) index shipped
@@ -375,7 +378,7 @@ def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, pro
         "name": cfg.name, "kind": cfg.kind, "base": cfg.base, "label_set": cfg.label_set,
         "dataset": "+".join(d for d, _ in cfg.sources), "datasets": [d for d, _ in cfg.sources], "mix": cfg.mix,
         "examples": {k: len(v) for k, v in examples.items()},
-        "window": cfg.window, "max_tokens": cfg.max_tokens, "demonstrations": cfg.demonstrations,
+        "window": cfg.window, "hop": cfg.hop, "max_tokens": cfg.max_tokens, "demonstrations": cfg.demonstrations,
         "demo_position": cfg.demo_position, "data_hash": sources_hash(cfg),
         "created": datetime.now(UTC).isoformat(timespec="seconds"), "train": result, "config": asdict(cfg),
         "command": command, "dev": None,
@@ -406,11 +409,12 @@ def calibrate(cfg: TrainConfig, store_dir: Path, adapter_dir: Path, held: Sequen
         store={"dir": str(store_dir)},
         model={"base": cfg.base, "device": cfg.device, "threads": cfg.threads, "label_set": cfg.label_set,
                "backend": "hf", "demo_position": cfg.demo_position, "dtype": cfg.dtype},
+        window={"size": cfg.window, "hop": cfg.hop},
+        conversation={"retain_turns": cfg.window + cfg.hop - 1},
     )
     backend = load_backend(settings)
     try:
-        builder = PromptBuilder(get_label_set(cfg.label_set), max_tokens=settings.model.max_prompt_tokens,
-                                count_tokens=backend.count_tokens, demo_position=cfg.demo_position)  # type: ignore[arg-type]
+        builder = PromptBuilder.configured(settings, get_label_set(cfg.label_set), backend.count_tokens)
         labeler = Labeler(backend, builder)
         demos = None
         if cfg.demonstrations:
@@ -421,7 +425,7 @@ def calibrate(cfg: TrainConfig, store_dir: Path, adapter_dir: Path, held: Sequen
         dists, gold = [], []
         for i in range(0, len(held), 16):
             chunk = held[i: i + 16]
-            for t, result in zip(chunk, labeler.label([t.window(cfg.window) for t in chunk])):
+            for t, result in zip(chunk, labeler.label([t.window(builder.window.span) for t in chunk])):
                 if not isinstance(result, Failed):
                     dists.append(result.probabilities)
                     gold.append(t.label)

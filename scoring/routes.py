@@ -100,13 +100,7 @@ def _key(model: ModelSettings) -> tuple[str | None, str]:
 
 
 def _route(settings: Settings, model: ModelSettings, backend: Backend, adapter: str | None) -> Route:
-    builder = PromptBuilder(
-        get_label_set(model.label_set),
-        max_tokens=model.max_prompt_tokens,
-        count_tokens=backend.count_tokens,
-        demo_position=model.demo_position,
-        max_turn_chars=settings.window.max_turn_chars,
-    )
+    builder = PromptBuilder.configured(settings, get_label_set(model.label_set), backend.count_tokens, model=model)
     return Route(settings.model_copy(update={"model": model}), Labeler(backend, builder, adapter=adapter))
 
 

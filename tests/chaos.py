@@ -32,6 +32,7 @@ from kafka import KafkaProducer
 from core.readers import read_dead_letters, read_records
 from core.records import EmotionEvent
 from core.settings import Settings
+from scoring.prompts import WindowShape
 from tests.procs import ConsumerGroupProcs, RedisProc, stream_messages
 
 
@@ -256,13 +257,13 @@ def run_chaos(settings: Settings, plan: ChaosPlan, workdir: Path, *, log=print) 
                                   + sum(1 for ms in messages_per_id.values() if len(ms) > 1)
                                   + sum(1 for mid in ids_per_message if mid not in inputs))
     report.out_of_order = sum(1 for turns in order.values() if turns != sorted(turns) or len(set(turns)) != len(turns))
-    size = settings.window.size
+    shape = WindowShape(settings.window.size, settings.window.hop)
     for e in first.values():
         report.degraded += e.window_degraded
         if e.window_degraded:
             if redis_restarted_at is None or e.emitted_at < redis_restarted_at:
                 report.degraded_before_redis_restart += 1
-        elif e.window != min(e.turn + 1, size):
+        elif e.window != e.turn - shape.first(e.turn) + 1:  # every turn of its window (no token budget cut)
             report.bad_windows += 1
 
     letters, report.dead_letter_copies = read_dead_letters(settings)

@@ -109,6 +109,8 @@ def consumer_env(settings: Settings, **extra: str) -> dict[str, str]:
         "ERC_BATCH__MICRO_BATCH_SIZE": str(b.micro_batch_size),
         "ERC_BATCH__MAX_WAIT_MS": str(b.max_wait_ms),
         "ERC_WINDOW__SIZE": str(w.size),
+        "ERC_WINDOW__HOP": str(w.hop),
+        "ERC_MODEL__MAX_PROMPT_TOKENS": str(settings.model.max_prompt_tokens),
         "ERC_CONVERSATION__RETAIN_TURNS": str(settings.conversation.retain_turns),
         "ERC_DELIVERY__MODE": d.mode,
         "ERC_DELIVERY__REDIS_BACKOFF_MAX_S": str(d.redis_backoff_max_s),

@@ -28,6 +28,7 @@ def models() -> None:
 @click.option("--name", required=True, help="Adapter name in the store.")
 @click.option("--base", default="smollm2-135m", show_default=True)
 @click.option("--window", type=int, default=12, show_default=True)
+@click.option("--hop", type=int, default=None, help="The window's hop (default: the window.hop setting, as served).")
 @click.option("--max-tokens", type=int, default=256, show_default=True)
 @click.option("--speaker-steps", type=int, default=15, show_default=True, help="Stage 1: speaker identification (0 = off).")
 @click.option("--steps", type=int, default=90, show_default=True, help="Stage 2: main task (+ emotion impact).")
@@ -54,7 +55,7 @@ def models() -> None:
 @click.option("--checkpoint-every", type=int, default=10, show_default=True)
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
-def models_train(ctx, datasets, files, label_set, mix, full, name, base, window, max_tokens, speaker_steps, steps,
+def models_train(ctx, datasets, files, label_set, mix, full, name, base, window, hop, max_tokens, speaker_steps, steps,
                  epochs, batch_size, aux_weight, no_demonstrations, demo_pairing, lr, lora_r, lora_alpha, fraction,
                  limit, balance, calibration, seed, threads, device, dtype, checkpoint_every, no_progress):
     """Train a LoRA adapter (or, --full, a whole model) with the InstructERC recipe; resumes from its checkpoint."""
@@ -72,7 +73,7 @@ def models_train(ctx, datasets, files, label_set, mix, full, name, base, window,
     cfg = TrainConfig(
         name=name, dataset=datasets[0], train_file=paths[0], more_sources=tuple(zip(datasets[1:], paths[1:])),
         mix=mix, full=full, label_set=label_set or datasets[0], base=base, window=window,
-        max_tokens=max_tokens, speaker_steps=speaker_steps, steps=steps, batch_size=batch_size,
+        hop=hop or settings.window.hop, max_tokens=max_tokens, speaker_steps=speaker_steps, steps=steps, batch_size=batch_size,
         aux_weight=aux_weight, demonstrations=not no_demonstrations, demo_pairing=demo_pairing,
         lr=lr if lr is not None else (5e-5 if full else 1e-3), lora_r=lora_r, lora_alpha=lora_alpha,
         fraction=fraction, limit=limit, balance=balance, calibration=calibration, seed=seed, threads=threads,

@@ -35,6 +35,7 @@ def _settings(settings: Settings, session_timeout_ms: int) -> Settings:
     return settings.with_overrides(
         kafka={"session_timeout_ms": session_timeout_ms, "heartbeat_interval_ms": 1000},
         batch={"micro_batch_size": 25, "max_wait_ms": 50},
+        model={"max_prompt_tokens": 100_000},  # whole windows: the report checks each event's window length
     )
 
 

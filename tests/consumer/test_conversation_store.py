@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 import uuid
+from dataclasses import replace
 
 import pytest
 import redis
 
 from consumer.conversation_store import ConversationStore, StoredTurn
-from scoring.prompts import Turn
+from scoring.prompts import Turn, WindowShape
 
 
 @pytest.fixture
@@ -56,14 +57,14 @@ def test_appending_in_order_returns_the_last_size_turns_oldest_first(client: red
         assert update.added is True
         expected = list(range(max(0, n - 2), n + 1))
         assert [t.turn for t in update.window] == expected
-        assert update.window[-1] == _turn(n)  # the target is last, stored exactly
+        assert update.window[-1] == replace(_turn(n), speaker_id=n % 2)  # the target is last, stored exactly
         assert [t.message_id for t in update.window] == [f"m-{i}" for i in expected]
 
 
 def test_window_turns_convert_to_prompt_turns(client: redis.Redis, prefix: str) -> None:
     store = _store(client, prefix)
     update = _append(store, "c", StoredTurn(0, "Zoë", 'say "hi"\n— ok ✓', "m-0"))
-    assert update.window[0].as_prompt_turn() == Turn("Zoë", 'say "hi"\n— ok ✓')
+    assert update.window[0].as_prompt_turn() == Turn("Zoë", 'say "hi"\n— ok ✓', speaker_id=0, position=0)
 
 
 def test_a_duplicate_turn_is_not_appended_twice_and_the_first_version_wins(client: redis.Redis, prefix: str) -> None:
@@ -206,7 +207,9 @@ def test_concurrent_appends_of_disjoint_turns(redis_url: str, prefix: str) -> No
         stored = _store(c, prefix, size=4, retain=1_000).get("shared")
     finally:
         c.close()
-    assert stored == [_turn(n) for n in range(n_turns)]
+    assert [replace(t, speaker_id=None) for t in stored] == [_turn(n) for n in range(n_turns)]
+    # each speaker got one number, the first writer's speaker 0 (whichever thread ran first)
+    assert len({(t.speaker, t.speaker_id) for t in stored}) == 2 and {t.speaker_id for t in stored} == {0, 1}
 
 
 def test_append_many_of_200_items_keeps_input_order(client: redis.Redis, prefix: str) -> None:
@@ -217,7 +220,7 @@ def test_append_many_of_200_items_keeps_input_order(client: redis.Redis, prefix:
     assert len(updates) == len(items)
     for (conv, t), update in zip(items[:200], updates):
         assert update.added is True
-        assert update.window[-1] == t
+        assert update.window[-1] == replace(t, speaker_id=t.turn % 2)  # A spoke first in each conversation
         assert all(w.text.startswith(f"{conv} ") for w in update.window)
         assert [w.turn for w in update.window] == list(range(max(0, t.turn - 3), t.turn + 1))
     assert updates[-1].added is False and updates[-1].window == updates[195].window
@@ -269,7 +272,7 @@ def test_degraded_windows(client, prefix, stored, turn, size, degraded) -> None:
     u = None
     for t in stored:
         u = _append(store, "deg", _turn(t))
-    assert u is not None and u.degraded(turn, size) == degraded
+    assert u is not None and u.degraded(turn, WindowShape(size, 1)) == degraded
 
 
 def test_messages_without_turns_are_numbered_by_arrival_and_keep_their_turn_when_redelivered(
@@ -310,7 +313,42 @@ def test_a_reply_sees_its_chain_of_ancestors_never_a_sibling_branch(client: redi
     assert [t.reply_to for t in deep.window] == ["root", "a", "a1"]
     orphan = post("x", "never-seen")  # expired or never sent: labelled from what is known, marked
     assert [t.message_id for t in orphan.window] == ["x"] and orphan.thread_incomplete
-    assert orphan.degraded(orphan.turn, 3, reply=True) and not deep.degraded(deep.turn, 3, reply=True)
+    shape = WindowShape(3, 1)
+    assert orphan.degraded(orphan.turn, shape, reply=True) and not deep.degraded(deep.turn, shape, reply=True)
+    assert (a1.depth, deep.depth, orphan.depth) == (2, 3, None)  # depth in the thread: root 0
+    assert [t.position for t in deep.prompt_turns()] == [1, 2, 3]
+    assert [t.position for t in orphan.prompt_turns()] == [None]
     # A redelivered reply: the same turn and window again.
     again = post("a1", "a")
     assert (again.turn, again.added) == (a1.turn, False) and again.window == a1.window
+
+
+# -- speaker numbers and hop windows -------------------------------------------------------------
+
+
+def test_speakers_are_numbered_once_per_conversation_and_survive_trimming(client: redis.Redis, prefix: str) -> None:
+    store = _store(client, prefix, size=3, retain=4)
+    names = ["Agent", "Customer", "Agent", "Supervisor"] + ["Customer", "Agent"] * 10
+    updates = [_append(store, "call", StoredTurn(n, name, f"t{n}", f"m-{n}")) for n, name in enumerate(names)]
+    expected = {"Agent": 0, "Customer": 1, "Supervisor": 2}
+    for u in updates:
+        assert all(t.speaker_id == expected[t.speaker] for t in u.window)
+        assert all(t.speaker_id == expected[t.speaker] for t in u.prompt_turns())
+    assert [t.turn for t in store.get("call")] == [20, 21, 22, 23]  # the supervisor's turn is long trimmed...
+    assert _append(store, "call", StoredTurn(24, "Supervisor", "back", "m-24")).window[-1].speaker_id == 2  # ...not its number
+    # another conversation numbers its own speakers; a redelivery keeps the stored number
+    assert _append(store, "other", StoredTurn(0, "Customer", "hi", "o-0")).window[-1].speaker_id == 0
+    ttl = client.ttl(store.speakers_key("call"))
+    assert 0 < ttl <= 600
+
+
+def test_a_hop_window_is_degraded_only_when_its_own_turns_are_missing(client: redis.Redis, prefix: str) -> None:
+    shape = WindowShape(4, 3)  # span 6
+    store = _store(client, prefix, size=shape.span, retain=10)
+    u = None
+    for n in [*range(0, 9), *range(10, 13)]:  # turn 9 never arrives
+        u = _append(store, "hop", _turn(n))
+        first = shape.first(n)
+        assert [t.turn for t in u.window] == [t for t in [*range(10), *range(10, 13)] if t <= n and t != 9][-6:]
+        assert u.degraded(n, shape) == (first <= 9 < n)
+    assert u is not None and shape.first(12) == 9 and u.degraded(12, shape)

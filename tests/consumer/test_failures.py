@@ -72,7 +72,7 @@ def test_redis_outage_pauses_consumption_and_resumes_by_itself(settings: Setting
     settings = settings.with_overrides(
         redis={"url": own_redis.url, "socket_timeout_s": 0.5},
         batch={"micro_batch_size": 8, "max_wait_ms": 50},
-        window={"size": 4}, conversation={"retain_turns": 8},
+        window={"size": 4, "hop": 1}, conversation={"retain_turns": 8},
         delivery={"redis_backoff_max_s": 0.5},
         # Shorter than the outage below: the member survives it only because it keeps polling (paused).
         kafka={"max_poll_interval_ms": 6000},

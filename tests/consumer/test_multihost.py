@@ -39,8 +39,17 @@ from redis.cluster import RedisCluster
 
 from consumer.conversation_store import ConversationStore
 from core.records import EmotionEvent
-from core.settings import BatchSettings, KafkaSettings, RedisSettings, ServicesSettings, Settings, StoreSettings
+from core.settings import (
+    BatchSettings,
+    KafkaSettings,
+    ModelSettings,
+    RedisSettings,
+    ServicesSettings,
+    Settings,
+    StoreSettings,
+)
 from local_services.supervisor import ensure_topics, kafka_down, kafka_up
+from scoring.prompts import WindowShape
 from tests.conftest import _start_on_free_port
 from tests.kafka_helpers import PacedSender, read_all
 from tests.netns import Hosts, netns_unavailable
@@ -116,6 +125,7 @@ def test_three_hosts_share_the_stream_and_one_leaves_and_returns(
         ),
         redis=RedisSettings(url=redis_cluster.url, cluster=True, key_prefix=f"erc-mh-{suffix}"),
         batch=BatchSettings(micro_batch_size=25, max_wait_ms=50),
+        model=ModelSettings(max_prompt_tokens=100_000),  # whole windows: each event's window length is checked
         store=StoreSettings(dir=tmp_path / "store"),
         services=ServicesSettings(run_dir=tmp_path / "run"),
     )
@@ -196,15 +206,16 @@ def test_three_hosts_share_the_stream_and_one_leaves_and_returns(
     # -- turn order and whole windows ----------------------------------------------------------
     turns: dict[str, list[int]] = defaultdict(list)
     seen: set[str] = set()
+    shape = WindowShape(settings.window.size, settings.window.hop)
     for e in events:  # first copies, in log order (a conversation's events share one partition)
-        assert not e.window_degraded and e.window == min(e.turn + 1, settings.window.size), e
+        assert not e.window_degraded and e.window == e.turn - shape.first(e.turn) + 1, e
         if e.event_id not in seen:
             seen.add(e.event_id)
             turns[e.conversation_id].append(e.turn)
     assert all(t == list(range(TURNS)) for t in turns.values())
     client = RedisCluster.from_url(redis_cluster.url, socket_timeout=5)
     try:
-        store = ConversationStore(client, prefix=settings.redis.key_prefix, size=settings.window.size,
+        store = ConversationStore(client, prefix=settings.redis.key_prefix, size=settings.window.span,
                             retain=settings.conversation.retain_turns, ttl_s=settings.conversation.ttl_s)
         retained = min(TURNS, settings.conversation.retain_turns)
         for conv in turns:

@@ -193,7 +193,7 @@ def test_stream_end_to_end_with_the_null_backend(settings: Settings) -> None:
 def test_stream_end_to_end_with_the_real_model(settings: Settings, backend_name: str, request) -> None:
     # the session's transformers or vLLM backend, or a transformers one with a prefix cache
     backend = request.getfixturevalue(f"{backend_name}_backend")
-    settings = _overrides(settings, window={"size": 4}, conversation={"retain_turns": 8}, model={"backend": backend_name.split("_")[0]})
+    settings = _overrides(settings, window={"size": 4, "hop": 1}, conversation={"retain_turns": 8}, model={"backend": backend_name.split("_")[0]})
     run = _run_stream(settings, backend)
     by_message = _check_common(run, settings, "smollm2-135m")
     if backend_name == "hf_cached":  # consecutive turns reused each other's keys and values in the stream

@@ -15,7 +15,9 @@ from model_store.data import (
     Utterance,
     clean_text,
     default_file,
+    episode_scenes,
     load_conversations,
+    load_episodes,
     load_emorynlp,
     load_iemocap,
     load_jsonl,
@@ -114,6 +116,33 @@ def test_emorynlp_groups_orders_and_speakers(emory_csv: Path) -> None:
     assert [u.speaker for u in convs[1].utterances] == ["Rachel Green", "Joey Tribbiani"]
     assert [u.label for u in convs[1].utterances] == ["Joyful", "Neutral"]
     assert {c.dataset for c in convs} == {"emorynlp"}
+
+
+def test_emorynlp_episodes_join_their_scenes_in_order(emory_csv: Path) -> None:
+    episodes = load_episodes("emorynlp", emory_csv)
+    assert [e.conversation_id for e in episodes] == ["emorynlp-s1e4", "emorynlp-s1e15"]
+    assert [u.text for u in episodes[1].utterances] == ["Coffee.", "Thank you.", "Later scene."]  # scene 1, then 2
+    assert [len(e.utterances) for e in load_episodes("emorynlp", emory_csv, min_turns=3)] == [3]
+    assert [[c.conversation_id for c in scenes] for _, scenes in episode_scenes("emorynlp", emory_csv)] == [
+        ["s1e4c12"], ["s1e15c1", "s1e15c2"]]
+
+
+def test_meld_episodes_order_dialogues_by_start_time(tmp_path: Path) -> None:
+    def row(sr: int, dia: int, utt: int, start: str, episode: int = 1) -> dict[str, object]:
+        return {"Sr No.": sr, "Utterance": f"d{dia} u{utt}", "Speaker": "Ross", "Emotion": "neutral",
+                "Sentiment": "neutral", "Dialogue_ID": dia, "Utterance_ID": utt, "Season": 2, "Episode": episode,
+                "StartTime": start, "EndTime": start}
+
+    path = write_csv(tmp_path / "dev_sent_emo.csv", MELD_COLUMNS, [
+        row(1, 0, 0, "00:20:57,256"), row(2, 0, 1, "00:21:01,927"),
+        row(3, 1, 0, "0:03:10,000"),  # earlier in the episode, hours unpadded
+        row(4, 2, 0, "00:01:00,000", episode=2),
+    ])
+    episodes = load_episodes("meld", path)
+    assert [e.conversation_id for e in episodes] == ["meld-s2e1", "meld-s2e2"]
+    assert [u.text for u in episodes[0].utterances] == ["d1 u0", "d0 u0", "d0 u1"]
+    with pytest.raises(ValueError, match="season and episode"):
+        load_episodes("jsonl", path)
 
 
 def _iemocap_pickle(path: Path) -> Path:

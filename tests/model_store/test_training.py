@@ -25,13 +25,37 @@ def test_examples_for_the_three_tasks() -> None:
     ts = targets(convs, builder.label_set)
     assert len(ts) == sum(len(c.utterances) for c in convs)
     t = ts[2]
-    main = main_example(t, builder, 12, None)
+    main = main_example(t, builder, None)
     assert main.answer == t.label and main.answer in main.prompt.choices and t.text in main.prompt.text
-    impact = impact_example(t, builder, 12)
+    impact = impact_example(t, builder)
     assert impact is not None and impact.answer == t.label and t.text not in impact.prompt.text
-    assert impact_example(ts[0], builder, 12) is None  # no history before the first turn
-    sp = speaker_example(t, builder, 12)
+    assert impact_example(ts[0], builder) is None  # no history before the first turn
+    sp = speaker_example(t, builder)
     assert sp is not None and sp.answer in sp.prompt.choices and sp.answer.startswith("Speaker_")
+
+
+def test_examples_draw_the_windows_the_stream_serves() -> None:
+    """A long conversation's examples: speakers numbered by the conversation, windows on the hop grid."""
+    from model_store.data import Conversation, Utterance
+    from scoring.prompts import WindowShape
+
+    def speaker(i: int) -> str:
+        return "Supervisor" if i == 29 else "Agent" if i % 2 == 0 else "Customer"
+
+    conv = Conversation("jsonl", "long", tuple(Utterance(speaker(i), f"line {i}", "neutral") for i in range(40)))
+    shape = WindowShape(8, 4)
+    builder = PromptBuilder(get_label_set("meld"), max_tokens=10_000, window=shape)
+    ts = targets([conv], builder.label_set)
+    for t in ts:
+        turns = t.window(shape.span)
+        assert [x.position for x in turns] == list(range(max(0, t.index - shape.span + 1), t.index + 1))
+        assert [x.speaker_id for x in turns] == [2 if x.speaker == "Supervisor" else x.position % 2 for x in turns]
+        assert main_example(t, builder, None).prompt.turns_used == t.index - shape.first(t.index) + 1
+    late = main_example(ts[35], builder, None).prompt.text  # window 28..35: the agent spoke first, then the customer
+    assert '### Speaker_0: "line 28"\nSpeaker_2: "line 29"\nSpeaker_0: "line 30"' in late
+    assert 'Speaker_1: "line 35" ###' in late
+    sp = speaker_example(ts[35], builder)
+    assert sp is not None and sp.prompt.choices == ("Speaker_0", "Speaker_1", "Speaker_2") and sp.answer == "Speaker_1"
 
 
 def test_schedule_is_deterministic_and_mixes_impact_into_main_batches() -> None:

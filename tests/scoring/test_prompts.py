@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from core.labels import get_label_set
-from scoring.prompts import INSTRUCTION, Demonstration, Prompt, PromptBuilder, Turn
+from scoring.prompts import INSTRUCTION, Demonstration, Prompt, PromptBuilder, Turn, WindowShape
 
 MELD = get_label_set("meld")
 CONVERSATION = (
@@ -129,14 +129,14 @@ def test_no_truncation_within_budget() -> None:
     assert builder(max_tokens=words(full.text)).emotion(CONVERSATION, DEMO) == full
 
 
-def test_truncation_drops_the_oldest_turn_first_and_re_anonymises() -> None:
+def test_truncation_drops_the_oldest_turn_first_and_keeps_the_names() -> None:
     full = builder().emotion(CONVERSATION, DEMO).text
     prompt = builder(max_tokens=words(full) - 1).emotion(CONVERSATION, DEMO)
     assert prompt.turns_used == 3
-    assert prompt.text == (
+    assert prompt.text == (  # speakers keep the numbers the window gave them: a cut renumbers nothing
         f"{INSTRUCTION}\n"
-        '### Speaker_0: "Oh, hey!"\n'
-        'Speaker_1: "Did you get my message?"\n'
+        '### Speaker_1: "Oh, hey!"\n'
+        'Speaker_0: "Did you get my message?"\n'
         'Speaker_2: "What message?" ###\n'
         'Here is a similar utterance with its emotional label: "I can\'t believe it!" -> surprise.\n'
         'Please select the emotional label of <Speaker_2: "What message?"> '
@@ -166,9 +166,9 @@ def test_truncation_never_cuts_the_target_the_instruction_or_the_statement() -> 
     assert prompt.turns_used == 1
     assert prompt.text == (
         f"{INSTRUCTION}\n"
-        '### Speaker_0: "What message?" ###\n'
+        '### Speaker_2: "What message?" ###\n'
         'Here is a similar utterance with its emotional label: "I can\'t believe it!" -> surprise.\n'
-        'Please select the emotional label of <Speaker_0: "What message?"> '
+        'Please select the emotional label of <Speaker_2: "What message?"> '
         "from <neutral, surprise, fear, sad, joyful, disgust, angry>:"
     )
 
@@ -262,9 +262,10 @@ def test_speaker_prompt_of_a_known_speaker() -> None:
 
 
 def test_impact_prompt() -> None:
-    prompt = builder().impact(CONVERSATION[:3], "Monica")
+    prompt = builder().impact(CONVERSATION)  # the last turn is the one to predict: its text is not shown
     assert prompt.choices == MELD.labels
-    assert prompt.turns_used == 3
+    assert prompt.turns_used == 4
+    assert "What message?" not in prompt.text
     assert prompt.text == (
         f"{INSTRUCTION}\n"
         '### Speaker_0: "Hi there."\n'
@@ -273,19 +274,105 @@ def test_impact_prompt() -> None:
         "Based on the conversation so far, please predict the emotional label of the next utterance, "
         "by <Speaker_2>, from <neutral, surprise, fear, sad, joyful, disgust, angry>:"
     )
-    assert builder().impact(CONVERSATION[:3], "Rachel").text.endswith(
+    assert builder().impact([*CONVERSATION[:3], Turn("Rachel", "")]).text.endswith(
         "by <Speaker_1>, from <neutral, surprise, fear, sad, joyful, disgust, angry>:"
     )
 
 
 def test_impact_prompt_without_history_and_under_truncation() -> None:
-    empty = builder().impact([], "Joey")
-    assert empty.turns_used == 0
+    empty = builder().impact([Turn("Joey", "")])
+    assert empty.turns_used == 1
     assert empty.text == (
         f"{INSTRUCTION}\n### ###\n"
         "Based on the conversation so far, please predict the emotional label of the next utterance, "
         "by <Speaker_0>, from <neutral, surprise, fear, sad, joyful, disgust, angry>:"
     )
-    cut = builder(max_tokens=1).impact(CONVERSATION[:3], "Monica")
-    assert cut.turns_used == 0
+    cut = builder(max_tokens=1).impact(CONVERSATION)
+    assert cut.turns_used == 1
     assert cut.text.endswith("by <Speaker_2>, from <neutral, surprise, fear, sad, joyful, disgust, angry>:")
+
+
+# -- the window that keeps its prefix ----------------------------------------------------------
+
+
+def positioned(n: int, speakers: tuple[str, ...] = ("Agent", "Customer"), words_each: int = 3) -> list[Turn]:
+    """``n`` turns of a conversation, each with its position and its speaker's conversation number."""
+    return [Turn(speakers[i % len(speakers)], f"t{i} " + "w " * (words_each - 1), i % len(speakers), i)
+            for i in range(n)]
+
+
+def test_window_shape_first_moves_in_hops() -> None:
+    shape = WindowShape(size=12, hop=4)
+    firsts = [shape.first(p) for p in range(40)]
+    assert firsts[:15] == [0] * 15  # the first window grows to size + hop - 1 = 15 turns
+    assert firsts[15:19] == [4] * 4 and firsts[19:23] == [8] * 4
+    for p, f in enumerate(firsts):
+        assert f % 4 == 0 and shape.size <= p - f + 1 <= shape.span or f == 0
+    assert [WindowShape(12, 1).first(p) for p in (0, 11, 12, 30)] == [0, 0, 1, 19]  # hop 1: the sliding window
+
+
+def test_window_shape_refuses_nonsense() -> None:
+    with pytest.raises(ValueError):
+        WindowShape(0, 1)
+    with pytest.raises(ValueError):
+        WindowShape(12, 0)
+
+
+def test_consecutive_turns_share_every_history_line_until_the_hop() -> None:
+    conversation = positioned(60)
+    b = builder(window=WindowShape(12, 6), max_tokens=10_000)
+    shape = b.window
+    prompts = [b.emotion(conversation[max(0, p - shape.span + 1): p + 1]) for p in range(60)]
+    hops = 0
+    for p in range(1, 60):
+        prev, cur = prompts[p - 1].text, prompts[p].text
+        history_prev = prev[: prev.index(" ###\n")]
+        if cur.startswith(history_prev):  # the previous prompt's whole history is this one's prefix
+            continue
+        hops += 1
+        assert shape.first(p) != shape.first(p - 1)
+    assert hops == len({shape.first(p) for p in range(60)}) - 1
+    assert all(shape.size <= prompts[p].turns_used <= shape.span for p in range(shape.size - 1, 60))
+
+
+def test_speaker_ids_come_from_the_conversation_not_the_window() -> None:
+    # The customer spoke first in the conversation; the window starts on an agent turn: ids stay put.
+    turns = [Turn("Agent", "hello", 1, 40), Turn("Customer", "my order", 0, 41), Turn("Agent", "checking", 1, 42)]
+    text = builder().emotion(turns).text
+    assert '### Speaker_1: "hello"\nSpeaker_0: "my order"\nSpeaker_1: "checking" ###' in text
+    assert '<Speaker_1: "checking">' in text
+    # without ids, the window numbers its speakers by first appearance
+    plain = builder().emotion([Turn(t.speaker, t.text) for t in turns]).text
+    assert '### Speaker_0: "hello"\nSpeaker_1: "my order"' in plain
+
+
+def test_speaker_task_choices_are_the_conversation_ids_in_order() -> None:
+    turns = [Turn("B", "x", 2, 7), Turn("A", "y", 0, 8), Turn("C", "z", 5, 9)]
+    b = builder()
+    assert b.speaker(turns).choices == ("Speaker_0", "Speaker_2", "Speaker_5")
+    assert b.answer_speaker(turns) == "Speaker_5"
+
+
+def test_the_token_budget_cuts_on_the_hop_grid() -> None:
+    conversation = positioned(40, words_each=6)
+    shape = WindowShape(12, 4)
+    full = builder(window=shape, max_tokens=10_000)
+    p = 30  # window first = 16, 15 turns
+    window = conversation[p - shape.span + 1: p + 1]
+    whole = full.emotion(window)
+    assert whole.turns_used == p - shape.first(p) + 1
+    # a budget a little under the whole window cuts one hop (4 turns), not one turn
+    cut = builder(window=shape, max_tokens=words(whole.text) - 1).emotion(window)
+    assert cut.turns_used == whole.turns_used - 4
+    assert f'"t{shape.first(p) + 4} ' in cut.text and f'"t{shape.first(p) + 3} ' not in cut.text
+    # the next turn, with the same budget pressure, starts at the same anchor: its prefix is the same
+    nxt = builder(window=shape, max_tokens=words(whole.text) - 1).emotion(conversation[p - shape.span + 2: p + 2])
+    assert nxt.text.startswith(cut.text[: cut.text.index(" ###\n")])
+    # under a budget that no hop satisfies, the cut goes turn by turn down to the target
+    tiny = builder(window=shape, max_tokens=1).emotion(window)
+    assert tiny.turns_used == 1
+
+
+def test_windows_without_positions_are_taken_as_given() -> None:
+    b = builder(window=WindowShape(2, 1))
+    assert b.emotion(CONVERSATION).turns_used == 4  # the caller chose these turns
