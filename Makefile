@@ -14,7 +14,7 @@ EXTRAS := dev$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-all clean-venv
+.PHONY: setup demo test test-all clean-venv browser
 
 setup: $(VENV)/.installed
 
@@ -30,13 +30,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(BIN)/erc-stream demo
+	$(BIN)/erc-stream demo $(ARGS)
 
 # pytest exits 5 when it collected no test: that is not a failure of the suite.
 # `test` leaves out the long chaos run (-m chaos); the multi-host test (-m multihost, ~40 s, needs root for
 # `ip netns`, skipped otherwise) is in it.
 # The layers first (import-linter contracts in pyproject.toml: each part imports only the parts below it, no cycles).
-test: setup
+# The dashboard's browser test drives Debian's chromium (Playwright never downloads a browser here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } || \
+	  echo "chromium is not installed and cannot be here: the dashboard's browser test will skip (it fails under CI=1)"
+
+test: setup browser
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q -m "not chaos"; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
 

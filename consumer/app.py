@@ -136,7 +136,8 @@ class StreamApp:
         """Start the /metrics, /healthz, /readyz endpoint on ``metrics.host:metrics.port`` (closed with the app)."""
         m = self.settings.metrics
         self._http = start_http_server(self.metrics, host=m.host, port=m.port,
-                                       liveness_timeout_s=m.liveness_timeout_s, ready=self.readiness)
+                                       liveness_timeout_s=m.liveness_timeout_s, ready=self.readiness,
+                                       token=m.token.get_secret_value() if m.token else None)
         return self._http
 
     def readiness(self) -> tuple[bool, dict[str, object]]:

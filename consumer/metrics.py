@@ -28,6 +28,8 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from core.auth import bearer_ok
+
 if TYPE_CHECKING:
     from core.records import Alert, DeadLetter, EmotionEvent
 
@@ -242,13 +244,21 @@ def start_http_server(
     port: int,
     liveness_timeout_s: float,
     ready: Callable[[], tuple[bool, dict[str, object]]],
+    token: str | None = None,
 ) -> HealthServer:
-    """Serve the endpoints in a daemon thread. ``ready()`` says whether the consumer is ready, and why."""
+    """Serve the endpoints in a daemon thread. ``ready()`` says whether the consumer is ready, and why; with a
+    ``token``, /metrics needs ``Authorization: Bearer <token>`` (401 otherwise)."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
+                if token is not None and not bearer_ok(self.headers.get("Authorization"), token):
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Bearer realm="erc-stream"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 age = time.monotonic() - metrics.last_beat

@@ -118,12 +118,14 @@ def read_events(settings: Settings, **kw) -> EventsRead:
 
 
 def read_dead_letters(settings: Settings, **kw) -> tuple[list[DeadLetter], int]:
-    """Distinct dead letters (one per source record: topic, partition, offset) and the copies dropped."""
+    """Distinct dead letters (one per source record and stage: topic, partition, offset; the notifier's stage names
+    the webhook, so two targets refusing one alert are two letters) and the copies dropped."""
     dedupe = Deduper()
     out: list[DeadLetter] = []
     for r in read_records(settings, settings.kafka.dlq_topic, **kw):
         d = DeadLetter.from_bytes(r.value)
-        if dedupe.first(f"{d.source_topic}|{d.source_partition}|{d.source_offset}"):
+        stage = d.stage if d.stage and d.stage.startswith("notify:") else ""
+        if dedupe.first(f"{d.source_topic}|{d.source_partition}|{d.source_offset}|{stage}"):
             out.append(d)
     return out, dedupe.copies
 

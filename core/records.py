@@ -144,7 +144,8 @@ class DeadLetter(_Record):
     schema_version: Literal[1] = SCHEMA_VERSION
     error_type: str = Field(description="A short machine-readable class: invalid_json, invalid_utf8, schema, "
                             "unsupported_version, too_large, empty, conflict, duplicate_id, inference (the model), processing (any other failure of "
-                            "this message in the pipeline).")
+                            "this message in the pipeline); notify_refused (an alert a webhook refused for good: "
+                            "source_topic is the alerts topic).")
     reason: str
     stage: str | None = Field(None, description="The pipeline stage the message failed in (decode, sanitize, "
                               "conversation, prompt, inference, calibration, event, alerts), when it got past "

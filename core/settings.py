@@ -367,7 +367,11 @@ class MetricsSettings(_Section):
     """The consumer's HTTP endpoint: Prometheus metrics, liveness and readiness."""
 
     enabled: bool = Field(True, description="Serve /metrics, /healthz and /readyz from the consumer.")
-    host: str = Field("0.0.0.0", description="Address the endpoint listens on.")
+    host: str = Field("127.0.0.1", description="Address the endpoint listens on (0.0.0.0 for a scraper on another "
+                      "host or container: then set a token).")
+    token: SecretStr | None = Field(None, description="When set, /metrics answers only requests with the header "
+                                    "`Authorization: Bearer <token>` (Prometheus: `authorization.credentials`); the "
+                                    "probes /healthz and /readyz stay open (they tell nothing but up or down).")
     port: int = Field(9400, ge=0, le=65535, description="Port of the endpoint (0 = any free port, logged at start).")
     liveness_timeout_s: float = Field(
         120.0, gt=0, description="/healthz fails when the main loop has not completed an iteration for this long "
@@ -461,6 +465,56 @@ class AlertSettings(_Section):
         return AlertSettings.model_validate({**self.model_dump(exclude={"tenants"}), **override})
 
 
+class DashboardSettings(_Section):
+    """`erc-stream dashboard`: the live view for supervisors (conversations by risk, timelines, alerts, health)."""
+
+    host: str = Field("127.0.0.1", description="Address the web page listens on.")
+    port: int = Field(8090, ge=0, le=65535, description="Its port (0 = any free port, printed at start).")
+    token: SecretStr | None = Field(None, description="Bearer token every request must carry (header, or `?token=` "
+                                    "once: the page then keeps it in a cookie). Unset: a random one is made at start "
+                                    "and printed with the URL.")
+    auth: bool = Field(True, description="false turns authentication off (only for a page bound to 127.0.0.1 on a "
+                       "single-user machine).")
+    show_texts: bool = Field(False, description="Show message texts on the timelines (privacy: off shows labels, "
+                             "roles and probabilities only).")
+    group_id: str = Field("erc-stream-dashboard", description="Consumer group of the page's reader of the emotion and "
+                          "alert topics (it starts at the newest records).")
+    max_conversations: int = Field(2_000, ge=1, description="Conversations kept in memory (the least recent leave).")
+    timeline_turns: int = Field(200, ge=1, description="Turns of a conversation's timeline kept.")
+    recent_turns: int = Field(10, ge=1, description="A conversation's risk: its negative share over its last N turns, "
+                              "after its current negative streak.")
+
+
+class NotifyTarget(BaseModel):
+    """One webhook ``erc-stream notify`` delivers alerts to."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="Identifies the target in dedupe state, metrics and dead letters.")
+    url: str = Field(description="Where alerts are POSTed.")
+    kind: Literal["json", "slack"] = Field("json", description="json: the alert record; slack: `{\"text\": ...}`.")
+    tenants: tuple[str, ...] | None = Field(None, description="Only these tenants' alerts (None: every tenant).")
+    rules: tuple[str, ...] | None = Field(None, description="Only these rules' alerts (None: every rule).")
+    token: SecretStr | None = Field(None, description="Sent as `Authorization: Bearer <token>` when set.")
+
+
+class NotifySettings(_Section):
+    """`erc-stream notify`: alerts from the alerts topic to people, through webhooks."""
+
+    targets: tuple[NotifyTarget, ...] = Field((), description="JSON list of targets, e.g. `[{\"name\": \"sup\", "
+                                              "\"url\": \"https://hooks.example/x\", \"kind\": \"slack\", "
+                                              "\"tenants\": [\"acme\"]}]`.")
+    group_id: str = Field("erc-stream-notify", description="The notifier's consumer group (offsets are committed after "
+                          "every alert of a batch reached every target it routes to, or was dead-lettered).")
+    attempts: int = Field(6, ge=1, description="Tries per alert and target before it is dead-lettered (a 4xx other "
+                          "than 408/429 is final at once).")
+    backoff_s: float = Field(0.5, gt=0, description="First retry delay; doubles per try, up to backoff_max_s.")
+    backoff_max_s: float = Field(30.0, gt=0)
+    timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of one delivery.")
+    sent_ttl_s: int = Field(7 * 86_400, ge=1, description="How long an (alert, target) is remembered as delivered.")
+    metrics_port: int = Field(9402, ge=0, le=65535, description="Port of the notifier's /metrics (0 = any free port).")
+
+
 class ExportSettings(_Section):
     """`erc-stream export` to Parquet or CSV: a resumable sink for BI tools."""
 
@@ -499,6 +553,8 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = DeliverySettings()
     metrics: MetricsSettings = MetricsSettings()
     alerts: AlertSettings = AlertSettings()
+    dashboard: DashboardSettings = DashboardSettings()
+    notify: NotifySettings = NotifySettings()
     export: ExportSettings = ExportSettings()
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR.")
     log_json: bool = Field(False, description="JSON log lines (production) instead of a console rendering.")

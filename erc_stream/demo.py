@@ -80,6 +80,18 @@ def _start_consumer(settings: Settings, ready: Path, log_path: Path) -> subproce
     return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
+def _wait_for(ready: Path, proc: subprocess.Popen, log_path: Path, timeout_s: float = 30.0) -> str:
+    """The dashboard's URL once it listens (or why not: it does not stop the demo)."""
+    deadline = time.monotonic() + timeout_s
+    while not ready.exists():
+        if proc.poll() is not None:
+            return f"[yellow]did not start ({proc.returncode}); its log: {log_path}[/]"
+        if time.monotonic() > deadline:
+            return f"[yellow]not up after {timeout_s:.0f} s; its log: {log_path}[/]"
+        time.sleep(0.2)
+    return ready.read_text()
+
+
 def _reader(settings: Settings) -> KafkaConsumer:
     k = settings.kafka
     reader = KafkaConsumer(enable_auto_commit=False, auto_offset_reset="earliest", **k.client_options())
@@ -107,7 +119,18 @@ def _table(seen: _Seen, expected: int, texts: dict[tuple[str, str], str]) -> Tab
     return table
 
 
-def run_demo(settings: Settings, *, dialogues: int, synthetic: int | None, rate: float, timeout_s: float) -> bool:
+def _start_dashboard(settings: Settings, run_id: str, ready: Path, log_path: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "erc_stream", "dashboard", "--ready-file", str(ready)]
+    env = {**os.environ, "ERC_LOG_LEVEL": os.environ.get("ERC_LOG_LEVEL", "WARNING"), "ERC_LOG_JSON": "true",
+           "ERC_DASHBOARD__PORT": os.environ.get("ERC_DASHBOARD__PORT", "0"),
+           # public corpus texts: shown unless configured otherwise; a group of its own per run
+           "ERC_DASHBOARD__SHOW_TEXTS": os.environ.get("ERC_DASHBOARD__SHOW_TEXTS", "true"),
+           "ERC_DASHBOARD__GROUP_ID": f"{settings.dashboard.group_id}-{run_id}"}
+    return subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def run_demo(settings: Settings, *, dialogues: int, synthetic: int | None, rate: float, timeout_s: float,
+             dashboard: bool = True, keep_dashboard: bool = False) -> bool:
     console.rule("erc-stream demo")
     for s in services_up(settings):
         console.print(f"[bold]{s.name}[/] {s.address} ({'managed by erc-stream' if s.managed else 'external'}): {s.detail}")
@@ -128,6 +151,8 @@ def run_demo(settings: Settings, *, dialogues: int, synthetic: int | None, rate:
     ready, log_path = workdir / "ready", workdir / "consumer.log"
     console.print(f"starting consumer (backend={settings.model.backend}); its log: {log_path}")
     proc = _start_consumer(settings, ready, log_path)
+    board = _start_dashboard(settings, run_id, workdir / "dashboard-ready", workdir / "dashboard.log") \
+        if dashboard else None
     try:
         while not ready.exists():
             if proc.poll() is not None:
@@ -137,6 +162,9 @@ def run_demo(settings: Settings, *, dialogues: int, synthetic: int | None, rate:
         metrics_url = json.loads(ready.read_text()).get("metrics_url")
         console.print(f"consumer metrics: {metrics_url}/metrics (also /healthz, /readyz)" if metrics_url
                       else "consumer metrics: disabled (ERC_METRICS__ENABLED=false)")
+        if board is not None:
+            console.print(f"live dashboard: {_wait_for(workdir / 'dashboard-ready', board, workdir / 'dashboard.log')}",
+                          soft_wrap=True)
 
         producer_errors: list[BaseException] = []
 
@@ -210,8 +238,21 @@ def run_demo(settings: Settings, *, dialogues: int, synthetic: int | None, rate:
         _alerts(seen, streak_id, call[0].conversation_id, settings.model.backend)
         if metrics_url:
             _metrics_table(samples, metrics_url, seen.peak_lag)
+        if board is not None and keep_dashboard and board.poll() is None:
+            console.print(f"the dashboard stays up: {(workdir / 'dashboard-ready').read_text()} (Ctrl-C to stop)",
+                          soft_wrap=True)
+            try:
+                board.wait()
+            except KeyboardInterrupt:
+                pass
         return len(seen.events) == len(messages)
     finally:
+        if board is not None and board.poll() is None:
+            board.send_signal(signal.SIGTERM)
+            try:
+                board.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                board.kill()
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:

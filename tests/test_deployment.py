@@ -1,16 +1,23 @@
-"""docker-compose.yml and deploy/: what they name must exist — settings, CLI commands, build arguments, topics.
+"""docker-compose.yml, docker-compose.secure.yml and deploy/: what they name must exist — settings, CLI commands,
+build arguments, topics, metrics — and the deployment must be closed: published ports on 127.0.0.1 only,
+/metrics behind a token, the secure override with SASL_SSL and a Redis password.
 
 No container engine runs here. `docker compose config` runs when docker's compose plugin is installed
-(as in CI with docker); otherwise the file is checked in Python: its structure, profiles, healthchecks and
-volumes, every ERC_* variable against the settings object (names and values), every command against the CLI.
+(as in CI with docker); deploy/validate_compose.py checks the files against the Compose Specification's schema
+when dclint's copy of it is installed (.ci/run installs it); the rest is checked in Python: structure, profiles,
+healthchecks and volumes, every ERC_* variable against the settings object (names and values), every command
+against the CLI, every metric of the Prometheus rules and the Grafana dashboard against the exported ones.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,50 +29,102 @@ from erc_stream.settings_doc import env_names
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+SECURE = ROOT / "docker-compose.secure.yml"
+DEPLOY = ROOT / "deploy"
+_spec = importlib.util.spec_from_file_location("validate_compose", DEPLOY / "validate_compose.py")
+assert _spec and _spec.loader
+vc = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(vc)
+
+#: The variables the files require (`${X:?message}`: compose refuses to start without them).
+REQUIRED = {"ERC_METRICS__TOKEN", "ERC_DASHBOARD__TOKEN", "GRAFANA_ADMIN_PASSWORD"}
+REQUIRED_SECURE = REQUIRED | {"ERC_KAFKA__SASL_PASSWORD", "ERC_KAFKA_ADMIN_PASSWORD", "ERC_REDIS_PASSWORD"}
+#: The notifier's metrics (issue #18), which the dashboard and the notifier's scrape job rely on.
+NOTIFIER_METRICS = {"erc_notify_delivered", "erc_notify_failures", "erc_notify_dead_letters",
+                    "erc_notify_delivery_seconds"}
+_METRIC = re.compile(r"\b(erc_[a-z_]+?)(?:_total|_bucket|_count|_sum)?\b")
 
 
-def _interpolate(value: object) -> object:
-    """Compose's interpolation with an empty environment: ${X:-default} -> default, ${X} -> '', $$ -> $."""
-    if isinstance(value, str):
-        return _VAR.sub(lambda m: m.group(2) or "", value).replace("$$", "$")
-    if isinstance(value, list):
-        return [_interpolate(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _interpolate(v) for k, v in value.items()}
-    return value
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    """docker-compose.yml as written (anchors resolved, nothing interpolated)."""
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def raw_secure() -> dict:
+    return yaml.safe_load(SECURE.read_text())
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return _interpolate(yaml.safe_load(COMPOSE.read_text()))  # safe_load resolves the << merge keys
+    """As compose sees it in an empty environment: defaults taken, required variables given placeholders."""
+    required: set[str] = set()
+    model = vc.load_model([COMPOSE], {}, required)
+    assert required == REQUIRED
+    return model
+
+
+@pytest.fixture(scope="module")
+def secure() -> dict:
+    """docker-compose.secure.yml merged over docker-compose.yml (`docker compose -f ... -f ...`)."""
+    required: set[str] = set()
+    model = vc.load_model([COMPOSE, SECURE], {}, required)
+    assert required == REQUIRED_SECURE
+    return model
 
 
 def _services(compose: dict) -> dict[str, dict]:
     return compose["services"]
 
 
+def _erc_app(services: dict[str, dict]) -> dict[str, dict]:
+    """The services that run the erc-stream image (the CLI)."""
+    return {n: s for n, s in services.items() if "build" in s}
+
+
+def _required(value: str, name: str) -> bool:
+    return isinstance(value, str) and value.startswith(f"${{{name}:?")
+
+
 def test_docker_compose_config_accepts_the_file() -> None:
     docker = shutil.which("docker")
     if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
         pytest.skip("docker compose is not installed here (CI with docker runs this; the other tests check the file)")
-    for profiles in ([], ["--profile", "gpu", "--profile", "sim", "--profile", "bi"], ["--profile", "cpu"]):
-        result = subprocess.run([docker, "compose", "-f", str(COMPOSE), *profiles, "config", "--quiet"],
-                                capture_output=True, text=True, cwd=ROOT)
-        assert result.returncode == 0, result.stderr
+    env = {**os.environ, **{name: "test" for name in REQUIRED_SECURE}}
+    for files in (["-f", str(COMPOSE)], ["-f", str(COMPOSE), "-f", str(SECURE)]):
+        for profiles in ([], ["--profile", "gpu", "--profile", "sim", "--profile", "bi", "--profile", "ui"],
+                         ["--profile", "cpu", "--profile", "notify", "--profile", "monitoring"]):
+            result = subprocess.run([docker, "compose", *files, *profiles, "config", "--quiet"],
+                                    capture_output=True, text=True, cwd=ROOT, env=env)
+            assert result.returncode == 0, result.stderr
+
+
+def test_compose_files_validate_against_the_compose_specification() -> None:
+    schema = vc.find_schema()
+    if schema is None:
+        pytest.skip("the Compose Specification's schema is not installed: `npm install --prefix .ci/node dclint@3` "
+                    "(.ci/run does it)")
+    pytest.importorskip("jsonschema", reason="jsonschema is not installed (.ci/run installs it into .venv)")
+    result = subprocess.run([sys.executable, str(DEPLOY / "validate_compose.py"), "--schema", str(schema)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "128 profile combinations" in result.stdout and "docker-compose.secure.yml: schema ok" in result.stdout
 
 
 def test_services_profiles_healthchecks_and_volumes(compose: dict) -> None:
     services = _services(compose)
     assert set(services) == {"kafka", "redis", "topics", "consumer-gpu", "consumer-cpu", "producer-sim", "exporter",
-                             "prometheus"}
+                             "dashboard", "notifier", "prometheus", "grafana"}
     profiles = {name: tuple(s.get("profiles", ())) for name, s in services.items()}
     assert profiles == {"kafka": (), "redis": (), "topics": (), "prometheus": (), "consumer-gpu": ("gpu",),
-                        "consumer-cpu": ("cpu",), "producer-sim": ("sim",), "exporter": ("bi",)}
-    for name in ("kafka", "redis", "consumer-gpu", "consumer-cpu", "prometheus"):  # long-running: healthchecked
+                        "consumer-cpu": ("cpu",), "producer-sim": ("sim",), "exporter": ("bi",),
+                        "dashboard": ("ui",), "notifier": ("ui", "notify"), "grafana": ("ui", "monitoring")}
+    for name in ("kafka", "redis", "consumer-gpu", "consumer-cpu", "dashboard", "notifier", "prometheus",
+                 "grafana"):  # long-running: healthchecked
         assert services[name]["healthcheck"]["test"], name
     named = set(compose["volumes"])
-    assert named == {"kafka-data", "redis-data", "erc-store", "prometheus-data"}
+    assert named == {"kafka-data", "redis-data", "erc-store", "prometheus-data", "grafana-data"}
     for name, service in services.items():
         for volume in service.get("volumes", []):
             source = volume.split(":", 1)[0]
@@ -93,10 +152,12 @@ def test_services_profiles_healthchecks_and_volumes(compose: dict) -> None:
         assert "consumer" in consumer["networks"]["default"]["aliases"]
 
 
-def test_every_erc_variable_exists_in_the_settings_and_its_value_validates(compose: dict,
-                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("variant", ["plain", "secure"])
+def test_every_erc_variable_exists_in_the_settings_and_its_value_validates(
+        variant: str, compose: dict, secure: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     known = env_names()
-    for name, service in _services(compose).items():
+    model = compose if variant == "plain" else secure
+    for name, service in _services(model).items():
         env = {k: str(v) for k, v in (service.get("environment") or {}).items() if k.startswith("ERC_")}
         unknown = sorted(set(env) - known)
         assert not unknown, f"{name} sets variables the settings do not have: {unknown}"
@@ -108,23 +169,210 @@ def test_every_erc_variable_exists_in_the_settings_and_its_value_validates(compo
         if name.startswith("consumer"):
             assert settings.model.backend == env["ERC_MODEL__BACKEND"]
             assert settings.metrics.port == 9400
+        if name.startswith("consumer") or name == "notifier":  # scraped over the compose network, with a token
+            assert settings.metrics.host == "0.0.0.0" and settings.metrics.token is not None, name
+        if name == "notifier":
+            assert settings.notify.metrics_port == 9402 and tuple(settings.notify.targets) == ()
+        if name == "dashboard":
+            assert (settings.dashboard.host, settings.dashboard.port) == ("0.0.0.0", 8090)
+            assert settings.dashboard.token is not None and settings.dashboard.show_texts is False
+        if variant == "secure" and name in _erc_app(_services(model)):
+            assert settings.kafka.security_protocol == "SASL_SSL" and settings.kafka.ssl_check_hostname, name
+            assert settings.kafka.sasl_password is not None and settings.redis.password is not None, name
 
 
-def test_prometheus_scrapes_the_consumer_metrics_port(compose: dict) -> None:
+def test_published_ports_bind_loopback(compose: dict, secure: dict) -> None:
+    for model in (compose, secure):
+        for name, service in _services(model).items():
+            for port in service.get("ports", []):
+                assert isinstance(port, str) and port.startswith("127.0.0.1:"), (name, port)
     services = _services(compose)
-    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
-    targets = [t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
-    assert "consumer:9400" in targets
+    assert services["consumer-cpu"]["ports"] == ["127.0.0.1:9400:9400"] == services["consumer-gpu"]["ports"]
+    assert services["dashboard"]["ports"] == ["127.0.0.1:8090:8090"]
+    assert services["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
+    assert services["grafana"]["ports"] == ["127.0.0.1:3000:3000"]
+    assert "ports" not in services["notifier"]  # scraped on the compose network only
+
+
+def test_prometheus_scrapes_the_metrics_ports_with_the_token(compose: dict, raw: dict) -> None:
+    services = _services(compose)
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = {t: name for name, job in jobs.items() for sc in job.get("static_configs", []) for t in sc["targets"]}
+    assert {"consumer:9400", "notifier:9402"} <= set(targets)
+    # The token reaches Prometheus as a compose secret (a file) whose value is ERC_METRICS__TOKEN.
+    prometheus = services["prometheus"]
+    for target in ("consumer:9400", "notifier:9402"):
+        auth = jobs[targets[target]]["authorization"]
+        assert auth["type"] == "Bearer" and "credentials" not in auth
+        secret = auth["credentials_file"].removeprefix("/run/secrets/")
+        assert secret in prometheus["secrets"], auth
+        assert compose["secrets"][secret] == {"environment": "ERC_METRICS__TOKEN"}
+    for name in ("consumer-gpu", "consumer-cpu", "notifier"):
+        env, raw_env = services[name]["environment"], raw["services"][name]["environment"]
+        assert env["ERC_METRICS__HOST"] == "0.0.0.0"
+        assert _required(raw_env["ERC_METRICS__TOKEN"], "ERC_METRICS__TOKEN"), name  # no token, no start
     for name in ("consumer-gpu", "consumer-cpu"):
         assert services[name]["environment"]["ERC_METRICS__PORT"] == "9400"
-        assert "9400/healthz" in " ".join(services[name]["healthcheck"]["test"])
-    rules = yaml.safe_load((ROOT / "deploy" / "alerts.rules.yml").read_text())
+        assert "9400/healthz" in " ".join(services[name]["healthcheck"]["test"])  # open: no token needed
+    assert services["notifier"]["environment"]["ERC_NOTIFY__METRICS_PORT"] == "9402"
+    assert "9402" in " ".join(services["notifier"]["healthcheck"]["test"])
+    rules = yaml.safe_load((DEPLOY / "alerts.rules.yml").read_text())
     exprs = " ".join(r["expr"] for g in rules["groups"] for r in g["rules"])
     from consumer.metrics import ConsumerMetrics
 
     exported = {m.name for m in ConsumerMetrics().registry.collect()}
-    used = set(re.findall(r"\b(erc_[a-z_]+?)(?:_total|_bucket|_count|_sum)?\b", exprs))
+    used = set(_METRIC.findall(exprs))
     assert used and used <= exported, used - exported
+
+
+def test_dashboard_and_notifier_services(compose: dict, raw: dict) -> None:
+    services = _services(compose)
+    dashboard, notifier = services["dashboard"], services["notifier"]
+    assert dashboard["command"] == ["dashboard"] and notifier["command"] == ["notify"]
+    assert dashboard["image"] == notifier["image"] == services["consumer-cpu"]["image"]
+    assert dashboard["build"] == notifier["build"] == services["consumer-cpu"]["build"]
+    raw_env = raw["services"]["dashboard"]["environment"]
+    assert _required(raw_env["ERC_DASHBOARD__TOKEN"], "ERC_DASHBOARD__TOKEN")
+    assert raw_env["ERC_DASHBOARD__SHOW_TEXTS"] == "${ERC_DASHBOARD__SHOW_TEXTS:-false}"
+    assert "http://127.0.0.1:8090/healthz" in " ".join(dashboard["healthcheck"]["test"])
+    assert dashboard["depends_on"] == {"kafka": {"condition": "service_healthy"},
+                                       "topics": {"condition": "service_completed_successfully"}}
+    assert notifier["depends_on"] == {"kafka": {"condition": "service_healthy"},
+                                      "redis": {"condition": "service_healthy"},
+                                      "topics": {"condition": "service_completed_successfully"}}
+    assert raw["services"]["notifier"]["environment"]["ERC_NOTIFY__TARGETS"] == "${ERC_NOTIFY__TARGETS:-[]}"
+    for service in (dashboard, notifier):  # the shared settings: the same topics and broker as the consumers
+        for key, value in services["consumer-cpu"]["environment"].items():
+            if key.startswith(("ERC_KAFKA__", "ERC_REDIS__", "ERC_LOG_")) and key != "ERC_KAFKA__GROUP_ID":
+                assert service["environment"][key] == value, key
+
+
+def test_grafana_is_provisioned_with_the_metrics_that_exist(compose: dict, raw: dict) -> None:
+    grafana = _services(compose)["grafana"]
+    image, _, tag = grafana["image"].partition(":")
+    assert image == "grafana/grafana-oss" and re.fullmatch(r"\d+\.\d+\.\d+", tag), grafana["image"]
+    assert _required(raw["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"], "GRAFANA_ADMIN_PASSWORD")
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    mounts = dict(v.split(":")[:2] for v in grafana["volumes"])
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+
+    provisioning = DEPLOY / "grafana" / "provisioning"
+    datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    (source,) = datasources
+    assert (source["type"], source["url"], source["uid"]) == ("prometheus", "http://prometheus:9090", "prometheus")
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "erc-stream.yml").read_text())["providers"]
+    assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
+
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "erc-stream.json").read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    exprs = []
+    for panel in panels:
+        assert panel["datasource"]["uid"] == source["uid"] and panel["targets"], panel["title"]
+        exprs += [t["expr"] for t in panel["targets"]]
+        assert all(t["datasource"]["uid"] == source["uid"] for t in panel["targets"])
+    from consumer.metrics import ConsumerMetrics
+
+    exported = {m.name for m in ConsumerMetrics().registry.collect()}
+    used = set(_METRIC.findall(" ".join(exprs)))
+    assert used <= exported | NOTIFIER_METRICS, used - exported - NOTIFIER_METRICS
+    assert NOTIFIER_METRICS <= used
+    assert {"erc_messages_consumed", "erc_events_emitted", "erc_dead_letters", "erc_consumer_lag",
+            "erc_end_to_end_latency_seconds", "erc_processing_latency_seconds", "erc_inference_seconds",
+            "erc_prompt_tokens", "erc_computed_tokens", "erc_alerts_emitted", "erc_adapter_info"} <= used
+    # Counters and histograms through rate()/increase(), quantiles from the buckets.
+    for expr in exprs:
+        for counter in re.findall(r"\berc_\w+_(?:total|bucket|sum|count)\b", expr):
+            assert re.search(rf"(?:rate|increase)\({counter}\[", expr), expr
+    assert any("histogram_quantile(0.95" in e and "erc_end_to_end_latency_seconds_bucket" in e for e in exprs)
+
+
+def test_secure_override_sets_sasl_ssl_and_a_redis_password(compose: dict, secure: dict, raw_secure: dict) -> None:
+    services, raw_services = _services(secure), raw_secure["services"]
+    assert set(services) == set(_services(compose)) | {"certs"}
+    # Kafka: clients on SASL_SSL; whatever else listens is on the container's loopback.
+    kafka = services["kafka"]["environment"]
+    protocols = dict(item.split(":") for item in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    for listener in kafka["KAFKA_LISTENERS"].split(","):
+        name, address = listener.split("://")
+        assert protocols[name] == "SASL_SSL" or address.startswith("127.0.0.1:"), listener
+    assert kafka["KAFKA_ADVERTISED_LISTENERS"].split(",")[0] == "SASL_SSL://kafka:9092"
+    assert protocols["SASL_SSL"] == "SASL_SSL" and kafka["KAFKA_SASL_ENABLED_MECHANISMS"] == "PLAIN"
+    assert services["kafka"]["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+    assert "kafka-secrets:/etc/kafka/secrets:ro" in services["kafka"]["volumes"]
+    assert "--command-config /etc/kafka/secrets/client.properties" in services["kafka"]["healthcheck"]["test"][1]
+    jaas = kafka["KAFKA_OPTS"].removeprefix("-Djava.security.auth.login.config=/etc/kafka/secrets/")
+    # The files the broker and the topics job read are the ones deploy/secure/make-certs.sh writes.
+    script = (DEPLOY / "secure" / "make-certs.sh").read_text()
+    certs = services["certs"]
+    assert "./deploy/secure/make-certs.sh:/usr/local/bin/make-certs.sh:ro" in certs["volumes"]
+    assert certs["entrypoint"] == ["/bin/sh", "/usr/local/bin/make-certs.sh"]
+    for written in (kafka["KAFKA_SSL_KEYSTORE_FILENAME"], kafka["KAFKA_SSL_KEYSTORE_CREDENTIALS"], jaas,
+                    "client.properties"):
+        assert written in script, written
+    assert services["topics"]["environment"]["TOPICS_COMMAND_CONFIG"] == "/etc/kafka/secrets/client.properties"
+    assert "kafka-secrets:/etc/kafka/secrets:ro" in services["topics"]["volumes"]
+    assert _required(raw_services["certs"]["environment"]["KAFKA_ADMIN_PASSWORD"], "ERC_KAFKA_ADMIN_PASSWORD")
+    assert _required(raw_services["certs"]["environment"]["KAFKA_CLIENT_PASSWORD"], "ERC_KAFKA__SASL_PASSWORD")
+    # Redis: requirepass from ERC_REDIS_PASSWORD, through a file the config includes; AOF kept.
+    redis = services["redis"]
+    assert _required(raw_services["redis"]["environment"]["REDIS_PASSWORD"], "ERC_REDIS_PASSWORD")
+    conf_source, conf_target = redis["volumes"][-1].split(":")[:2]
+    conf = (ROOT / conf_source).read_text()
+    include = re.search(r"^include (\S+)$", conf, re.M).group(1)  # type: ignore[union-attr]
+    assert f"> {include}" in redis["command"][2] and "requirepass" in redis["command"][2]
+    assert f"redis-server {conf_target}" in redis["command"][2]
+    assert re.search(r"^appendonly yes$", conf, re.M) and "REDISCLI_AUTH" in redis["healthcheck"]["test"][1]
+    # Every erc-stream service: SASL_SSL with the CA that certs made, and the Redis password.
+    apps = _erc_app(services)
+    assert set(apps) == {"consumer-gpu", "consumer-cpu", "producer-sim", "exporter", "dashboard", "notifier"}
+    for name, service in apps.items():
+        env, raw_env = service["environment"], raw_services[name]["environment"]
+        assert env["ERC_KAFKA__SECURITY_PROTOCOL"] == "SASL_SSL", name
+        assert env["ERC_KAFKA__SASL_MECHANISM"] in kafka["KAFKA_SASL_ENABLED_MECHANISMS"].split(",")
+        assert env["ERC_KAFKA__SASL_USERNAME"] and env["ERC_KAFKA__SSL_CHECK_HOSTNAME"] == "true"
+        assert _required(raw_env["ERC_KAFKA__SASL_PASSWORD"], "ERC_KAFKA__SASL_PASSWORD")
+        assert _required(raw_env["ERC_REDIS__PASSWORD"], "ERC_REDIS_PASSWORD")
+        assert "kafka-ca:/certs:ro" in service["volumes"] and env["ERC_KAFKA__SSL_CAFILE"] == "/certs/ca.crt"
+        assert env["ERC_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:9092"
+    # The plain deployment stays as it was: PLAINTEXT, no Redis password.
+    for name, service in _erc_app(_services(compose)).items():
+        assert "ERC_KAFKA__SECURITY_PROTOCOL" not in service["environment"] and "ERC_REDIS__PASSWORD" not in service[
+            "environment"], name
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("sh") is None, reason="needs openssl and sh")
+def test_make_certs_writes_what_the_broker_reads(tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "KAFKA_ADMIN_PASSWORD": "a" * 32, "KAFKA_CLIENT_PASSWORD": "b" * 32,
+           "SECRETS_DIR": str(tmp_path / "kafka"), "CA_DIR": str(tmp_path / "ca"), "KAFKA_UID": str(os.getuid()),
+           "KAFKA_GID": str(os.getgid())}
+    script = str(DEPLOY / "secure" / "make-certs.sh")
+    result = subprocess.run(["sh", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    secrets = tmp_path / "kafka"
+    assert {p.name for p in secrets.iterdir()} == {"kafka.keystore.p12", "keystore-password", "kafka.crt", "ca.crt",
+                                                   "kafka_server_jaas.conf", "client.properties"}
+    assert all(p.stat().st_mode & 0o077 == 0 for p in secrets.iterdir())  # the broker's user only
+    assert (tmp_path / "ca" / "ca.crt").read_text() == (secrets / "ca.crt").read_text()
+    ca = str(tmp_path / "ca" / "ca.crt")
+    verify = subprocess.run(["openssl", "verify", "-CAfile", ca, str(secrets / "kafka.crt")],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    sans = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(secrets / "kafka.crt")],
+                          capture_output=True, text=True).stdout
+    assert "DNS:kafka" in sans and "DNS:localhost" in sans
+    jaas = (secrets / "kafka_server_jaas.conf").read_text()
+    assert f'user_erc="{"b" * 32}"' in jaas and f'user_admin="{"a" * 32}"' in jaas
+    # A second run keeps the certificate (and the clients' CA).
+    before = (secrets / "kafka.crt").read_bytes()
+    assert subprocess.run(["sh", script], env=env, capture_output=True, timeout=60).returncode == 0
+    assert (secrets / "kafka.crt").read_bytes() == before
+    # A password that would break the JAAS file is refused.
+    bad = subprocess.run(["sh", script], env={**env, "KAFKA_CLIENT_PASSWORD": 'x"y'}, capture_output=True, text=True)
+    assert bad.returncode != 0 and "double quote" in bad.stderr
 
 
 def test_images_commands_and_build_arguments_match_the_project(compose: dict) -> None:

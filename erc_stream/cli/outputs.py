@@ -103,7 +103,9 @@ def replay_dlq(ctx, error_types, dry_run):
 
     settings = settings_of(ctx)
     letters, copies = read_dead_letters(settings)
-    chosen = [d for d in letters if not error_types or d.error_type in error_types]
+    # only the input's dead letters go back to the input (the notifier's are alerts a webhook refused)
+    chosen = [d for d in letters if d.source_topic == settings.kafka.input_topic
+              and (not error_types or d.error_type in error_types)]
     truncated = [d for d in chosen if d.original_truncated]
     chosen = [d for d in chosen if not d.original_truncated]
     click.echo(f"{len(letters)} dead letters ({copies} copies dropped); replaying {len(chosen)}"
@@ -127,3 +129,56 @@ def replay_dlq(ctx, error_types, dry_run):
 
 if __name__ == "__main__":
     main()
+
+
+@main.command()
+@click.option("--port", type=int, default=None, help="Default: ERC_DASHBOARD__PORT.")
+@click.option("--ready-file", type=click.Path(path_type=Path), default=None, hidden=True,
+              help="Write the page's URL (with its token) here once it listens (tests, the demo).")
+@click.pass_context
+def dashboard(ctx, port, ready_file):
+    """The live view for supervisors: conversations by risk, timelines, alerts, negative rates, the stream's health."""
+    import signal
+
+    from outputs.dashboard import Dashboard
+
+    settings = settings_of(ctx)
+    if port is not None:
+        settings = settings.with_overrides(dashboard={"port": port})
+    board = Dashboard(settings)
+
+    def ready(url: str) -> None:
+        click.echo(f"dashboard: {url}", err=True)
+        if ready_file is not None:
+            ready_file.write_text(url)
+
+    signal.signal(signal.SIGTERM, lambda *_: board.stop())
+    try:
+        board.serve(on_ready=ready)
+    except KeyboardInterrupt:
+        board.stop()
+
+
+@main.command()
+@click.option("--idle-exit", type=float, default=None, hidden=True, help="Stop after this many idle seconds (tests).")
+@click.pass_context
+def notify(ctx, idle_exit):
+    """Forward alerts to webhooks (ERC_NOTIFY__TARGETS): per-tenant routing, retries, each alert once per target."""
+    import signal
+
+    from outputs.notify import Notifier
+
+    settings = settings_of(ctx)
+    if not settings.notify.targets:
+        raise click.UsageError("no webhook targets: set ERC_NOTIFY__TARGETS (README, \"Alerts to people\")")
+    notifier = Notifier(settings)
+    server = notifier.serve_metrics()
+    click.echo(f"notifier: {len(settings.notify.targets)} targets; metrics on {server.url}/metrics", err=True)
+    signal.signal(signal.SIGTERM, lambda *_: notifier.stop())
+    try:
+        notifier.run(idle_exit_s=idle_exit)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        notifier.close()
+        server.close()

@@ -102,13 +102,17 @@ def consume(ctx, backend, base, adapter, label_set, group_id, idle_exit, ready_f
 @click.option("--rate", type=float, default=2.0, show_default=True, help="Messages per second.")
 @click.option("--backend", type=click.Choice(["hf", "vllm", "null"]), default=None)
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Give up after this many seconds.")
+@click.option("--dashboard/--no-dashboard", default=True, show_default=True,
+              help="Start the supervisors' web page beside the consumer and print its URL.")
+@click.option("--keep-dashboard", is_flag=True, help="Keep the web page up after the summary, until Ctrl-C.")
 @click.pass_context
-def demo(ctx, dialogues, synthetic, rate, backend, timeout):
+def demo(ctx, dialogues, synthetic, rate, backend, timeout, dashboard, keep_dashboard):
     """The main job: services up, a consumer, a replay, a live view and a closing summary."""
     from erc_stream.demo import run_demo
 
     settings = settings_of(ctx)
     if backend:
         settings = settings.with_overrides(model={"backend": backend})
-    ok = run_demo(settings, dialogues=dialogues, synthetic=synthetic, rate=rate, timeout_s=timeout)
+    ok = run_demo(settings, dialogues=dialogues, synthetic=synthetic, rate=rate, timeout_s=timeout,
+                  dashboard=dashboard, keep_dashboard=keep_dashboard)
     sys.exit(0 if ok else 1)

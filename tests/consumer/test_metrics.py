@@ -24,9 +24,9 @@ from tests.kafka_helpers import produce_raw
 from tests.procs import ConsumerProc, RedisProc, stream_messages
 
 
-def _get(url: str) -> tuple[int, bytes]:
+def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -213,3 +213,25 @@ def test_a_taken_metrics_port_stops_the_consumer_with_a_clear_message(settings: 
         proc.start()
         assert proc.proc.wait(60) == 1
     assert f"cannot listen on 127.0.0.1:{port}" in proc.tail() and "ERC_METRICS__PORT" in proc.tail()
+
+
+def test_metrics_with_a_token_refuse_requests_without_it() -> None:
+    from consumer.metrics import ConsumerMetrics, start_http_server
+
+    server = start_http_server(ConsumerMetrics(), host="127.0.0.1", port=0, liveness_timeout_s=60,
+                               ready=lambda: (True, {}), token="s3cret")
+    try:
+        url = server.url + "/metrics"
+        assert _get(url)[0] == 401
+        for wrong in ("Bearer nope", "s3cret", "Basic s3cret", "Bearer s3cret-and-more"):
+            assert _get(url, {"Authorization": wrong})[0] == 401, wrong
+        status, body = _get(url, {"Authorization": "Bearer s3cret"})
+        assert status == 200 and b"erc_messages_consumed_total" in body
+        assert _get(server.url + "/healthz")[0] == 200  # probes stay open
+    finally:
+        server.close()
+
+
+def test_the_documented_default_binds_to_loopback() -> None:
+    assert Settings().metrics.host == "127.0.0.1" and Settings().dashboard.host == "127.0.0.1"
+    assert Settings().metrics.token is None and Settings().dashboard.auth is True
