@@ -16,6 +16,7 @@ import argparse
 import json
 from typing import Any, Sequence
 
+from bench.prefix_sharing import shared_prefix
 from core.settings import Settings
 
 
@@ -39,7 +40,7 @@ def new_tokens(settings: Settings, conversations: Sequence, count_from: int = 0)
         prev: list[int] = []
         for i in range(len(conv.utterances)):
             ids = tok(builder.emotion(Target(conv, i, "").window(builder.window.span)).text)["input_ids"]
-            shared = min(max(_shared(ids, prev), _shared(ids, other)), len(ids) - 1)
+            shared = min(max(shared_prefix(ids, prev), shared_prefix(ids, other)), len(ids) - 1)
             if i >= count_from:
                 prompts += len(ids)
                 new += len(ids) - shared
@@ -47,15 +48,6 @@ def new_tokens(settings: Settings, conversations: Sequence, count_from: int = 0)
             prev = ids
     return {"utterances": n, "prompt_tokens_per_utterance": round(prompts / max(n, 1), 1),
             "new_tokens_per_utterance": round(new / max(n, 1), 1)}
-
-
-def _shared(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 _TOKENIZERS: dict[str, Any] = {}

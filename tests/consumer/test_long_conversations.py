@@ -9,6 +9,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+from bench.prefix_sharing import shared_prefix
 from consumer.app import StreamApp
 from core.records import ChatMessage
 from core.settings import Settings
@@ -24,15 +25,6 @@ def _speaker(turn: int) -> str:
     if turn >= 9 and turn % 7 == 2:
         return "Supervisor"
     return "Customer" if turn % 2 == 0 else "Agent"
-
-
-def _shared(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def test_a_40_turn_conversation_keeps_its_speaker_ids_and_computes_only_new_tokens(
@@ -98,7 +90,7 @@ def test_a_40_turn_conversation_keeps_its_speaker_ids_and_computes_only_new_toke
             assert computed > len(cur) // 2  # the rebuilt window: most of the prompt
             continue
         history = tokenize([calls[turn - 1][0][: calls[turn - 1][0].index(" ###\n")]])[0]
-        shared = _shared(prev, cur)
+        shared = shared_prefix(prev, cur)
         assert shared >= len(history) - 1, turn  # every history line of the previous turn is reused
         assert computed == len(cur) - shared, turn  # and nothing else is recomputed
     assert hops == len({shape.first(t) for t in range(TURNS)}) - 1 == 8
