@@ -30,6 +30,7 @@ class EvalReport:
     model: str
     adapter: str | None
     window: int
+    hop: int
     demonstrations: bool
     n: int
     weighted_f1: float
@@ -131,6 +132,7 @@ def evaluate(
                                 f"{dataset} · {choice.name or 'zero-shot'} · W-F1 {m['weighted_f1']:.1f}"))
     return EvalReport(
         dataset=dataset, file=file, label_set=label_set.name, model=backend.model_id, adapter=choice.name,
-        window=window, demonstrations=labeler.demonstrations is not None, n=len(gold),
+        window=builder.window.size, hop=builder.window.hop, demonstrations=labeler.demonstrations is not None,
+        n=len(gold),
         seconds=round(time.monotonic() - started, 1), failed=failed, confusion_png=png, **m,
     )

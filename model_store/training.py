@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import structlog
@@ -265,7 +265,8 @@ class Trainer:
             total = total + value * per_example[sel].mean()
         return total
 
-    def train(self, examples: dict[str, list[Example]], progress: bool = True) -> dict:
+    def train(self, examples: dict[str, list[Example]], progress: bool = True,
+              on_step: Callable[[int, float], None] | None = None) -> dict:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
         from transformers import get_linear_schedule_with_warmup
 
@@ -303,8 +304,10 @@ class Trainer:
                 bar.update(task, advance=1, loss=float(np.mean(losses[-10:])))
                 if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < len(batches):
                     self._checkpoint(opt, sched, step + 1, elapsed0 + time.monotonic() - t0, losses)
+                if on_step is not None:
+                    on_step(step + 1, losses[-1])
         self.model.eval()
-        return {"steps": len(batches), "seconds": round(elapsed0 + time.monotonic() - t0, 1),
+        return {"steps": len(batches), "resumed_from": start_step, "seconds": round(elapsed0 + time.monotonic() - t0, 1),
                 "dtype": self.autocast_dtype,
                 "loss_first": losses[0] if losses else None, "loss_last10": float(np.mean(losses[-10:])) if losses else None}
 
@@ -342,13 +345,17 @@ def training_index(cfg: TrainConfig, conversations, store_dir: Path):
 
 
 def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, progress: bool = True,
-          command: str | None = None) -> Path:
+          command: str | None = None, on_step: Callable[[int, float], None] | None = None) -> Path:
     """Run one training job end to end and write the adapter (or, ``full``, the model) with its metadata;
     returns its directory.
 
     Without ``out_dir`` a LoRA adapter trains in ``<store>/adapters/<name>/.training/`` (where its checkpoints
     are, so the same command resumes it) and is published as a new immutable version of ``name``
-    (``model_store.registry.publish``); versions trained before are never touched."""
+    (``model_store.registry.publish``); versions trained before are never touched.
+
+    ``on_step(steps_done, loss)`` is called after every optimizer step, once that step's checkpoint (if it
+    has one) is written: a progress hook, or the way to end a session early (raise from it, or let the
+    process be killed there); the same call then resumes from ``<out>/checkpoint``."""
     from model_store.base_models import resolve_base
 
     if cfg.full and cfg.calibration:
@@ -373,7 +380,7 @@ def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, pro
         index.balanced(cfg.index_per_label, seed=cfg.seed).save(out_dir / "demos")
     examples = build_examples(cfg, conversations, builder, index)
     log.info("examples", **{k: len(v) for k, v in examples.items()})
-    result = trainer.train(examples, progress=progress)
+    result = trainer.train(examples, progress=progress, on_step=on_step)
     meta = {
         "name": cfg.name, "kind": cfg.kind, "base": cfg.base, "label_set": cfg.label_set,
         "dataset": "+".join(d for d, _ in cfg.sources), "datasets": [d for d, _ in cfg.sources], "mix": cfg.mix,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.records import Alert, ChatMessage, EmotionEvent
-from core.settings import DEFAULT_NEGATIVE_LABELS, Settings
+from core.settings import Settings
 
 #: Seconds per bucket of the per-tenant negative-rate series, and buckets kept (one hour).
 RATE_BUCKET_S = 60
@@ -52,7 +52,7 @@ class LiveState:
         self.max_conversations = d.max_conversations
         self.timeline_turns = d.timeline_turns
         self.recent_turns = d.recent_turns
-        self.negative = {k: set(v) for k, v in {**DEFAULT_NEGATIVE_LABELS, **settings.alerts.negative_labels}.items()}
+        self.negative = {k: set(v) for k, v in settings.alerts.negative_labels.items()}  # what the alert rules count
         self._lock = threading.Lock()
         self._conversations: OrderedDict[tuple[str | None, str], ConversationView] = OrderedDict()
         self._alerts: deque[dict[str, Any]] = deque(maxlen=500)

@@ -99,6 +99,7 @@ def models_train(ctx, datasets, files, label_set, mix, full, name, base, window,
 @click.option("--dialogues", type=int, default=None, help="Only the first N dialogues.")
 @click.option("--limit", type=int, default=None, help="Only the first N utterances.")
 @click.option("--window", type=int, default=None)
+@click.option("--hop", type=int, default=None, help="The window's hop (default: ERC_WINDOW__HOP; 1: the sliding window).")
 @click.option("--no-demonstrations", is_flag=True)
 @click.option("--no-calibration", is_flag=True, help="Ignore the adapter's label-prior correction.")
 @click.option("--zero-shot/--no-zero-shot", default=True, show_default=True,
@@ -109,7 +110,7 @@ def models_train(ctx, datasets, files, label_set, mix, full, name, base, window,
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default=None,
               help="Inference backend (default: ERC_MODEL__BACKEND or hf).")
 @click.pass_context
-def models_eval(ctx, datasets, file_, split, label_set, adapter, base, dialogues, limit, window, no_demonstrations,
+def models_eval(ctx, datasets, file_, split, label_set, adapter, base, dialogues, limit, window, hop, no_demonstrations,
                 no_calibration, zero_shot, confusion, batch_size, as_json, backend=None):
     """Weighted F1 (all classes), accuracy and per-label F1 through the serving path."""
     import json
@@ -123,6 +124,8 @@ def models_eval(ctx, datasets, file_, split, label_set, adapter, base, dialogues
         settings = settings.with_overrides(model={"backend": backend})
     if base:
         settings = settings.with_overrides(model={"base": base})
+    if hop:
+        settings = settings.with_overrides(window={"hop": hop})
     if label_set is None and len(datasets) > 1:
         label_set = "unified"
     results = {}

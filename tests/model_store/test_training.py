@@ -1,6 +1,10 @@
-"""A real two-step training run on the embedded model, resumed from its checkpoint."""
+"""Real training runs on the embedded model: a two-step one, and one killed (SIGKILL) mid-run and resumed."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from core.labels import get_label_set
@@ -103,3 +107,74 @@ def test_training_again_under_a_name_adds_a_version_and_leaves_the_old_one(tmp_p
     assert [ref.path for ref in versions("again", store)] == [first, second]
     assert Registry(store).info("again").path == second  # a bare name is its newest version
     assert not (store / "adapters" / "again" / ".training").exists()
+
+
+# Runs one training in a process of its own and SIGKILLs that process from ``on_step`` once ``stop`` steps
+# are done (their checkpoint is on disk by then): a session that dies between two steps, nothing flushed.
+_KILLED_RUN = """
+import json, os, signal, sys
+from pathlib import Path
+from core.settings import Settings
+from model_store.training import TrainConfig, train
+
+kwargs, out, stop = json.loads(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+
+def on_step(step, loss):
+    if step == stop:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train(TrainConfig(**kwargs), store_dir=Settings().store.dir, out_dir=out, progress=False, command="test",
+      on_step=on_step)
+"""
+
+
+def test_a_run_killed_mid_way_resumes_to_the_same_adapter_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    """1 speaker step + 4 main steps, with LoRA dropout on: run A straight through; run B killed after
+    step 3 (kill -9 in a subprocess), then resumed by the same call. B must end with A's adapter: the
+    checkpoint carries the weights, AdamW's moments, the scheduler, the step and the torch RNG (dropout
+    masks); the batches are drawn up front from the seed. Same code, same thread count, so the result is
+    expected bit for bit; the tolerance only allows for float reassociation (rtol 1e-5, atol 1e-6)."""
+    import torch
+    from safetensors.torch import load_file
+
+    data = _write_jsonl(tmp_path / "train.jsonl", 4)
+    kwargs = dict(name="resume", dataset="jsonl", train_file=str(data), label_set="meld", speaker_steps=1,
+                  steps=4, batch_size=2, impact_per_batch=1, max_tokens=160, checkpoint_every=1,
+                  index_per_label=3, threads=1)
+    cfg = TrainConfig(**kwargs)
+    assert cfg.lora_dropout > 0  # the dropout masks are what the RNG state has to carry
+    store = Settings().store.dir
+
+    steps_a: list[tuple[int, float]] = []
+    a = train(cfg, store_dir=store, out_dir=tmp_path / "a", progress=False, command="test",
+              on_step=lambda step, loss: steps_a.append((step, loss)))
+    assert [s for s, _ in steps_a] == [1, 2, 3, 4, 5]
+
+    b = tmp_path / "b"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, json.dumps(kwargs), str(b), "3"],
+                            cwd=Path(__file__).resolve().parents[2], env=os.environ, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (b / "erc_meta.json").exists()
+    state = torch.load(b / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 3
+    torch.testing.assert_close(state["losses"], [loss for _, loss in steps_a[:3]], rtol=1e-5, atol=1e-6)
+
+    steps_b: list[tuple[int, float]] = []
+    train(cfg, store_dir=store, out_dir=b, progress=False, command="test",
+          on_step=lambda step, loss: steps_b.append((step, loss)))
+    assert [s for s, _ in steps_b] == [4, 5]  # steps 1-3 were not redone
+    meta_a = json.loads((a / "erc_meta.json").read_text())
+    meta_b = json.loads((b / "erc_meta.json").read_text())
+    assert meta_a["train"]["resumed_from"] == 0 and meta_b["train"]["resumed_from"] == 3
+    assert meta_b["train"]["steps"] == 5 and not (b / "checkpoint").exists()
+    torch.testing.assert_close([loss for _, loss in steps_b], [loss for _, loss in steps_a[3:]],
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(meta_b["train"]["loss_last10"], meta_a["train"]["loss_last10"], rtol=1e-5, atol=1e-6)
+
+    weights_a, weights_b = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert weights_a.keys() == weights_b.keys() and len(weights_a) > 0
+    diff = max((weights_a[k] - weights_b[k]).abs().max().item() for k in weights_a)
+    print(f"max |A - B| over the adapter's tensors: {diff:.3g}")
+    for key in weights_a:
+        torch.testing.assert_close(weights_b[key], weights_a[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
