@@ -6,8 +6,9 @@ paper). The loss is taken on the answer tokens only, and only the last positions
 computed (``logits_to_keep``), which makes a CPU step ~40 % cheaper than full logits.
 
 The batch schedule is drawn up front from the seed, so a run resumed from its checkpoint sees
-exactly the batches it would have seen. Checkpoints (adapter, optimizer, scheduler, step) are
-written every ``checkpoint_every`` steps into ``<out>/checkpoint``.
+exactly the batches it would have seen. Checkpoints (adapter, optimizer, scheduler, step, and the torch
+RNG state, which draws the LoRA dropout masks) are written every ``checkpoint_every`` steps into
+``<out>/checkpoint``: a resumed run ends with the adapter an uninterrupted one would have.
 
 Several datasets train together under one label set (the unified one, normally): each source's
 conversations keep their dataset, so gold labels map through that dataset's table, and their ids
@@ -282,6 +283,13 @@ class Trainer:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             start_step, elapsed0, losses = state["step"], state["elapsed"], state["losses"]
+            if "rng" in state:
+                torch.set_rng_state(state["rng"]["torch"])
+                if "cuda" in state["rng"] and self.device.type == "cuda":
+                    torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+            else:  # written before the RNG state was checkpointed: still a valid resume, not an exact one
+                log.warning("checkpoint has no RNG state: the remaining steps draw other dropout masks than "
+                            "an uninterrupted run would")
             log.info("resuming from checkpoint", step=start_step)
         weight = {"main": 1.0, "speaker": 1.0, "impact": cfg.aux_weight}
         self.model.train()
@@ -307,8 +315,8 @@ class Trainer:
                 if on_step is not None:
                     on_step(step + 1, losses[-1])
         self.model.eval()
-        return {"steps": len(batches), "resumed_from": start_step, "seconds": round(elapsed0 + time.monotonic() - t0, 1),
-                "dtype": self.autocast_dtype,
+        return {"steps": len(batches), "seconds": round(elapsed0 + time.monotonic() - t0, 1),
+                "dtype": self.autocast_dtype, "resumed_from": start_step,
                 "loss_first": losses[0] if losses else None, "loss_last10": float(np.mean(losses[-10:])) if losses else None}
 
     def _checkpoint(self, opt, sched, step: int, elapsed: float, losses: list[float]) -> None:
@@ -316,8 +324,11 @@ class Trainer:
         tmp = self.out_dir / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                    "elapsed": elapsed, "losses": losses}, tmp / "trainer_state.pt")
+                    "elapsed": elapsed, "losses": losses, "rng": rng}, tmp / "trainer_state.pt")
         shutil.rmtree(ckpt, ignore_errors=True)
         tmp.rename(ckpt)
         log.info("checkpoint", step=step)

@@ -177,4 +177,5 @@ def test_a_run_killed_mid_way_resumes_to_the_same_adapter_as_an_uninterrupted_on
     diff = max((weights_a[k] - weights_b[k]).abs().max().item() for k in weights_a)
     print(f"max |A - B| over the adapter's tensors: {diff:.3g}")
     for key in weights_a:
-        torch.testing.assert_close(weights_b[key], weights_a[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+        torch.testing.assert_close(weights_b[key], weights_a[key], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, k=key: f"{k}: {m}")
