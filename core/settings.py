@@ -509,7 +509,7 @@ class NotifySettings(_Section):
     attempts: int = Field(6, ge=1, description="Tries per alert and target before it is dead-lettered (a 4xx other "
                           "than 408/429 is final at once).")
     backoff_s: float = Field(0.5, gt=0, description="First retry delay; doubles per try, up to backoff_max_s.")
-    backoff_max_s: float = Field(30.0, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0, description="Longest delay between two tries.")
     timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of one delivery.")
     sent_ttl_s: int = Field(7 * 86_400, ge=1, description="How long an (alert, target) is remembered as delivered.")
     metrics_port: int = Field(9402, ge=0, le=65535, description="Port of the notifier's /metrics (0 = any free port).")
