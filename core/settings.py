@@ -512,6 +512,9 @@ class NotifySettings(_Section):
     backoff_max_s: float = Field(30.0, gt=0, description="Longest delay between two tries.")
     timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of one delivery.")
     sent_ttl_s: int = Field(7 * 86_400, ge=1, description="How long an (alert, target) is remembered as delivered.")
+    start_lookback_s: float = Field(3_600.0, gt=0, description="A notifier group with no committed offset yet starts "
+                                    "this far back on the alerts topic (a new deployment does not page people "
+                                    "about last week's alerts); afterwards it resumes from its offsets.")
     metrics_port: int = Field(9402, ge=0, le=65535, description="Port of the notifier's /metrics (0 = any free port).")
 
 

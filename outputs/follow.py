@@ -26,7 +26,10 @@ log = structlog.get_logger(__name__)
 Record = EmotionEvent | Alert | ChatMessage
 
 
-class _StartBack(ConsumerRebalanceListener):
+class _Assigned(ConsumerRebalanceListener):
+    """Notes newly assigned partitions; where they start is decided after the poll (a listener runs on the client's
+    IO thread, where kafka-python forbids the blocking calls that decision needs)."""
+
     def __init__(self, follower: Follower) -> None:
         self.follower = follower
 
@@ -34,21 +37,8 @@ class _StartBack(ConsumerRebalanceListener):
         pass
 
     def on_partitions_assigned(self, assigned) -> None:
-        f = self.follower
-        f.assigned = len(assigned)
-        if f.lookback_s is None:
-            return
-        fresh = [tp for tp in assigned if f.consumer.committed(tp) is None]
-        if not fresh:
-            return
-        since = int((time.time() - f.lookback_s) * 1000)
-        found = f.consumer.offsets_for_times({tp: since for tp in fresh})
-        for tp in fresh:
-            at = found.get(tp)
-            if at is not None:
-                f.consumer.seek(tp, at.offset)
-            else:  # nothing that recent: from the end (on tansu: the start of its last batch, a few records early)
-                f.consumer.seek_to_end(tp)
+        self.follower.assigned = len(assigned)
+        self.follower._fresh |= set(assigned)
 
 
 class Follower:
@@ -73,12 +63,18 @@ class Follower:
             enable_auto_commit=auto_commit, auto_offset_reset="earliest", isolation_level=isolation_level(settings),
             session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms,
         )
-        self.consumer.subscribe(self.topics, listener=_StartBack(self))
+        self._fresh: set = set()  # assigned in the last poll, start not decided yet
+        self.consumer.subscribe(self.topics, listener=_Assigned(self))
 
     def poll(self, timeout_ms: int = 200) -> int:
         """One poll: every new record handed on; how many were."""
         handed = 0
-        for tp, records in self.consumer.poll(timeout_ms=timeout_ms).items():
+        batches = self.consumer.poll(timeout_ms=timeout_ms)
+        if self._fresh:
+            moved = self._start_back(self._fresh)
+            self._fresh = set()
+            batches = {tp: rs for tp, rs in batches.items() if tp not in moved}  # read again from the new start
+        for tp, records in batches.items():
             for r in records:
                 record = self._decode(tp.topic, r.value)
                 self.current = r
@@ -87,6 +83,23 @@ class Follower:
                     handed += 1
         self.last_lag = self.lag()
         return handed
+
+    def _start_back(self, assigned: set) -> set:
+        """Partitions of ``assigned`` without a committed offset start ``lookback_s`` back; the ones moved."""
+        if self.lookback_s is None:
+            return set()
+        fresh = [tp for tp in assigned if self.consumer.committed(tp) is None]
+        if not fresh:
+            return set()
+        since = int((time.time() - self.lookback_s) * 1000)
+        found = self.consumer.offsets_for_times({tp: since for tp in fresh})
+        for tp in fresh:
+            at = found.get(tp)
+            if at is not None and at.timestamp >= 0:
+                self.consumer.seek(tp, at.offset)
+            else:  # nothing that recent (tansu answers offset 0 with timestamp -1): from the end (on tansu: the
+                self.consumer.seek_to_end(tp)  # start of its last batch, a few records early)
+        return set(fresh)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

@@ -104,7 +104,8 @@ class Notifier:
                                       client_id=f"{settings.kafka.client_id}-notify")
         self._pending: list[tuple[Alert, int, int]] = []  # alert, its partition and offset
         self.follower = Follower(settings, group_id=self.n.group_id, topics=[settings.kafka.alerts_topic],
-                                 handle=self._take, lookback_s=None, auto_commit=False, client="notify")
+                                 handle=self._take, lookback_s=self.n.start_lookback_s, auto_commit=False,
+                                 client="notify")
         self._stop = threading.Event()
 
     def _take(self, record: Record) -> None:

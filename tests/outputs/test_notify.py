@@ -61,7 +61,8 @@ def test_each_alert_reaches_each_target_once_through_failures_copies_and_a_resta
                 {"name": "supervisors", "url": rx.url("supervisors"), "tenants": ["acme"]},
                 {"name": "slack", "url": rx.url("slack"), "kind": "slack"},
                 {"name": "strict", "url": rx.url("strict"), "tenants": ["beta"]},
-            ], "backoff_s": 0.05, "backoff_max_s": 0.2, "attempts": 5, "timeout_s": 2, "metrics_port": 0},
+            ], "backoff_s": 0.05, "backoff_max_s": 0.2, "attempts": 5, "timeout_s": 2, "metrics_port": 0,
+               "group_id": f"{settings.kafka.group_id}-notify"},
         )
         rx.fail["supervisors"] = [503, 503, 429]  # transient: retried
         rx.fail["slack"] = [500, 502]
