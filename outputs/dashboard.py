@@ -30,6 +30,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from core.auth import bearer_ok, token_ok
+from core.records import Alert, EmotionEvent
 from core.settings import Settings
 from outputs.follow import Follower, Record
 from outputs.live_state import LiveState
@@ -125,8 +126,6 @@ class Dashboard:
         self._thread = threading.Thread(target=self._follow, name="dashboard-follower", daemon=True)
 
     def _add(self, record: Record) -> None:
-        from core.records import Alert, EmotionEvent
-
         if isinstance(record, EmotionEvent):
             self.state.add_event(record)
         elif isinstance(record, Alert):
