@@ -341,6 +341,13 @@ def load_conversations(dataset: str, path: StrPath, *, split: str | None = None)
     return loaders[dataset](path)
 
 
+def file_hash(path: str | Path) -> str:
+    """A data file's identity (its content's SHA-256, 16 hex digits): recorded with adapters and cached results."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def default_file(data_dir: Path, dataset: str, split: str) -> Path:
     """The standard file name of ``dataset``'s ``split`` under ``data_dir`` (``Settings().data.dir``).
 

@@ -9,11 +9,10 @@ from pathlib import Path
 
 from core.labels import get_label_set
 from core.settings import Settings
-from model_store.data import default_file, load_conversations
+from model_store.data import default_file, file_hash, load_conversations
 from model_store.evaluation import evaluate
 from model_store.loading import NO_ADAPTER, choose_adapter, load_backend
 from model_store.registry import Registry
-from model_store.training import file_hash
 from scoring.adapters import AdapterChoice
 
 

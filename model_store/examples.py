@@ -57,6 +57,16 @@ class Example:
     prompt: Prompt
     answer: str  # one of prompt.choices
     task: Task
+    # The utterance it was made from, (conversation id, index): a main example and its impact example share it.
+    key: tuple[str, int] | None = None
+    # Its conversation block, (conversation id, the window's first position): the examples of a block share the
+    # history's start, so they pack together (model_store.packing).
+    block: tuple[str, int | None] | None = None
+
+
+def _identity(t: Target, turns: Sequence[Turn]) -> dict:
+    cid = t.conversation.conversation_id
+    return {"key": (cid, t.index), "block": (cid, turns[0].position if turns else None)}
 
 
 def targets(conversations: Sequence[Conversation], label_set: LabelSet) -> list[Target]:
@@ -82,18 +92,19 @@ def sample(items: Sequence[Target], *, fraction: float = 1.0, limit: int | None 
 
 
 def main_example(t: Target, builder: PromptBuilder, demo: Demonstration | None) -> Example:
-    return Example(builder.emotion(t.window(builder.window.span), demo), t.label, "main")
+    turns = t.window(builder.window.span)
+    return Example(builder.emotion(turns, demo), t.label, "main", **_identity(t, builder.window.cut(turns)))
 
 
 def impact_example(t: Target, builder: PromptBuilder) -> Example | None:
     turns = t.window(builder.window.span)
     if len(turns) < 2:
         return None  # no history to predict from
-    return Example(builder.impact(turns), t.label, "impact")
+    return Example(builder.impact(turns), t.label, "impact", **_identity(t, builder.window.cut(turns)))
 
 
 def speaker_example(t: Target, builder: PromptBuilder) -> Example | None:
     turns = builder.window.cut(t.window(builder.window.span))
     if len({x.speaker for x in turns}) < 2:
         return None  # one speaker only: nothing to identify
-    return Example(builder.speaker(turns), builder.answer_speaker(turns), "speaker")
+    return Example(builder.speaker(turns), builder.answer_speaker(turns), "speaker", **_identity(t, turns))

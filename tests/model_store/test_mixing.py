@@ -55,7 +55,10 @@ def test_epochs_size_the_main_stage(tmp_path: Path) -> None:
     data = write_data_dir(tmp_path, conversations=4)
     cfg = with_epochs(_cfg(data, fraction=0.5, batch_size=4), 2.0)
     n = len(split_targets(cfg, load_sources(cfg), get_label_set("unified"))[0])
-    assert cfg.steps == -(-2 * n // 4)
+    assert cfg.impact_per_batch == 2 and cfg.aux_weight > 0
+    assert cfg.steps == -(-2 * n // 2)  # a batch of draws holds 4 - 2 impact = 2 main examples
+    blocks = with_epochs(_cfg(data, fraction=0.5, batch_size=4, batching="blocks"), 2.0)
+    assert blocks.steps == -(-2 * n // 4)  # a batch of blocks holds batch_size main examples
 
 
 @pytest.mark.slow

@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from core.labels import get_label_set
 from core.settings import Settings
-from model_store.examples import impact_example, main_example, speaker_example, targets
+from model_store.examples import Example, impact_example, main_example, speaker_example, targets
 from model_store.training import TrainConfig, build_examples, schedule, train
 from producer_sim.synthetic import synthetic_conversations
-from scoring.prompts import PromptBuilder
+from scoring.prompts import Prompt, PromptBuilder, WindowShape
 
 
 def _write_jsonl(path: Path, n: int) -> Path:
@@ -179,3 +181,60 @@ def test_a_run_killed_mid_way_resumes_to_the_same_adapter_as_an_uninterrupted_on
     for key in weights_a:
         torch.testing.assert_close(weights_b[key], weights_a[key], rtol=1e-5, atol=1e-6,
                                    msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_block_batches_walk_every_main_example_once_an_epoch_with_its_impact_example() -> None:
+    cfg = TrainConfig(name="x", dataset="jsonl", train_file="-", label_set="meld", speaker_steps=1, steps=100,
+                      batch_size=5, batching="blocks", hop=4, window=4)
+    builder = PromptBuilder(get_label_set("meld"), max_tokens=10_000, window=WindowShape(4, 4))
+    examples = build_examples(cfg, synthetic_conversations(3), builder, None)
+    n = len(examples["main"])
+    per_epoch = -(-n // 5)
+    cfg = TrainConfig(**{**cfg.__dict__, "steps": 2 * per_epoch})
+    batches = schedule(cfg, examples)
+    assert batches == schedule(cfg, examples) and len(batches) == 1 + 2 * per_epoch
+    first_epoch = [i for b in batches[1: 1 + per_epoch] for t, i in b if t == "main"]
+    assert sorted(first_epoch) == list(range(n))  # each main example once
+    for b in batches[1:]:
+        mains = {examples["main"][i].key for t, i in b if t == "main"}
+        impacts = [examples["impact"][i].key for t, i in b if t == "impact"]
+        assert set(impacts) <= mains and len(impacts) == len(set(impacts))  # only the batch's own utterances
+    # a block's examples are walked together: batches hold few blocks
+    blocks = {examples["main"][i].block for t, i in batches[1] if t == "main"}
+    assert len(blocks) <= 2
+    with pytest.raises(ValueError, match="class_weight"):
+        schedule(TrainConfig(**{**cfg.__dict__, "balance": 0.5}), examples)
+
+
+def test_class_weights_scale_rare_labels_up_and_average_one() -> None:
+    from model_store.training import class_scales
+
+    def ex(label: str) -> Example:
+        return Example(Prompt("p", ("a", "b"), 1), label, "main")
+
+    examples = {"main": [ex("a")] * 3 + [ex("b")], "impact": [], "speaker": []}
+    cfg = TrainConfig(name="x", dataset="jsonl", train_file="-", label_set="meld", class_weight=1.0)
+    scales = class_scales(cfg, examples)
+    assert scales is not None and sum(scales) == pytest.approx(4) and scales[3] == pytest.approx(3 * scales[0])
+    assert class_scales(TrainConfig(**{**cfg.__dict__, "class_weight": 0.0}), examples) is None
+
+
+def test_blocks_with_dev_evaluation_publish_the_best_candidate(tmp_path: Path) -> None:
+    """A packed, block-batched run scored on a dev file every 2 steps: each score is recorded, the published
+    adapter is the best candidate's (its weights and its label-prior correction), the others are gone."""
+    from safetensors.torch import load_file
+
+    data = _write_jsonl(tmp_path / "train.jsonl", 3)
+    dev = _write_jsonl(tmp_path / "dev.jsonl", 1)
+    cfg = TrainConfig(name="sel", dataset="jsonl", train_file=str(data), label_set="meld", speaker_steps=0,
+                      steps=4, batch_size=4, batching="blocks", max_tokens=160, demonstrations=False,
+                      calibration=8, eval_every=2, eval_file=str(dev), eval_limit=6, threads=1, class_weight=0.5)
+    out = tmp_path / "sel"
+    train(cfg, store_dir=Settings().store.dir, out_dir=out, progress=False, command="test")
+    meta = json.loads((out / "erc_meta.json").read_text())
+    evals = meta["selected"]["dev_evaluations"]
+    assert [e["step"] for e in evals] == [2, 4] and all(e["dev"]["jsonl"]["n"] == 6 for e in evals)
+    best = max(evals, key=lambda e: (e["score"], e["step"]))
+    assert meta["selected"]["step"] == best["step"] and meta["calibration"] == best["calibration"]
+    assert not (out / "candidates").exists() and not (out / "evals.jsonl").exists()
+    assert load_file(out / "adapter_model.safetensors")  # the published weights load
