@@ -33,6 +33,15 @@ class Packed:
     paths: list[list[int]]
     nodes: int  # real (not padding) tokens computed: packing saves ``sum(len(row)) - nodes``
 
+    def mask_for(self, attn_implementation: str | None) -> torch.Tensor:
+        """The mask in the form the model's attention takes it: SDPA reads a boolean mask; eager attention (Gemma's
+        default) *adds* its mask to the scores, so it gets 0 where a token may attend and the float minimum
+        elsewhere (a boolean mask added there would mask nothing)."""
+        if attn_implementation == "sdpa":
+            return self.attention_mask
+        bias = torch.zeros(self.attention_mask.shape, dtype=torch.float32)
+        return bias.masked_fill_(~self.attention_mask, torch.finfo(torch.float32).min)
+
 
 @dataclass
 class _Trie:

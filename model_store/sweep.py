@@ -63,6 +63,9 @@ class SweepPlan:
     threads: int | None = None
     device: str = "cpu"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # How each cell's batches are made (model_store.training.TrainConfig): "blocks" packs a conversation's turns.
+    batching: Literal["draws", "blocks"] = "draws"
+    batch_size: int = 8
 
     def cells(self) -> list[Cell]:
         out: list[Cell] = []
@@ -87,6 +90,7 @@ class SweepPlan:
             window=self.window, max_tokens=self.max_tokens, speaker_steps=self.speaker_steps, demonstrations=False,
             fraction=float(cell.fraction), lr=5e-5 if cell.kind == "full" else 1e-3, seed=self.seed,
             threads=self.threads, device=self.device, dtype=self.dtype, checkpoint_every=25,
+            batching=self.batching, batch_size=self.batch_size,
         )
         cfg = with_epochs(cfg, self.epochs)
         return replace(cfg, steps=max(cfg.steps, self.min_steps))

@@ -330,8 +330,8 @@ class Trainer:
         # Only the nodes that predict an answer token get logits: (group, node) -> index into the kept nodes.
         wanted = sorted({n for r, p, path in zip(rows, prompt_len, packed.paths) for n in path[p - 1: len(r) - 1]})
         column = {n: i for i, n in enumerate(wanted)}
-        logits = self.model(input_ids=packed.input_ids.to(self.device),
-                            attention_mask=packed.attention_mask.to(self.device),
+        mask = packed.mask_for(getattr(self.model.config, "_attn_implementation", None))
+        logits = self.model(input_ids=packed.input_ids.to(self.device), attention_mask=mask.to(self.device),
                             position_ids=packed.position_ids.to(self.device),
                             logits_to_keep=torch.tensor(wanted, device=self.device)).logits
         g_idx, c_idx, targets, owner = [], [], [], []

@@ -184,6 +184,9 @@ def models_eval(ctx, datasets, file_, split, label_set, adapter, base, dialogues
               help="Fractions at which a --full twin of the total-mix cell also trains ('' = none).")
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over each cell's utterances.")
 @click.option("--min-steps", type=int, default=20, show_default=True, help="At least this many steps per cell.")
+@click.option("--batching", type=click.Choice(["draws", "blocks"]), default="draws", show_default=True,
+              help="Each cell's batches: random draws, or whole conversation blocks (packed; see models train).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--window", type=int, default=12, show_default=True)
 @click.option("--max-tokens", type=int, default=256, show_default=True)
 @click.option("--eval-limit", type=int, default=200, show_default=True,
@@ -196,8 +199,8 @@ def models_eval(ctx, datasets, file_, split, label_set, adapter, base, dialogues
 @click.option("--out", type=click.Path(path_type=Path), default=Path("docs/sweep"), show_default=True,
               help="Cell results, sweep.csv, sweep.md and sweep.png go here; rerun to resume.")
 @click.pass_context
-def models_sweep(ctx, datasets, fractions, strategies, full_at, epochs, min_steps, window, max_tokens, eval_limit,
-                 seed, threads, device, dtype, out):
+def models_sweep(ctx, datasets, fractions, strategies, full_at, epochs, min_steps, batching, batch_size, window,
+                 max_tokens, eval_limit, seed, threads, device, dtype, out):
     """Data scaling on the unified label set: (mix strategy x fraction x LoRA/full), each trained and evaluated."""
     from fractions import Fraction
 
@@ -212,7 +215,7 @@ def models_sweep(ctx, datasets, fractions, strategies, full_at, epochs, min_step
     plan = SweepPlan(datasets=tuple(datasets), fractions=parse(fractions), strategies=chosen,  # type: ignore[arg-type]
                      full_fractions=parse(full_at), epochs=epochs, min_steps=min_steps, window=window,
                      max_tokens=max_tokens, eval_limit=eval_limit or None, seed=seed, threads=threads, device=device,
-                     dtype=dtype)
+                     dtype=dtype, batching=batching, batch_size=batch_size)
     rows = run_sweep(plan, settings_of(ctx), out)
     click.echo((out / "sweep.md").read_text() if rows else "no cells")
 

@@ -38,16 +38,18 @@ def test_tries_fill_sequences_of_at_most_the_width_and_padding_attends_to_itself
     assert packed.attention_mask[:, 0].diagonal(dim1=-2, dim2=-1).all()  # no all-False row (NaN)
 
 
-def test_packed_logits_equal_each_row_alone() -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_logits_equal_each_row_alone(attention: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation=attention)
+    model = LlamaForCausalLM(config).eval()
     rows = [[1, 2, 3, 4, 5], [1, 2, 3, 9], [1, 2, 7, 7, 7, 7], [3, 3]]
     packed = pack(rows, groups=[0, 0, 0, 1])
     with torch.no_grad():
-        together = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+        together = model(input_ids=packed.input_ids, attention_mask=packed.mask_for(attention),
                          position_ids=packed.position_ids).logits
         for row, g, path in zip(rows, packed.group_of, packed.paths):
             alone = model(input_ids=torch.tensor([row])).logits[0]

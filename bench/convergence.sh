@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Issue 19: the shipped adapters trained to convergence, and the fixed-budget comparisons, one job after the
+# other. Every job is resumable: `models train` continues from its checkpoint, a trained job is not trained
+# again, an evaluated job has its report in $OUT. Sessions here end after 180 minutes and keep no files outside
+# the repository, so `carry save` copies an unfinished job's training directory (checkpoint, dev records, best
+# candidate) into runs/ (committed) and `carry restore` puts it back into the store at the next session's start.
+#
+#   bash bench/convergence.sh carry restore                 # at a session's start (no-op when runs/ is empty)
+#   nohup bash bench/convergence.sh meld emorynlp > /tmp/convergence.log 2>&1 &
+#   bash bench/convergence.sh carry save                    # before a session ends, the job still running
+#
+# Jobs (`bash bench/convergence.sh list`): the three shipped adapters (2 epochs, whole conversation blocks,
+# packed, LoRA r16 on attention and MLP, dev scored every 600 steps, best kept), then comparisons at one budget
+# (300 steps of 16 MELD utterances, scored at the end).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ERC=${ERC:-.venv/bin/erc-stream}
+STORE=${STORE:-$HOME/.cache/erc-stream/store}
+OUT=${OUT:-docs/runs}
+THREADS=${THREADS:-2}
+export ERC_STORE__DIR="$STORE" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+RECIPE="--batching blocks --batch-size 16 --impact-per-batch 4 --speaker-steps 20 --max-tokens 384 \
+--lora-modules all --lora-r 16 --lora-alpha 32 --lora-dropout 0 --calibration 300 --no-demonstrations \
+--threads $THREADS --dtype auto --checkpoint-every 20 --no-progress"
+BUDGET="--dataset meld --steps 300 $RECIPE"
+
+declare -A NAME ARGS EVAL
+NAME[meld]=meld-smollm2-lora;         ARGS[meld]="--dataset meld --epochs 2 --eval-every 600 $RECIPE"
+EVAL[meld]="--dataset meld"
+NAME[emorynlp]=emorynlp-smollm2-lora; ARGS[emorynlp]="--dataset emorynlp --epochs 2 --eval-every 400 $RECIPE"
+EVAL[emorynlp]="--dataset emorynlp"
+NAME[unified]=unified-smollm2-lora
+ARGS[unified]="--dataset meld --dataset emorynlp --label-set unified --mix total --epochs 2 --eval-every 800 $RECIPE"
+EVAL[unified]="--dataset meld --dataset emorynlp --label-set unified"
+# The budget comparisons: sampling (items 2), capacity (item 3), base model (item 4).
+NAME[natural]=budget-natural;         ARGS[natural]="$BUDGET";                               EVAL[natural]="--dataset meld"
+NAME[class05]=budget-class05;         ARGS[class05]="$BUDGET --class-weight 0.5";            EVAL[class05]="--dataset meld"
+NAME[bal05]=budget-bal05
+ARGS[bal05]="$BUDGET --batching draws --batch-size 20 --balance 0.5"  # 16 main + 4 impact drawn, as the others
+EVAL[bal05]="--dataset meld"
+NAME[attn8]=budget-attn8
+ARGS[attn8]="$BUDGET --lora-modules attention --lora-r 8 --lora-alpha 16";                  EVAL[attn8]="--dataset meld"
+NAME[gemma]=budget-gemma;             ARGS[gemma]="$BUDGET --base gemma3-270m"
+EVAL[gemma]="--dataset meld --base gemma3-270m"
+ORDER="meld emorynlp unified natural class05 bal05 attn8 gemma"
+
+carry() {  # save | restore the training directories of unfinished jobs
+  mkdir -p runs
+  for job in $ORDER; do
+    name=${NAME[$job]}
+    if [ "$1" = save ] && [ -d "$STORE/adapters/$name/.training/checkpoint" ]; then
+      rm -rf "runs/$name" && mkdir -p "runs/$name"
+      cp -r "$STORE/adapters/$name/.training" "runs/$name/.training"
+      echo "saved $name"
+    elif [ "$1" = restore ] && [ -d "runs/$name/.training" ] && [ ! -d "$STORE/adapters/$name/.training" ]; then
+      mkdir -p "$STORE/adapters/$name" && cp -r "runs/$name/.training" "$STORE/adapters/$name/.training"
+      echo "restored $name"
+    fi
+  done
+}
+
+run() {
+  local job=$1 name=${NAME[$1]}
+  mkdir -p "$OUT"
+  if [ ! -f "$OUT/$name.json" ]; then
+    if ! ls "$STORE/adapters/$name"/[0-9a-f]*/erc_meta.json >/dev/null 2>&1 || [ -d "$STORE/adapters/$name/.training" ]; then
+      echo "== train $name $(date -u +%FT%TZ)"
+      # shellcheck disable=SC2086
+      "$ERC" models train --name "$name" ${ARGS[$job]}
+      rm -rf "runs/$name"  # finished: nothing left to carry
+    fi
+    echo "== eval $name $(date -u +%FT%TZ)"
+    # shellcheck disable=SC2086
+    ERC_MODEL__THREADS=$THREADS "$ERC" models eval ${EVAL[$job]} --adapter "$name" --no-zero-shot \
+      --confusion "$OUT/$name-confusion.png" --json > "$OUT/$name.json.tmp"
+    mv "$OUT/$name.json.tmp" "$OUT/$name.json"
+  fi
+}
+
+case "${1:-}" in
+  carry) carry "$2" ;;
+  list) for job in $ORDER; do echo "$job: ${NAME[$job]}: models train ${ARGS[$job]}"; done ;;
+  "") echo "usage: $0 JOB... | list | carry save|restore" >&2; exit 2 ;;
+  *) for job in "$@"; do run "$job"; done; echo "== done $(date -u +%FT%TZ)" ;;
+esac
