@@ -85,6 +85,8 @@ def calibrate(cfg: TrainConfig, store_dir: Path, adapter_dir: Path, held: Sequen
 
 
 class DevSelection:
+    """A run's dev-scored candidates: which steps are scored, which is best, and publishing it."""
+
     def __init__(self, cfg: TrainConfig, store_dir: Path, out_dir: Path, held: Sequence[Target]) -> None:
         self.cfg = cfg
         self.store_dir = store_dir
