@@ -315,7 +315,7 @@ class Trainer:
             labels[i, keep - 1 - (len(r) - p):] = torch.tensor(r[p:])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                            position_ids=positions.to(self.device), logits_to_keep=keep).logits
+                            position_ids=positions.to(self.device), logits_to_keep=keep, use_cache=False).logits
         # logits[:, j] predicts token at position width-keep+j+1; labels cover the last keep-1 tokens.
         token_loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels.to(self.device).reshape(-1),
@@ -333,7 +333,7 @@ class Trainer:
         mask = packed.mask_for(getattr(self.model.config, "_attn_implementation", None))
         logits = self.model(input_ids=packed.input_ids.to(self.device), attention_mask=mask.to(self.device),
                             position_ids=packed.position_ids.to(self.device),
-                            logits_to_keep=torch.tensor(wanted, device=self.device)).logits
+                            logits_to_keep=torch.tensor(wanted, device=self.device), use_cache=False).logits
         g_idx, c_idx, targets, owner = [], [], [], []
         for i, (r, p, g, path) in enumerate(zip(rows, prompt_len, packed.group_of, packed.paths)):
             for k in range(p - 1, len(r) - 1):
