@@ -3,7 +3,9 @@
 # other. Every job is resumable: `models train` continues from its checkpoint, a trained job is not trained
 # again, an evaluated job has its report in $OUT. Sessions here end after 180 minutes and keep no files outside
 # the repository, so `carry save` copies an unfinished job's training directory (checkpoint, dev records, best
-# candidate) into runs/ (committed) and `carry restore` puts it back into the store at the next session's start.
+# candidate) into runs/ and `carry restore` puts it back into the store at the next session's start. Not for
+# committing as it stands: the r16 attention+MLP checkpoint's optimizer state is 38 MB, over the repository's
+# 20 MiB limit per file (weights belong in the model store); it works where runs/ survives outside git.
 #
 #   bash bench/convergence.sh carry restore                 # at a session's start (no-op when runs/ is empty)
 #   nohup bash bench/convergence.sh meld emorynlp > /tmp/convergence.log 2>&1 &
