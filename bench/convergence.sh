@@ -8,7 +8,9 @@
 # 20 MiB limit per file (weights belong in the model store); it works where runs/ survives outside git.
 #
 #   bash bench/convergence.sh carry restore                 # at a session's start (no-op when runs/ is empty)
-#   nohup bash bench/convergence.sh meld emorynlp > /tmp/convergence.log 2>&1 &
+#   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 \
+#     nohup nice -n 5 bash bench/convergence.sh meld emorynlp > /tmp/convergence.log 2>&1 &
+#   (jemalloc keeps a long run's step time and memory flat: docs/model_store.md, "Allocator")
 #   bash bench/convergence.sh carry save                    # before a session ends, the job still running
 #
 # Jobs (`bash bench/convergence.sh list`): the three shipped adapters (2 epochs, whole conversation blocks,
