@@ -84,8 +84,9 @@ def test_the_trainer_packed_and_padded_give_the_same_losses_and_gradients(tmp_pa
     (per_a, loss_a, grads_a), (per_b, loss_b, grads_b) = results
     torch.testing.assert_close(per_a, per_b, rtol=1e-4, atol=1e-4)
     assert loss_a == pytest.approx(loss_b, rel=1e-4) and grads_a.keys() == grads_b.keys() and grads_a
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-3, atol=1e-5,
+    for name in grads_a:  # fp32 sums in another order (30 layers): a few entries differ by ~1e-5; a mask bug, by ~all
+        scale = grads_b[name].abs().max().item()
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-3, atol=2e-3 * scale,
                                    msg=lambda m, n=name: f"{n}: {m}")
     if batching == "blocks":  # what packing is for: the batch's shared history computed once
         rows, _ = trainer.rows(batch)
