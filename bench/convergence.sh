@@ -67,9 +67,10 @@ carry() {  # save | restore the training directories of unfinished jobs
 report() {  # the training side of a job's report (from its adapter's erc_meta.json): command, steps, wall-clock, CPU
   .venv/bin/python - "$STORE/adapters/$1" "$2" "$THREADS" <<'PY'
 import json, pathlib, sys
+from scoring.hardware import BF16_FLAGS, cpu_flags
 meta = json.loads(max(pathlib.Path(sys.argv[1]).glob("[0-9a-f]*/erc_meta.json"), key=lambda p: p.stat().st_mtime).read_text())
-flags = pathlib.Path("/proc/cpuinfo").read_text()
-cpu = "avx512_bf16" if "avx512_bf16" in flags else "avx512" if "avx512f" in flags else "avx2"
+flags = cpu_flags()
+cpu = "avx512_bf16" if BF16_FLAGS & flags else "avx512" if "avx512f" in flags else "avx2"
 report = json.loads(pathlib.Path(sys.argv[2]).read_text())
 report["training"] = {"command": meta.get("command"), **meta.get("train", {}), "selected": meta.get("selected"),
                       "calibration_power": meta.get("calibration", {}).get("power"), "cpu": cpu,
