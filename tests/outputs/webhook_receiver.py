@@ -11,13 +11,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Receiver:
     """Serves ``/<target>`` on 127.0.0.1. ``fail[target]`` is a list of statuses answered to that target's first
     requests, in order (then 200); ``refuse(target, body) -> int | None`` answers a final status for some alerts.
-    ``received[target]`` holds the accepted requests' JSON bodies and ``Idempotency-Key`` headers."""
+    ``received[target]`` holds the accepted requests' JSON bodies and ``Idempotency-Key`` headers;
+    ``on_accept(target, n)`` is called after a target's n-th accepted request (a test stops a client there)."""
 
     def __init__(self) -> None:
         self.fail: dict[str, list[int]] = defaultdict(list)
         self.refuse = lambda target, body: None
         self.received: dict[str, list[tuple[str, dict]]] = defaultdict(list)
         self.attempts: dict[str, int] = defaultdict(int)
+        self.on_accept = lambda target, n: None
         self._lock = threading.Lock()
         receiver = self
 
@@ -32,6 +34,7 @@ class Receiver:
                         status = receiver.refuse(target, body) or 200
                     if status == 200:
                         receiver.received[target].append((self.headers.get("Idempotency-Key", ""), body))
+                        receiver.on_accept(target, len(receiver.received[target]))
                 self.send_response(status)
                 if status == 429:
                     self.send_header("Retry-After", "0")
