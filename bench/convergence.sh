@@ -2,16 +2,17 @@
 # Issue 19: the shipped adapters trained to convergence, and the fixed-budget comparisons, one job after the
 # other. Every job is resumable: `models train` continues from its checkpoint, a trained job is not trained
 # again, an evaluated job has its report in $OUT. Sessions here end after 180 minutes and keep no files outside
-# the repository, so `carry save` copies an unfinished job's training directory (checkpoint, dev records, best
-# candidate) into runs/ and `carry restore` puts it back into the store at the next session's start. Not for
-# committing as it stands: the r16 attention+MLP checkpoint's optimizer state is 38 MB, over the repository's
-# 20 MiB limit per file (weights belong in the model store); it works where runs/ survives outside git.
+# the repository, so `carry save` packs an unfinished job's training directory (checkpoint, dev records, best
+# candidate) into runs/<name>/ for committing (model_store/carry.py: files over 19 MiB cut into parts, ~60 MB
+# for an r16 attention+MLP run) and `carry restore` unpacks it into the store at the next session's start, byte
+# for byte. A job that finishes removes its runs/<name>/: commit that removal with its report.
 #
 #   bash bench/convergence.sh carry restore                 # at a session's start (no-op when runs/ is empty)
 #   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 \
 #     nohup nice -n 5 bash bench/convergence.sh meld emorynlp > /tmp/convergence.log 2>&1 &
 #   (jemalloc keeps a long run's step time and memory flat: docs/model_store.md, "Allocator")
-#   bash bench/convergence.sh carry save                    # before a session ends, the job still running
+#   pkill -f 'erc-stream models train'; bash bench/convergence.sh carry save   # before a session ends: stop
+#   git add runs && git commit -m "carry <job>"                                   # the job, pack, commit
 #
 # Jobs (`bash bench/convergence.sh list`): the three shipped adapters (2 epochs, whole conversation blocks,
 # packed, LoRA r16 on attention and MLP, dev scored every 600 steps, best kept), then comparisons at one budget
@@ -30,7 +31,7 @@ RECIPE="--batching blocks --batch-size 16 --impact-per-batch 4 --speaker-steps 2
 BUDGET="--dataset meld --steps 300 $RECIPE"
 
 declare -A NAME ARGS EVAL
-NAME[meld]=meld-smollm2-lora;         ARGS[meld]="--dataset meld --epochs 2 --eval-every 600 $RECIPE"
+NAME[meld]=meld-smollm2-lora;         ARGS[meld]="--dataset meld --epochs 2 --eval-every 616 $RECIPE"
 EVAL[meld]="--dataset meld"
 NAME[emorynlp]=emorynlp-smollm2-lora; ARGS[emorynlp]="--dataset emorynlp --epochs 2 --eval-every 400 $RECIPE"
 EVAL[emorynlp]="--dataset emorynlp"
@@ -49,16 +50,19 @@ NAME[gemma]=budget-gemma;             ARGS[gemma]="$BUDGET --base gemma3-270m"
 EVAL[gemma]="--dataset meld --base gemma3-270m"
 ORDER="meld emorynlp unified natural class05 bal05 attn8 gemma"
 
-carry() {  # save | restore the training directories of unfinished jobs
+carry() {  # save | restore the training directories of unfinished jobs (model_store/carry.py)
   mkdir -p runs
   for job in $ORDER; do
     name=${NAME[$job]}
     if [ "$1" = save ] && [ -d "$STORE/adapters/$name/.training/checkpoint" ]; then
-      rm -rf "runs/$name" && mkdir -p "runs/$name"
-      cp -r "$STORE/adapters/$name/.training" "runs/$name/.training"
-      echo "saved $name"
-    elif [ "$1" = restore ] && [ -d "runs/$name/.training" ] && [ ! -d "$STORE/adapters/$name/.training" ]; then
-      mkdir -p "$STORE/adapters/$name" && cp -r "runs/$name/.training" "$STORE/adapters/$name/.training"
+      rm -rf "$STORE/adapters/$name/.training/checkpoint.tmp"  # a checkpoint cut short by the stop
+      .venv/bin/python -c 'import sys, pathlib; from model_store.carry import pack; pack(*map(pathlib.Path, sys.argv[1:]))' \
+        "$STORE/adapters/$name/.training" "runs/$name"
+      echo "saved $name ($(du -sh "runs/$name" | cut -f1)): commit runs/$name"
+    elif [ "$1" = restore ] && [ -f "runs/$name/carry.json" ] && [ ! -d "$STORE/adapters/$name/.training" ]; then
+      mkdir -p "$STORE/adapters/$name"
+      .venv/bin/python -c 'import sys, pathlib; from model_store.carry import unpack; unpack(*map(pathlib.Path, sys.argv[1:]))' \
+        "runs/$name" "$STORE/adapters/$name/.training"
       echo "restored $name"
     fi
   done
