@@ -3,8 +3,9 @@
 # other. Every job is resumable: `models train` continues from its checkpoint, a trained job is not trained
 # again, an evaluated job has its report in $OUT. Sessions here end after 180 minutes and keep no files outside
 # the repository, so `carry save` packs an unfinished job's training directory (checkpoint, dev records, best
-# candidate) into runs/<name>/ for committing (model_store/carry.py: files over 19 MiB cut into parts, 57 MB
-# for an r16 attention+MLP checkpoint, +20 MB per dev candidate) and `carry restore` unpacks it into the store at the next session's start, byte
+# candidate) into runs/<name>/ for committing (model_store/carry.py: files over 19 MiB cut into parts; 57 MB
+# for an r16 attention+MLP checkpoint, +20 MB per dev candidate) and `carry restore` unpacks it into the store
+# at the next session's start, byte
 # for byte. A job that finishes removes its runs/<name>/: commit that removal with its report.
 #
 #   bash bench/convergence.sh carry restore                 # at a session's start (no-op when runs/ is empty)
