@@ -5,8 +5,8 @@
 # the repository, so `carry save` packs an unfinished job's training directory (checkpoint, dev records, best
 # candidate) into runs/<name>/ for committing (model_store/carry.py: files over 19 MiB cut into parts; 57 MB
 # for an r16 attention+MLP checkpoint, +20 MB per dev candidate) and `carry restore` unpacks it into the store
-# at the next session's start, byte
-# for byte. A job that finishes removes its runs/<name>/: commit that removal with its report.
+# at the next session's start, byte for byte. A job that finishes removes its runs/<name>/: commit that removal
+# with its report.
 #
 #   bash bench/convergence.sh carry restore                 # at a session's start (no-op when runs/ is empty)
 #   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 \
