@@ -14,6 +14,7 @@ paddings; the explicit position ids keep every token at its place in its own pro
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -63,11 +64,16 @@ class HFBackend:
         self._plans: dict[tuple[str, ...], ChoicePlan] = {}
         self.tokens = TokenCounter()
         self.prefix_cache = None
-        if prefix_cache_mb > 0 and _plain_kv_cache(self.model.config):
+        #: The most positions (cached past + new tokens, padding included) one forward may hold for a cached
+        #: prefix to be reused exactly: unbounded, or a sliding-window layer's reach (`reusable_span`).
+        self.cache_span = reusable_span(self.model.config)
+        if prefix_cache_mb > 0 and self.cache_span > 0:
             self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
+            if self.cache_span != math.inf:
+                log.info("prefix cache reused within the sliding window", model=self.model_id, span=self.cache_span)
         elif prefix_cache_mb > 0:
-            log.warning("prefix cache off: the model's cache is not plain keys and values in every layer "
-                        "(sliding-window or recurrent layers)", model=self.model_id)
+            log.warning("prefix cache off: a layer of the model caches something other than keys and values "
+                        "(recurrent layers)", model=self.model_id)
         #: Fold the adapter in use into the weights (peft ``merge_adapter``): no LoRA matmuls per token, and a
         #: merge/unmerge whenever a batch needs another adapter (or none). For a consumer serving one adapter.
         self.merge_adapter = merge_adapter
@@ -190,6 +196,8 @@ class HFBackend:
         """One padded forward pass over ``rows``, each computing only its tokens after its cached prefix."""
         past = max(h.tokens for h in hits)
         width = max(len(r) - h.tokens for r, h in zip(rows, hits))
+        if past and past + width > self.cache_span:  # a sliding-window layer would not see the whole padded
+            hits, past, width = [MISS] * len(rows), 0, max(map(len, rows))  # past: these rows are computed whole
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), past + width), dtype=torch.long)
@@ -211,7 +219,7 @@ class HFBackend:
                 use_cache=self.prefix_cache is not None,
                 logits_to_keep=1,
             )
-            if self.prefix_cache is not None:
+            if self.prefix_cache is not None and past + width <= self.cache_span:  # (else sliding layers cut it)
                 self._keep(rows, hits, hashes, out.past_key_values, past, width, namespace)
         return out.logits[:, -1, :].float().log_softmax(-1).cpu()
 
@@ -273,13 +281,24 @@ class HFBackend:
         self._merged = None
 
 
-def _plain_kv_cache(config) -> bool:
-    """Whether every layer caches whole keys and values (what the prefix cache slices and pads). Sliding-window
-    layers drop old positions and recurrent layers keep a state instead, so their caches cannot be reused that way."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+def reusable_span(config) -> float:
+    """How many positions a forward over a cached prefix may span for the reuse to be exact.
 
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+    The prefix cache slices, pads and concatenates whole keys and values. Plain attention layers keep them all
+    (unbounded span). A sliding-window layer (Gemma 3, Mistral) keeps the last ``sliding_window - 1`` positions
+    and attends no further back than its window, counted in cache positions, padding included: within that
+    span it caches and attends as a plain layer, so rows are reused while past + new tokens fit in it (prompts
+    shorter than the window, as ours are for Gemma 3's 512) and computed whole beyond. Any other layer (a
+    recurrent state, a chunked-attention layer whose chunks padding would shift) is not reused: 0, no cache."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    span = math.inf
+    for kind, kwargs in zip(*get_layer_types_and_kwargs(config.get_text_config(decoder=True))):
+        if kind == "sliding_attention":
+            span = min(span, kwargs["sliding_window"] - 1)
+        elif kind != "full_attention":
+            return 0
+    return span
 
 
 def forward_groups(lengths: Sequence[int], overhead: int = 16) -> list[list[int]]:

@@ -49,11 +49,19 @@ def test_gemma_converts_into_the_store_and_scores_offline() -> None:
     path = base_models.resolve_base(base_models.GEMMA, Settings().store.dir)  # the real chunks, hash checked
     assert (path / "config.json").exists() and not (path.parent / ".gemma3-270m.gguf").exists()
     backend = HFBackend(path, model_id=base_models.GEMMA, threads=1, prefix_cache_mb=64)
+    plain = HFBackend(path, model_id=base_models.GEMMA, threads=1)
     try:
-        assert backend.prefix_cache is None  # sliding-window layers: the prefix cache stays off (docs/model_store.md)
-        prompt = PromptBuilder(get_label_set("meld")).emotion([Turn("A", "I hate you, get out!")])
-        assert backend.plan(prompt.choices).branches == ((),)  # every MELD label is one Gemma token
-        [probs] = backend.score([ScoreRequest(prompt.text, prompt.choices)])
-        assert abs(sum(probs) - 1) < 1e-4 and len(probs) == 7
+        assert backend.cache_span == 511  # 512-token sliding windows: pasts reused within them (docs/model_store.md)
+        builder = PromptBuilder(get_label_set("meld"))
+        turns = [Turn("A", "I hate you, get out!"), Turn("B", "Fine. I'm leaving."), Turn("A", "Wait, I'm sorry.")]
+        prompts = [builder.emotion(turns[: i + 1]) for i in range(len(turns))]
+        assert backend.plan(prompts[0].choices).branches == ((),)  # every MELD label is one Gemma token
+        for prompt in prompts:  # turn by turn: each reuses the previous one's keys and values
+            [probs] = backend.score([ScoreRequest(prompt.text, prompt.choices)])
+            [want] = plain.score([ScoreRequest(prompt.text, prompt.choices)])
+            assert abs(sum(probs) - 1) < 1e-4 and len(probs) == 7
+            assert max(abs(a - b) for a, b in zip(probs, want)) < 1e-4, (probs, want)
+        assert backend.prefix_cache.hits >= 2
     finally:
         backend.close()
+        plain.close()

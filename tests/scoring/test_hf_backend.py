@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from core.labels import get_label_set
+from core.settings import Settings
 from scoring.backends.base import Backend, ScoreRequest
 from scoring.backends.choices import ChoicePlan
 from scoring.backends.hf import HFBackend
@@ -295,10 +297,63 @@ def test_forward_groups_cover_every_row_and_cut_off_a_long_one() -> None:
     assert forward_groups([]) == []
 
 
-def test_the_prefix_cache_is_only_used_where_every_layer_caches_whole_keys_and_values() -> None:
-    from transformers import LlamaConfig, MistralConfig
+def test_the_prefix_cache_reuses_what_every_layer_caches_whole() -> None:
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen3NextConfig
 
-    from scoring.backends.hf import _plain_kv_cache
+    from scoring.backends.hf import reusable_span
 
-    assert _plain_kv_cache(LlamaConfig(num_hidden_layers=2))
-    assert not _plain_kv_cache(MistralConfig(num_hidden_layers=2, sliding_window=16))
+    assert reusable_span(LlamaConfig(num_hidden_layers=2)) == math.inf
+    assert reusable_span(MistralConfig(num_hidden_layers=2, sliding_window=16)) == 15
+    assert reusable_span(Gemma3TextConfig(num_hidden_layers=6, sliding_window=512)) == 511
+    assert reusable_span(Qwen3NextConfig(num_hidden_layers=4)) == 0  # linear-attention (recurrent) layers
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer Gemma 3 of random weights (3 sliding-window layers of 48 tokens, 1 global) with the embedded
+    tokenizer: what the prefix cache must get right for Gemma 3 270M, at a size where prompts exceed the window."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from model_store.base_models import ensure_embedded
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded(Settings().store.dir))
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=48, initializer_range=0.2,
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+    )
+    out = tmp_path_factory.mktemp("tiny-gemma3")
+    Gemma3ForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _conversation_requests(turns: int) -> list[ScoreRequest]:
+    """Short prompts (no instruction), turn by turn, as a stream sends them: each extends the previous one."""
+    lines = [f"Speaker_{i % 2}: {t.text}" for i, t in enumerate(CONVERSATION[:turns])]
+    return [ScoreRequest("\n".join(lines[: i + 1]) + "\nEmotion:", ("neutral", "joy", "anger", "sadness"))
+            for i in range(turns)]
+
+
+def test_a_sliding_window_model_scores_the_same_through_the_prefix_cache(tiny_gemma_dir: Path) -> None:
+    """Turn by turn and in one batch, on both sides of the 48-token window: the cached backend reuses pasts
+    while past + new tokens fit in the window, computes rows whole beyond it, and scores as the uncached one."""
+    plain = HFBackend(tiny_gemma_dir, threads=1)
+    cached = HFBackend(tiny_gemma_dir, threads=1, prefix_cache_mb=16)
+    assert plain.prefix_cache is None and cached.prefix_cache is not None and cached.cache_span == 47
+    requests = _conversation_requests(5)
+    lengths = [len(ids) for ids in cached.encode_prompts([r.prompt for r in requests])]
+    assert min(lengths) < 47 < max(lengths), lengths  # the conversation grows past the window
+    want = [plain.score([r])[0] for r in requests]
+    assert max(abs(a - b) for a, b in zip(want[0], want[-1])) > 1e-3  # the model reads its prompts
+    computed = []
+    for i, r in enumerate(requests):
+        before = cached.tokens.computed
+        _assert_close(cached.score([r]), want[i: i + 1])
+        computed.append(cached.tokens.computed - before)
+    reused = [i for i in range(1, len(requests)) if lengths[i] <= 47]
+    assert reused and all(computed[i] < lengths[i] for i in reused), (computed, lengths)  # inside: prefix reused
+    cached.prefix_cache.clear("")
+    _assert_close(cached.score([requests[0], requests[3], requests[1]]), [want[0], want[3], want[1]])
+    _assert_close(cached.score(requests), want)  # hits next to rows beyond the window
