@@ -196,8 +196,9 @@ class HFBackend:
         """One padded forward pass over ``rows``, each computing only its tokens after its cached prefix."""
         past = max(h.tokens for h in hits)
         width = max(len(r) - h.tokens for r, h in zip(rows, hits))
-        if past and past + width > self.cache_span:  # a sliding-window layer would not see the whole padded
-            hits, past, width = [MISS] * len(rows), 0, max(map(len, rows))  # past: these rows are computed whole
+        if past and past + width > self.cache_span:
+            # A sliding-window layer would not reach back over the whole padded past: compute these rows whole.
+            hits, past, width = [MISS] * len(rows), 0, max(map(len, rows))
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), past + width), dtype=torch.long)
