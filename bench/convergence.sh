@@ -5,8 +5,10 @@
 # the repository, so `carry save` packs an unfinished job's training directory (checkpoint, dev records, best
 # candidate) into runs/<name>/ for committing (model_store/carry.py: files over 19 MiB cut into parts; 57 MB
 # for an r16 attention+MLP checkpoint, +20 MB per dev candidate) and `carry restore` unpacks it into the store
-# at the next session's start, byte for byte. A job that finishes removes its runs/<name>/: commit that removal
-# with its report.
+# at the next session's start, byte for byte. A job that finishes replaces its runs/<name>/ with
+# runs/<name>/final/, the trained adapter (adapter_config.json, adapter_model.safetensors, erc_meta.json; 20 MB
+# for r16 attention+MLP), because a session cut short loses the store with it: commit it with the report. Ship
+# it with `cp runs/<name>/final/* model_store/adapters/<name>/` and `git rm -r runs/<name>`.
 #
 #   bash bench/convergence.sh carry restore                 # at a session's start (no-op when runs/ is empty)
 #   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 \
@@ -73,6 +75,13 @@ carry() {  # save | restore the training directories of unfinished jobs (model_s
   done
 }
 
+keep() {  # the newest trained version of adapter $1, copied into runs/$1/final/ (survives a session cut)
+  local version
+  version=$(ls -td "$STORE/adapters/$1"/[0-9a-f]*/ | head -1)
+  mkdir -p "runs/$1/final"
+  cp "$version"/{adapter_config.json,adapter_model.safetensors,erc_meta.json} "runs/$1/final/"
+}
+
 report() {  # the training side of a job's report (from its adapter's erc_meta.json): command, steps, wall-clock, CPU
   .venv/bin/python - "$STORE/adapters/$1" "$2" "$THREADS" <<'PY'
 import json, pathlib, sys
@@ -98,6 +107,7 @@ run() {
       "$ERC" models train --name "$name" ${ARGS[$job]}
       rm -rf "runs/$name"  # finished: nothing left to carry
     fi
+    keep "$name"
     echo "== eval $name $(date -u +%FT%TZ)"
     # shellcheck disable=SC2086
     ERC_MODEL__THREADS=$THREADS "$ERC" models eval ${EVAL[$job]} --adapter "$name" --no-zero-shot \
