@@ -19,7 +19,7 @@
 #
 # Jobs (`bash bench/convergence.sh list`): the three shipped adapters (2 epochs, whole conversation blocks,
 # packed, LoRA r16 on attention and MLP, dev scored about every epoch, best kept), then comparisons at one budget
-# (300 steps of 16 MELD utterances, scored at the end).
+# (300 steps of 16 MELD utterances, scored at the end), then the data-scaling sweep (`sweep`, below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ERC=${ERC:-.venv/bin/erc-stream}
@@ -55,24 +55,40 @@ NAME[attn8]=budget-attn8
 ARGS[attn8]="$BUDGET --lora-modules attention --lora-r 8 --lora-alpha 16";                  EVAL[attn8]="--dataset meld"
 NAME[gemma]=budget-gemma;             ARGS[gemma]="$BUDGET --base gemma3-270m"
 EVAL[gemma]="--dataset meld --base gemma3-270m"
-ORDER="meld emorynlp unified natural class05 bal05 attn8 gemma meld3"
+# The sweep: single / total / ratio x 1/8 ... 1/64 (+ a full fine-tune at 1/64), unified labels, 400 dev utterances
+# of each dataset per cell (a cell is at most ~35 min: an interrupted one resumes from its carried checkpoint).
+SWEEP="--epochs 2 --batching blocks --batch-size 16 --max-tokens 384 --eval-limit 400 --threads $THREADS \
+--dtype auto --out docs/sweep"
+ORDER="meld emorynlp unified natural class05 bal05 attn8 gemma meld3 sweep"
 
-carry() {  # save | restore the training directories of unfinished jobs (model_store/carry.py)
+carry() {  # save | restore the training directories of unfinished runs, sweep cells included (model_store/carry.py)
   mkdir -p runs
-  for job in $ORDER; do
-    name=${NAME[$job]}
-    if [ "$1" = save ] && [ -d "$STORE/adapters/$name/.training/checkpoint" ]; then
-      rm -rf "$STORE/adapters/$name/.training/checkpoint.tmp"  # a checkpoint cut short by the stop
+  local dir name
+  if [ "$1" = save ]; then
+    for dir in "$STORE"/adapters/*/.training; do
+      [ -d "$dir/checkpoint" ] || continue
+      name=$(basename "$(dirname "$dir")")
+      rm -rf "$dir/checkpoint.tmp"  # a checkpoint cut short by the stop
       .venv/bin/python -c 'import sys, pathlib; from model_store.carry import pack; pack(*map(pathlib.Path, sys.argv[1:]))' \
-        "$STORE/adapters/$name/.training" "runs/$name"
+        "$dir" "runs/$name"
       echo "saved $name ($(du -sh "runs/$name" | cut -f1)): commit runs/$name"
-    elif [ "$1" = restore ] && [ -f "runs/$name/carry.json" ] && [ ! -d "$STORE/adapters/$name/.training" ]; then
+    done
+  elif [ "$1" = restore ]; then
+    for dir in runs/*/; do
+      name=$(basename "$dir")
+      [ -f "runs/$name/carry.json" ] && [ ! -d "$STORE/adapters/$name/.training" ] || continue
       mkdir -p "$STORE/adapters/$name"
       .venv/bin/python -c 'import sys, pathlib; from model_store.carry import unpack; unpack(*map(pathlib.Path, sys.argv[1:]))' \
         "runs/$name" "$STORE/adapters/$name/.training"
       echo "restored $name"
-    fi
-  done
+    done
+  fi
+}
+
+sweep() {  # the data-scaling grid (item 5): each cell 2 epochs of its data; finished cells are files in docs/sweep
+  # shellcheck disable=SC2086
+  "$ERC" models sweep $SWEEP
+  rm -rf runs/sweep-*  # every cell finished: nothing left to carry
 }
 
 keep() {  # the newest trained version of adapter $1, copied into runs/$1/final/ (survives a session cut)
@@ -119,7 +135,11 @@ run() {
 
 case "${1:-}" in
   carry) carry "$2" ;;
-  list) for job in $ORDER; do echo "$job: ${NAME[$job]}: models train ${ARGS[$job]}"; done ;;
+  list) for job in $ORDER; do
+          if [ "$job" = sweep ]; then echo "sweep: models sweep $SWEEP"
+          else echo "$job: ${NAME[$job]}: models train ${ARGS[$job]}"; fi
+        done ;;
   "") echo "usage: $0 JOB... | list | carry save|restore" >&2; exit 2 ;;
-  *) for job in "$@"; do run "$job"; done; echo "== done $(date -u +%FT%TZ)" ;;
+  *) for job in "$@"; do if [ "$job" = sweep ]; then sweep; else run "$job"; fi; done
+     echo "== done $(date -u +%FT%TZ)" ;;
 esac

@@ -100,14 +100,15 @@ def run_sweep(plan: SweepPlan, settings: Settings, out: Path, *, progress: bool 
     """Train and evaluate every unfinished cell, then write the table and plot; returns every cell's row."""
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
+    current = _plan_dict(plan)
     for cell in plan.cells():
         path = cells_dir / f"{cell.name}.json"
-        if path.exists():
+        if path.exists() and _same_plan(json.loads(path.read_text()), current):
             continue
-        log.info("sweep cell", cell=cell.name)
+        log.info("sweep cell", cell=cell.name, replaces_another_plan=path.exists())
         row = run_cell(plan, cell, settings, progress=progress)
         path.write_text(json.dumps(row, indent=2))
-    rows = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
+    rows = [row for p in sorted(cells_dir.glob("*.json")) if _same_plan(row := json.loads(p.read_text()), current)]
     write_table(rows, plan.datasets, out)
     plot(rows, plan.datasets, out / "sweep.png")
     return rows
@@ -163,6 +164,18 @@ def _plan_dict(plan: SweepPlan) -> dict:
     d["fractions"] = [str(f) for f in plan.fractions]
     d["full_fractions"] = [str(f) for f in plan.full_fractions]
     return d
+
+
+# Plan fields that do not shape a cell's result: its speed, and which other cells the grid holds.
+_NOT_CELL_SHAPING = frozenset({"threads", "strategies", "fractions", "full_fractions"})
+
+
+def _same_plan(row: dict, plan: dict) -> bool:
+    """Whether a cell's file was made under this plan: a rerun with other epochs (or batching, window, ...)
+    trains the cell again, and the table holds one plan's cells only."""
+    def shaping(d: dict) -> dict:
+        return {k: v for k, v in json.loads(json.dumps(d)).items() if k not in _NOT_CELL_SHAPING}  # tuples as lists
+    return shaping(row.get("plan", {})) == shaping(plan)
 
 
 def _ordered(rows: Sequence[dict]) -> list[dict]:

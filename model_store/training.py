@@ -455,6 +455,31 @@ def training_index(cfg: TrainConfig, conversations, store_dir: Path):
     return index
 
 
+# What a resumed run may change: its speed, where the data files lie (a new machine), how often it checkpoints.
+RESUME_MAY_CHANGE = frozenset({"threads", "device", "checkpoint_every", "train_file", "eval_file"})
+
+
+def check_resumable(out_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume a checkpoint that a run with other options wrote: its weights, optimizer state and
+    drawn batches belong to that run, and continuing them under these options would publish an adapter that
+    neither command describes (the same ``--name`` with a new ``--epochs``, say)."""
+    saved = out_dir / "train_config.json"
+    if not (out_dir / "checkpoint").is_dir() or not saved.exists():
+        return
+
+    def shaping(config: dict) -> dict:
+        out = {k: v for k, v in config.items() if k not in RESUME_MAY_CHANGE}
+        out["more_sources"] = [dataset for dataset, _ in config.get("more_sources", ())]  # names, not paths
+        return out
+
+    before = shaping(json.loads(saved.read_text()))
+    now = shaping(json.loads(json.dumps(asdict(cfg))))  # tuples as JSON lists, as saved
+    if changed := sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)):
+        diff = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(f"{out_dir / 'checkpoint'} is a run with other options ({diff}): rerun with its options "
+                         f"to resume it, or remove {out_dir} to start over")
+
+
 def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, progress: bool = True,
           command: str | None = None, on_step: Callable[[int, float], None] | None = None) -> Path:
     """Run one training job end to end and write the adapter (or, ``full``, the model) with its metadata;
@@ -476,6 +501,7 @@ def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, pro
     versioned = out_dir is None and not cfg.full
     out_dir = out_dir or store_dir / "adapters" / cfg.name / (".training" if versioned else "")
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_resumable(out_dir, cfg)
     (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     label_set = get_label_set(cfg.label_set)
     conversations = load_sources(cfg)

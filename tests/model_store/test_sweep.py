@@ -72,8 +72,15 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path: Path, monkeypatch: pytest.
     assert "| 1/2 | ratio | meld+emorynlp | lora |" in result.output
     # A rerun finds every cell done: nothing trains again.
     stamps = [c.stat().st_mtime_ns for c in cells]
-    again = CliRunner().invoke(main, args)
+    again = CliRunner().invoke(main, args + ["--threads", "2"])  # threads change the speed, not the cells
     assert again.exit_code == 0 and [c.stat().st_mtime_ns for c in cells] == stamps
+    # Another plan (more epochs) trains a cell again, and its table holds that plan's cells only.
+    other = ["--strategies", "ratio", "--epochs", "0.2"]
+    longer = CliRunner().invoke(main, [*args, *other])
+    assert longer.exit_code == 0, longer.output
+    assert cells[0].stat().st_mtime_ns != stamps[0] and [c.stat().st_mtime_ns for c in cells[1:]] == stamps[1:]
+    assert json.loads(cells[0].read_text())["plan"]["epochs"] == 0.2
+    assert "| 1/2 | ratio |" in longer.output and "| 1/2 | single |" not in longer.output
     # The unified adapter on both datasets from one eval command.
     out = CliRunner().invoke(main, ["models", "eval", "--dataset", "meld", "--dataset", "emorynlp", "--adapter",
                                     "sweep-ratio-lora-f1_2", "--limit", "4", "--no-zero-shot", "--json"])

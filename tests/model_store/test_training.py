@@ -162,6 +162,11 @@ def test_a_run_killed_mid_way_resumes_to_the_same_adapter_as_an_uninterrupted_on
     assert state["step"] == 3
     torch.testing.assert_close(state["losses"], [loss for _, loss in steps_a[:3]], rtol=1e-5, atol=1e-6)
 
+    # The checkpoint is refused to a run with other options (more steps: another schedule), and kept.
+    with pytest.raises(ValueError, match=r"other options \(steps: 4 -> 6\)"):
+        train(TrainConfig(**{**kwargs, "steps": 6}), store_dir=store, out_dir=b, progress=False, command="test")
+    assert (b / "checkpoint" / "trainer_state.pt").exists()
+
     steps_b: list[tuple[int, float]] = []
     train(cfg, store_dir=store, out_dir=b, progress=False, command="test",
           on_step=lambda step, loss: steps_b.append((step, loss)))
