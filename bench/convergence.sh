@@ -11,9 +11,10 @@
 # it with `cp runs/<name>/final/* model_store/adapters/<name>/` and `git rm -r runs/<name>`.
 #
 #   bash bench/convergence.sh carry restore                 # at a session's start (no-op when runs/ is empty)
-#   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 \
+#   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 \
 #     nohup nice -n 5 bash bench/convergence.sh meld emorynlp > /tmp/convergence.log 2>&1 &
-#   (jemalloc keeps a long run's step time and memory flat: docs/model_store.md, "Allocator")
+#   (jemalloc keeps a long run's step time and memory flat, and keeping its freed pages spares the kernel
+#   ~90,000 page faults a second: docs/model_store.md, "Allocator")
 #   pkill -f 'erc-stream models train'; bash bench/convergence.sh carry save   # before a session ends: stop
 #   git add runs && git commit -m "carry <job>"                                   # the job, pack, commit
 #
