@@ -22,7 +22,7 @@ import structlog
 
 from core.labels import get_label_set
 from core.settings import Settings
-from model_store.training import TrainConfig, train, with_epochs
+from model_store.training import TrainConfig, changed_options, train, with_epochs
 
 log = structlog.get_logger(__name__)
 
@@ -173,9 +173,7 @@ _NOT_CELL_SHAPING = frozenset({"threads", "strategies", "fractions", "full_fract
 def _same_plan(row: dict, plan: dict) -> bool:
     """Whether a cell's file was made under this plan: a rerun with other epochs (or batching, window, ...)
     trains the cell again, and the table holds one plan's cells only."""
-    def shaping(d: dict) -> dict:
-        return {k: v for k, v in json.loads(json.dumps(d)).items() if k not in _NOT_CELL_SHAPING}  # tuples as lists
-    return shaping(row.get("plan", {})) == shaping(plan)
+    return not changed_options(row.get("plan", {}), plan, ignore=_NOT_CELL_SHAPING)
 
 
 def _ordered(rows: Sequence[dict]) -> list[dict]:

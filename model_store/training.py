@@ -260,6 +260,9 @@ class Trainer:
         self.cfg = cfg
         self.out_dir = out_dir
         self.autocast_dtype = auto_dtype(cfg.device) if cfg.dtype == "auto" else cfg.dtype
+        # [first step, autocast dtype] per stretch of the run: ``--dtype auto`` resolves per machine, so a run
+        # carried from an AVX2-only CPU to a bf16 one changes dtype where it resumes, and its metadata says so.
+        self.dtype_steps: list[list] = [[0, self.autocast_dtype]]
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -380,6 +383,11 @@ class Trainer:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             start_step, elapsed0, losses = state["step"], state["elapsed"], state["losses"]
+            self.dtype_steps = state.get("dtype_steps", [[0, None]])  # None: written before this was recorded
+            if self.dtype_steps[-1][1] != self.autocast_dtype:
+                log.warning("resuming in another autocast dtype than the checkpoint's steps",
+                            before=self.dtype_steps[-1][1], now=self.autocast_dtype, step=start_step)
+                self.dtype_steps.append([start_step, self.autocast_dtype])
             if "rng" in state:
                 torch.set_rng_state(state["rng"]["torch"])
                 if "cuda" in state["rng"] and self.device.type == "cuda":
@@ -416,7 +424,7 @@ class Trainer:
                     on_step(step + 1, losses[-1])
         self.model.eval()
         return {"steps": len(batches), "seconds": round(elapsed0 + time.monotonic() - t0, 1),
-                "dtype": self.autocast_dtype, "resumed_from": start_step,
+                "dtype": self.autocast_dtype, "dtype_steps": self.dtype_steps, "resumed_from": start_step,
                 "loss_first": losses[0] if losses else None, "loss_last10": float(np.mean(losses[-10:])) if losses else None}
 
     def _checkpoint(self, opt, sched, step: int, elapsed: float, losses: list[float]) -> None:
@@ -428,7 +436,8 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                    "elapsed": elapsed, "losses": losses, "rng": rng}, tmp / "trainer_state.pt")
+                    "elapsed": elapsed, "losses": losses, "rng": rng, "dtype_steps": self.dtype_steps},
+                   tmp / "trainer_state.pt")
         shutil.rmtree(ckpt, ignore_errors=True)
         tmp.rename(ckpt)
         log.info("checkpoint", step=step)
@@ -459,6 +468,13 @@ def training_index(cfg: TrainConfig, conversations, store_dir: Path):
 RESUME_MAY_CHANGE = frozenset({"threads", "device", "checkpoint_every", "train_file", "eval_file"})
 
 
+def changed_options(before: dict, now: dict, *, ignore: frozenset[str] = frozenset()) -> list[str]:
+    """The keys whose values differ between two option sets, compared as JSON (a tuple and the list it was
+    saved as are equal), leaving out ``ignore``: whether a checkpoint or a result was made under these options."""
+    before, now = json.loads(json.dumps(before)), json.loads(json.dumps(now))
+    return sorted(k for k in (before.keys() | now.keys()) - ignore if before.get(k) != now.get(k))
+
+
 def check_resumable(out_dir: Path, cfg: TrainConfig) -> None:
     """Refuse to resume a checkpoint that a run with other options wrote: its weights, optimizer state and
     drawn batches belong to that run, and continuing them under these options would publish an adapter that
@@ -467,14 +483,11 @@ def check_resumable(out_dir: Path, cfg: TrainConfig) -> None:
     if not (out_dir / "checkpoint").is_dir() or not saved.exists():
         return
 
-    def shaping(config: dict) -> dict:
-        out = {k: v for k, v in config.items() if k not in RESUME_MAY_CHANGE}
-        out["more_sources"] = [dataset for dataset, _ in config.get("more_sources", ())]  # names, not paths
-        return out
+    def by_name(config: dict) -> dict:  # more datasets by name, not by path (a new machine)
+        return {**config, "more_sources": [dataset for dataset, _ in config.get("more_sources", ())]}
 
-    before = shaping(json.loads(saved.read_text()))
-    now = shaping(json.loads(json.dumps(asdict(cfg))))  # tuples as JSON lists, as saved
-    if changed := sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)):
+    before, now = by_name(json.loads(saved.read_text())), by_name(asdict(cfg))
+    if changed := changed_options(before, now, ignore=RESUME_MAY_CHANGE):
         diff = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ValueError(f"{out_dir / 'checkpoint'} is a run with other options ({diff}): rerun with its options "
                          f"to resume it, or remove {out_dir} to start over")

@@ -175,6 +175,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_adapter_as_an_uninterrupted_on
     meta_b = json.loads((b / "erc_meta.json").read_text())
     assert meta_a["train"]["resumed_from"] == 0 and meta_b["train"]["resumed_from"] == 3
     assert meta_b["train"]["steps"] == 5 and not (b / "checkpoint").exists()
+    assert meta_b["train"]["dtype_steps"] == meta_a["train"]["dtype_steps"] == [[0, meta_a["train"]["dtype"]]]
     torch.testing.assert_close([loss for _, loss in steps_b], [loss for _, loss in steps_a[3:]],
                                rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(meta_b["train"]["loss_last10"], meta_a["train"]["loss_last10"], rtol=1e-5, atol=1e-6)
@@ -243,3 +244,35 @@ def test_blocks_with_dev_evaluation_publish_the_best_candidate(tmp_path: Path) -
     assert meta["selected"]["step"] == best["step"] and meta["calibration"] == best["calibration"]
     assert not (out / "candidates").exists() and not (out / "evals.jsonl").exists()
     assert load_file(out / "adapter_model.safetensors")  # the published weights load
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_run_resumed_where_auto_resolves_to_another_dtype_records_where_it_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--dtype auto`` is bfloat16 on a CPU with native bf16 and float32 elsewhere, and sessions here get either:
+    a run carried from one to the other mixes the two, and its metadata must say from which step."""
+    import scoring.hardware
+    from scoring.hardware import auto_dtype
+
+    data = _write_jsonl(tmp_path / "train.jsonl", 3)
+    cfg = TrainConfig(name="mixed", dataset="jsonl", train_file=str(data), label_set="meld", speaker_steps=0,
+                      steps=2, batch_size=2, impact_per_batch=0, aux_weight=0.0, max_tokens=128,
+                      demonstrations=False, checkpoint_every=1, threads=1)
+    first = auto_dtype(cfg.device)
+    other = "float32" if first == "bfloat16" else "bfloat16"
+
+    def stop_after_one(step: int, loss: float) -> None:
+        if step == 1:
+            raise _Stop
+
+    out = tmp_path / "out"
+    with pytest.raises(_Stop):
+        train(cfg, store_dir=Settings().store.dir, out_dir=out, progress=False, command="test", on_step=stop_after_one)
+    monkeypatch.setattr(scoring.hardware, "auto_dtype", lambda device: other)  # the next session's CPU
+    train(cfg, store_dir=Settings().store.dir, out_dir=out, progress=False, command="test")
+    meta = json.loads((out / "erc_meta.json").read_text())["train"]
+    assert meta["resumed_from"] == 1 and meta["dtype"] == other
+    assert meta["dtype_steps"] == [[0, first], [1, other]]
