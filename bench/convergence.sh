@@ -11,10 +11,9 @@
 # it with `cp runs/<name>/final/* model_store/adapters/<name>/` and `git rm -r runs/<name>`.
 #
 #   bash bench/convergence.sh carry restore                 # at a session's start (no-op when runs/ is empty)
-#   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 \
-#     nohup nice -n 5 bash bench/convergence.sh meld emorynlp > /tmp/convergence.log 2>&1 &
-#   (jemalloc keeps a long run's step time and memory flat, and keeping its freed pages spares the kernel
-#   ~90,000 page faults a second: docs/model_store.md, "Allocator")
+#   nohup nice -n 5 bash bench/convergence.sh meld emorynlp > /tmp/convergence.log 2>&1 &
+#   (each training runs under jemalloc where it is installed, and is resumed from its checkpoint if it is killed:
+#   see resumed() below and docs/model_store.md, "Allocator")
 #   pkill -f 'erc-stream models train'; bash bench/convergence.sh carry save   # before a session ends: stop
 #   git add runs && git commit -m "carry <job>"                                   # the job, pack, commit
 #
@@ -86,9 +85,32 @@ carry() {  # save | restore the training directories of unfinished runs, sweep c
   fi
 }
 
+# A training process (models train, models sweep) under the allocator it needs (docs/model_store.md,
+# "Allocator"): under glibc's malloc a long run slows down and grows, under jemalloc it does not. Where the CPU
+# has no native bf16 (float32 steps) jemalloc also keeps its freed pages (dirty_decay_ms:-1): there its default
+# decay cost ~90,000 page faults a second; where it trains in bf16, the defaults (keeping freed pages grew one
+# run to 23 GB, until the OOM killer stopped it). A process killed from outside (the OOM killer) runs again and
+# resumes from its last checkpoint (at most checkpoint-every steps lost; the same adapter as an uninterrupted
+# run), 5 times at most.
+JEMALLOC=${JEMALLOC:-/usr/lib/x86_64-linux-gnu/libjemalloc.so.2}
+resumed() {
+  local rc tries=0 alloc=()
+  if [ -f "$JEMALLOC" ]; then
+    alloc=(LD_PRELOAD="$JEMALLOC")
+    if [ "$(.venv/bin/python -c 'from scoring.hardware import auto_dtype; print(auto_dtype("cpu"))')" = float32 ]; then
+      alloc+=(MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1)
+    fi
+  fi
+  until env "${alloc[@]}" "$@"; do
+    rc=$?
+    if [ "$rc" -ne 137 ] || [ $((tries += 1)) -gt 5 ]; then return "$rc"; fi
+    echo "== killed (rc $rc): resumed from the last checkpoint, try $tries $(date -u +%FT%TZ)"
+  done
+}
+
 sweep() {  # the data-scaling grid (item 5): each cell 2 epochs of its data; finished cells are files in docs/sweep
   # shellcheck disable=SC2086
-  "$ERC" models sweep $SWEEP
+  resumed "$ERC" models sweep $SWEEP
   rm -rf runs/sweep-*  # every cell finished: nothing left to carry
 }
 
@@ -121,7 +143,7 @@ run() {
     if ! ls "$STORE/adapters/$name"/[0-9a-f]*/erc_meta.json >/dev/null 2>&1 || [ -d "$STORE/adapters/$name/.training" ]; then
       echo "== train $name $(date -u +%FT%TZ)"
       # shellcheck disable=SC2086
-      "$ERC" models train --name "$name" ${ARGS[$job]}
+      resumed "$ERC" models train --name "$name" ${ARGS[$job]}
       rm -rf "runs/$name"  # finished: nothing left to carry
     fi
     keep "$name"
