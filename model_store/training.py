@@ -486,7 +486,8 @@ def check_resumable(out_dir: Path, cfg: TrainConfig) -> None:
     def by_name(config: dict) -> dict:  # more datasets by name, not by path (a new machine)
         return {**config, "more_sources": [dataset for dataset, _ in config.get("more_sources", ())]}
 
-    before, now = by_name(json.loads(saved.read_text())), by_name(asdict(cfg))
+    # as JSON both, so the message shows the options as the command line and train_config.json spell them
+    before, now = (json.loads(json.dumps(by_name(c))) for c in (json.loads(saved.read_text()), asdict(cfg)))
     if changed := changed_options(before, now, ignore=RESUME_MAY_CHANGE):
         diff = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ValueError(f"{out_dir / 'checkpoint'} is a run with other options ({diff}): rerun with its options "

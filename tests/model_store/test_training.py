@@ -165,6 +165,10 @@ def test_a_run_killed_mid_way_resumes_to_the_same_adapter_as_an_uninterrupted_on
     # The checkpoint is refused to a run with other options (more steps: another schedule), and kept.
     with pytest.raises(ValueError, match=r"other options \(steps: 4 -> 6\)"):
         train(TrainConfig(**{**kwargs, "steps": 6}), store_dir=store, out_dir=b, progress=False, command="test")
+    with pytest.raises(ValueError, match=r"\(target_modules: \['q_proj', 'k_proj', 'v_proj', 'o_proj'\] -> "
+                                         r"\['q_proj', 'v_proj'\]\)"):  # spelled as saved, a tuple as its list
+        train(TrainConfig(**{**kwargs, "target_modules": ("q_proj", "v_proj")}), store_dir=store, out_dir=b,
+              progress=False, command="test")
     assert (b / "checkpoint" / "trainer_state.pt").exists()
 
     steps_b: list[tuple[int, float]] = []
