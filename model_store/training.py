@@ -468,11 +468,14 @@ def training_index(cfg: TrainConfig, conversations, store_dir: Path):
 RESUME_MAY_CHANGE = frozenset({"threads", "device", "checkpoint_every", "train_file", "eval_file"})
 
 
-def changed_options(before: dict, now: dict, *, ignore: frozenset[str] = frozenset()) -> list[str]:
-    """The keys whose values differ between two option sets, compared as JSON (a tuple and the list it was
-    saved as are equal), leaving out ``ignore``: whether a checkpoint or a result was made under these options."""
+def changed_options(before: dict, now: dict, *, ignore: frozenset[str] = frozenset()) -> dict[str, tuple]:
+    """The options whose values differ between two option sets, as ``{key: (before, now)}``, leaving out
+    ``ignore``: whether a checkpoint or a result was made under these options. Both are compared, and returned,
+    as JSON (a tuple and the list it was saved as are equal), so a message shows them as train_config.json and
+    the command line spell them."""
     before, now = json.loads(json.dumps(before)), json.loads(json.dumps(now))
-    return sorted(k for k in (before.keys() | now.keys()) - ignore if before.get(k) != now.get(k))
+    return {k: (before.get(k), now.get(k)) for k in sorted((before.keys() | now.keys()) - ignore)
+            if before.get(k) != now.get(k)}
 
 
 def check_resumable(out_dir: Path, cfg: TrainConfig) -> None:
@@ -486,10 +489,9 @@ def check_resumable(out_dir: Path, cfg: TrainConfig) -> None:
     def by_name(config: dict) -> dict:  # more datasets by name, not by path (a new machine)
         return {**config, "more_sources": [dataset for dataset, _ in config.get("more_sources", ())]}
 
-    # as JSON both, so the message shows the options as the command line and train_config.json spell them
-    before, now = (json.loads(json.dumps(by_name(c))) for c in (json.loads(saved.read_text()), asdict(cfg)))
-    if changed := changed_options(before, now, ignore=RESUME_MAY_CHANGE):
-        diff = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+    changed = changed_options(by_name(json.loads(saved.read_text())), by_name(asdict(cfg)), ignore=RESUME_MAY_CHANGE)
+    if changed:
+        diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise ValueError(f"{out_dir / 'checkpoint'} is a run with other options ({diff}): rerun with its options "
                          f"to resume it, or remove {out_dir} to start over")
 
