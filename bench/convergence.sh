@@ -36,8 +36,8 @@ BUDGET="--dataset meld --steps 300 $RECIPE"
 declare -A NAME ARGS EVAL
 NAME[meld]=meld-smollm2-lora;         ARGS[meld]="--dataset meld --epochs 2 --eval-every 616 $RECIPE"
 EVAL[meld]="--dataset meld"
-# A third epoch (dev rose 59.2 -> 61.3 from epoch 1 to 2): a run of its own, the schedule spanning all 3 epochs;
-# shipped as meld-smollm2-lora if it scores higher.
+# A third epoch (dev rose 59.2 -> 61.3 from epoch 1 to 2): a run of its own, the schedule spanning all 3 epochs.
+# Ran 2026-12-06: 59.79 on MELD dev, under the 2-epoch adapter (docs/model_store.md); not shipped.
 NAME[meld3]=meld-smollm2-lora-3ep;     ARGS[meld3]="--dataset meld --epochs 3 --eval-every 616 $RECIPE"
 EVAL[meld3]="--dataset meld"
 NAME[emorynlp]=emorynlp-smollm2-lora; ARGS[emorynlp]="--dataset emorynlp --epochs 2 --eval-every 400 $RECIPE"
