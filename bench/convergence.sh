@@ -37,7 +37,8 @@ declare -A NAME ARGS EVAL
 NAME[meld]=meld-smollm2-lora;         ARGS[meld]="--dataset meld --epochs 2 --eval-every 616 $RECIPE"
 EVAL[meld]="--dataset meld"
 # A third epoch (dev rose 59.2 -> 61.3 from epoch 1 to 2): a run of its own, the schedule spanning all 3 epochs.
-# Ran 2026-12-06: 59.79 on MELD dev, under the 2-epoch adapter (docs/model_store.md); not shipped.
+# Ran 2026-12-06: 59.79 on MELD dev, under the 2-epoch adapter (docs/model_store.md); not shipped. `meldavg`
+# averages the two runs (models average): 61.29 on MELD dev, not shipped yet (docs/model_store.md).
 NAME[meld3]=meld-smollm2-lora-3ep;     ARGS[meld3]="--dataset meld --epochs 3 --eval-every 616 $RECIPE"
 EVAL[meld3]="--dataset meld"
 NAME[emorynlp]=emorynlp-smollm2-lora; ARGS[emorynlp]="--dataset emorynlp --epochs 2 --eval-every 400 $RECIPE"
@@ -59,7 +60,7 @@ EVAL[gemma]="--dataset meld --base gemma3-270m"
 # of each dataset per cell (a cell is at most ~35 min: an interrupted one resumes from its carried checkpoint).
 SWEEP="--epochs 2 --batching blocks --batch-size 16 --max-tokens 384 --eval-limit 400 --threads $THREADS \
 --dtype auto --out docs/sweep"
-ORDER="meld emorynlp unified natural class05 bal05 attn8 gemma meld3 sweep"
+ORDER="meld emorynlp unified natural class05 bal05 attn8 gemma meld3 meldavg sweep"
 
 carry() {  # save | restore the training directories of unfinished runs, sweep cells included (model_store/carry.py)
   mkdir -p runs
@@ -136,6 +137,24 @@ pathlib.Path(sys.argv[2]).write_text(json.dumps(report, indent=2) + "\n")
 PY
 }
 
+meldavg() {  # the 2-epoch (shipped) and 3-epoch (runs/<name>/final/) MELD runs averaged, evaluated
+  local report=$OUT/meld-smollm2-lora-avg.json
+  [ -f "$report" ] && return
+  local cmd="models average model_store/adapters/meld-smollm2-lora runs/meld-smollm2-lora-3ep/final --name meld-smollm2-lora-avg"
+  # shellcheck disable=SC2086
+  "$ERC" $cmd  # into the store (the version it prints)
+  ERC_MODEL__THREADS=$THREADS "$ERC" models eval --dataset meld --adapter meld-smollm2-lora-avg --no-zero-shot \
+    --confusion "$OUT/meld-smollm2-lora-avg-confusion.png" --json > "$report.tmp"
+  .venv/bin/python - "$report.tmp" "$OUT" "erc-stream $cmd" <<'PY'
+import json, pathlib, sys
+runs = [json.loads((pathlib.Path(sys.argv[2]) / f"meld-smollm2-lora{n}.json").read_text())["training"] for n in ("", "-3ep")]
+report = json.loads(pathlib.Path(sys.argv[1]).read_text())
+report["training"] = {"command": sys.argv[3], "averaged": runs, "wall_hours": round(sum(r["wall_hours"] for r in runs), 2)}
+pathlib.Path(sys.argv[1]).write_text(json.dumps(report, indent=2) + "\n")
+PY
+  mv "$report.tmp" "$report"
+}
+
 run() {
   local job=$1 name=${NAME[$1]}
   mkdir -p "$OUT"
@@ -160,9 +179,12 @@ case "${1:-}" in
   carry) carry "$2" ;;
   list) for job in $ORDER; do
           if [ "$job" = sweep ]; then echo "sweep: models sweep $SWEEP"
+          elif [ "$job" = meldavg ]; then echo "meldavg: models average (meld, meld3) --name meld-smollm2-lora-avg"
           else echo "$job: ${NAME[$job]}: models train ${ARGS[$job]}"; fi
         done ;;
   "") echo "usage: $0 JOB... | list | carry save|restore" >&2; exit 2 ;;
-  *) for job in "$@"; do if [ "$job" = sweep ]; then sweep; else run "$job"; fi; done
+  *) for job in "$@"; do
+       case "$job" in sweep) sweep ;; meldavg) meldavg ;; *) run "$job" ;; esac
+     done
      echo "== done $(date -u +%FT%TZ)" ;;
 esac

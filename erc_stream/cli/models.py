@@ -1,4 +1,4 @@
-"""``erc-stream models``: train, evaluate, sweep, list, show, promote and roll back adapters (:mod:`model_store`)."""
+"""``erc-stream models``: train, evaluate, sweep, average, list, show, promote and roll back adapters (:mod:`model_store`)."""
 
 from __future__ import annotations
 
@@ -218,6 +218,27 @@ def models_sweep(ctx, datasets, fractions, strategies, full_at, epochs, min_step
                      dtype=dtype, batching=batching, batch_size=batch_size)
     rows = run_sweep(plan, settings_of(ctx), out)
     click.echo((out / "sweep.md").read_text() if rows else "no cells")
+
+
+@models.command("average")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--name", required=True, help="Publish the average as a new version of this adapter name.")
+@click.option("--weight", "weights", type=float, multiple=True,
+              help="One per adapter, in order (default: equal); normalised to sum to 1.")
+@click.pass_context
+def models_average(ctx, adapters, name, weights):
+    """Average ADAPTERS (names, NAME@VERSION or directories; same base, labels, prompt and LoRA shape) into one
+    adapter of the same rank, calibrated again on their held-out training utterances (model_store/averaging.py)."""
+    from model_store.averaging import average_adapters
+    from model_store.registry import resolve_adapter
+
+    settings = settings_of(ctx)
+    try:
+        sources = [resolve_adapter(a, settings.store.dir).path for a in adapters]
+        out = average_adapters(sources, name, settings.store.dir, settings.data.dir, weights or None)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"adapter written to {out}")
 
 
 @models.command("list")
