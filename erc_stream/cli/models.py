@@ -1,4 +1,4 @@
-"""``erc-stream models``: train, evaluate, sweep, average, list, show, promote and roll back adapters (:mod:`model_store`)."""
+"""``erc-stream models``: train, evaluate, sweep, average, list, show, promote, roll back (:mod:`model_store`)."""
 
 from __future__ import annotations
 
