@@ -105,14 +105,15 @@ def average_adapters(sources: Sequence[Path], name: str, store_dir: Path, data_d
     states = [load_file(src / "adapter_model.safetensors") for src in sources]
     save_file(average_lora_weights(states, weights), staging / "adapter_model.safetensors")
     shutil.copy(sources[0] / "adapter_config.json", staging)
-    meta = _read(sources[0], "erc_meta.json")
+    metas = [_read(src, "erc_meta.json") for src in sources]
+    meta = dict(metas[0])
     for key in ("calibration", "selected", "train", "command", "dev", "evals"):  # the first run's, not the average's
         meta.pop(key, None)
     meta.update(name=name, created=datetime.now(UTC).isoformat(timespec="seconds"), averaged={
-        "adapters": [{"name": _read(s, "erc_meta.json").get("name"), "version": adapter_version(s),
-                      "train": _read(s, "erc_meta.json").get("train")} for s in sources],
+        "adapters": [{"name": m.get("name"), "version": adapter_version(src), "train": m.get("train")}
+                     for src, m in zip(sources, metas)],
         "weights": weights})
-    (staging / "erc_meta.json").write_text(json.dumps(meta, indent=2))
+    (staging / "erc_meta.json").write_text(json.dumps(meta, indent=2))  # no correction yet: calibrate sees raw scores
 
     cfg = _held_out_config(meta, name, data_dir)
     if cfg.calibration:
