@@ -8,21 +8,18 @@ matrices and factored back by SVD into the adapters' rank: the closest rank-r up
 average serves at the same cost, and under the same ``vllm.max_lora_rank``, as its inputs.
 
 Only adapters that a consumer serves identically may be averaged: the same base, label set, prompt layout and
-LoRA shape. The averaged adapter's label-prior correction is fitted again (``post_training.calibrate``) on
-the held-out training utterances its inputs share, which is why their data and held-out draw must match too.
+LoRA shape. The averaged adapter's label-prior correction is fitted again (``post_training.calibrate``, in
+the serving dtype) on the held-out training utterances its inputs share, which is why their data and held-out
+draw must match too.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
-
-if TYPE_CHECKING:
-    from model_store.training import TrainConfig
+from typing import Sequence
 
 #: ``erc_meta.json`` fields (and ``config`` keys) in which averaged adapters must agree: what they serve
 #: (base, labels, prompt) and what their held-out calibration draw depends on.
@@ -88,10 +85,9 @@ def average_adapters(sources: Sequence[Path], name: str, store_dir: Path, data_d
     training data the adapters trained on (``Settings().data.dir``)."""
     from safetensors.torch import load_file, save_file
 
-    from core.labels import get_label_set
-    from model_store.post_training import calibrate
+    from model_store.post_training import calibrate, serving_dtype
+    from model_store.recalibration import held_out, held_out_config
     from model_store.registry import adapter_version, publish
-    from model_store.training import load_sources, split_targets
 
     check_compatible(sources)
     weights = [1.0] * len(sources) if weights is None else list(weights)
@@ -115,31 +111,8 @@ def average_adapters(sources: Sequence[Path], name: str, store_dir: Path, data_d
         "weights": weights})
     (staging / "erc_meta.json").write_text(json.dumps(meta, indent=2))  # no correction yet: calibrate sees raw scores
 
-    cfg = _held_out_config(meta, name, data_dir)
+    cfg = held_out_config(meta, name, data_dir)
     if cfg.calibration:
-        _, held = split_targets(cfg, load_sources(cfg), get_label_set(cfg.label_set))
-        meta["calibration"] = calibrate(cfg, store_dir, staging, held).as_dict()
+        meta["calibration"] = calibrate(cfg, store_dir, staging, held_out(cfg), serving_dtype()).as_dict()
         (staging / "erc_meta.json").write_text(json.dumps(meta, indent=2))
     return publish(staging, store_dir, name)
-
-
-def _held_out_config(meta: dict, name: str, data_dir: Path) -> "TrainConfig":
-    """The averaged adapters' training config; a data file no longer where they trained is looked for under this
-    machine's data directory (they may have trained elsewhere). The held-out calibration draw is then the one
-    their training left out, as long as the data is the same, which ``data_hash`` checks."""
-    from model_store.data import default_file
-    from model_store.training import TrainConfig, sources_hash
-
-    def here(dataset: str, path: str) -> str:  # the recorded file, or the dataset's under this data directory
-        return path if Path(path).exists() else str(default_file(data_dir, dataset, "train"))
-
-    known = {f.name for f in fields(TrainConfig)}
-    config = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.get("config", {}).items() if k in known}
-    config.update(name=name, train_file=here(config["dataset"], config["train_file"]),
-                  more_sources=tuple((d, here(d, f)) for d, f in config.get("more_sources", ())))
-    cfg = TrainConfig(**config)
-    if cfg.calibration and sources_hash(cfg) != meta.get("data_hash"):
-        raise ValueError(f"the training data under {data_dir} is not the data these adapters trained on "
-                         f"(hash {sources_hash(cfg)} vs {meta.get('data_hash')}): their held-out calibration "
-                         "utterances cannot be drawn again")
-    return cfg

@@ -1,6 +1,10 @@
 """A trained adapter through the serving path: its label-prior correction, and its dev scores during training.
 
 ``calibrate`` fits the label-prior correction (``scoring/calibration.py``) on held-out *training* utterances.
+The correction an adapter ships with is fitted in the dtype consumers serve it in (:func:`serving_dtype`,
+float32 by default), not the one it trained in: the correction's power is a threshold on the model's label
+probabilities, and bf16 weights move those enough to move it (the MELD adapter's power was 0.6 fitted in bf16,
+0.2 in float32, on the same 300 utterances). ``model_store/recalibration.py`` fits an existing adapter's again.
 :class:`DevSelection` keeps the best adapter of a run: every ``eval_every`` steps (and once at the end) the
 adapter so far is saved as a candidate, given its own correction and scored on the dev split of each dataset
 it trains on; the run publishes the candidate with the best mean weighted F1, and the others are deleted as
@@ -22,20 +26,32 @@ from scoring.prompts import PromptBuilder
 
 if TYPE_CHECKING:
     from core.settings import Settings
+    from scoring.calibration import Calibration
     from model_store.examples import Target
     from model_store.training import TrainConfig
 
 log = structlog.get_logger(__name__)
 
 
-def serving_settings(cfg: TrainConfig, store_dir: Path) -> Settings:
-    """The settings that serve what ``cfg`` trains (HF backend): calibration and dev evaluation use them."""
+def serving_dtype(settings: Settings | None = None) -> str:
+    """The weights' dtype consumers serve in: ``settings.model.dtype`` (default: the environment's settings),
+    ``auto`` resolved on this machine."""
+    from core.settings import Settings
+    from scoring.hardware import auto_dtype
+
+    model = (settings or Settings()).model
+    return auto_dtype(model.device) if model.dtype == "auto" else model.dtype
+
+
+def serving_settings(cfg: TrainConfig, store_dir: Path, dtype: str | None = None) -> Settings:
+    """The settings that serve what ``cfg`` trains (HF backend), in ``dtype`` (default: the training's):
+    calibration and dev evaluation use them."""
     from core.settings import Settings
 
     return Settings().with_overrides(
         store={"dir": str(store_dir)},
         model={"base": cfg.base, "device": cfg.device, "threads": cfg.threads, "label_set": cfg.label_set,
-               "backend": "hf", "demo_position": cfg.demo_position, "dtype": cfg.dtype},
+               "backend": "hf", "demo_position": cfg.demo_position, "dtype": dtype or cfg.dtype},
         window={"size": cfg.window, "hop": cfg.hop},
         conversation={"retain_turns": cfg.window + cfg.hop - 1},
     )
@@ -54,14 +70,21 @@ def sources_dev(cfg: TrainConfig) -> list[tuple[str, str]]:
     return [(d, str(default_file(data_dir, d, "dev"))) for d, _ in cfg.sources]
 
 
-def calibrate(cfg: TrainConfig, store_dir: Path, adapter_dir: Path, held: Sequence[Target]):
-    """Fit the adapter's label-prior correction on held-out training utterances, through the serving path."""
+def calibrate(cfg: TrainConfig, store_dir: Path, adapter_dir: Path, held: Sequence[Target],
+              dtype: str | None = None) -> Calibration:
+    """Fit the adapter's label-prior correction on held-out training utterances, through the serving path, with
+    weights in ``dtype`` (default: the training's, ``auto`` resolved)."""
+    from dataclasses import replace
+
     from model_store.loading import load_backend
     from scoring.adapters import AdapterChoice, AdapterRef
     from scoring.calibration import fit
+    from scoring.hardware import auto_dtype
     from scoring.labeler import Failed, Labeler
 
-    settings = serving_settings(cfg, store_dir)
+    dtype = dtype or cfg.dtype
+    dtype = auto_dtype(cfg.device) if dtype == "auto" else dtype
+    settings = serving_settings(cfg, store_dir, dtype)
     backend = load_backend(settings)
     try:
         builder = PromptBuilder.configured(settings, get_label_set(cfg.label_set), backend.count_tokens)
@@ -79,7 +102,7 @@ def calibrate(cfg: TrainConfig, store_dir: Path, adapter_dir: Path, held: Sequen
                 if not isinstance(result, Failed):
                     dists.append(result.probabilities)
                     gold.append(t.label)
-        return fit(dists, gold)
+        return replace(fit(dists, gold), dtype=dtype)
     finally:
         backend.close()
 

@@ -579,14 +579,19 @@ def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, pro
             meta["evals"] = {f"{d}:dev": score for d, score in best["dev"].items()}
         (out_dir / "erc_meta.json").write_text(json.dumps(meta, indent=2, default=str))
         (out_dir / "evals.jsonl").unlink(missing_ok=True)
-    elif held:
-        from model_store.post_training import calibrate
+    if held:
+        from model_store.post_training import calibrate, serving_dtype
 
-        calibration = calibrate(cfg, store_dir, out_dir, held)
-        meta["calibration"] = calibration.as_dict()
-        (out_dir / "erc_meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        log.info("calibrated", power=calibration.power, weighted_f1_before=calibration.weighted_f1_before,
-                 weighted_f1_after=calibration.weighted_f1_after, n=calibration.n)
+        # the correction consumers apply is fitted in their dtype; a selected candidate's (fitted in the
+        # training's, for the dev scores that chose it) stays in meta["selected"]["dev_evaluations"]
+        dtype = serving_dtype()
+        if meta.get("calibration", {}).get("dtype") != dtype:
+            calibration = calibrate(cfg, store_dir, out_dir, held, dtype)
+            meta["calibration"] = calibration.as_dict()
+            meta.pop("evals", None)  # the selected candidate's dev scores, under its own correction
+            (out_dir / "erc_meta.json").write_text(json.dumps(meta, indent=2, default=str))
+            log.info("calibrated", power=calibration.power, weighted_f1_before=calibration.weighted_f1_before,
+                     weighted_f1_after=calibration.weighted_f1_after, n=calibration.n, dtype=dtype)
     if versioned:
         out_dir = publish(out_dir, store_dir, cfg.name)
     log.info("adapter written", path=str(out_dir), **result)

@@ -191,3 +191,11 @@ def call_center_messages(run_id: str, *, tenant: str | None, start: datetime | N
                         role=role, text=text, sent_at=start + timedelta(seconds=4 * i), tenant=tenant,
                         gold_label=label)
             for i, (speaker, role, text, label) in enumerate(_CALL_CENTER)]
+
+
+def scripted_conversations() -> list[Conversation]:
+    """Every hand-written conversation once (the templates, the negative streak, the support call; 86 labelled
+    turns): ``erc-stream models eval --dataset synthetic`` scores an adapter on them, the registers of the
+    product's streams that MELD's TV dialogue is not."""
+    call = Conversation(DATASET, CALL_CENTER_ID, tuple(Utterance(s, t, label) for s, _, t, label in _CALL_CENTER))
+    return [*templates(), negative_streak_conversation(), call]

@@ -26,6 +26,7 @@ class Calibration:
     n: int = 0  # held-out utterances it was fitted on
     weighted_f1_before: float | None = None  # on those utterances, power 0
     weighted_f1_after: float | None = None  # on those utterances, the chosen power
+    dtype: str | None = None  # of the weights that scored them (model_store/post_training.py: the serving one)
 
     def apply(self, dist: Mapping[str, float]) -> dict[str, float]:
         """The corrected, renormalised distribution (labels missing from the prior are left unscaled)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from erc_stream.cli.root import DATASETS, LABEL_SETS, main, settings_of
+from producer_sim.synthetic import DATASET as SCRIPTED
 
 
 @main.group()
@@ -110,8 +111,9 @@ def models_train(ctx, datasets, files, label_set, mix, full, name, base, window,
 
 
 @models.command("eval")
-@click.option("--dataset", "datasets", type=DATASETS, required=True,
-              multiple=True, help="Repeat for per-dataset scores of one adapter (with --label-set unified).")
+@click.option("--dataset", "datasets", type=click.Choice([*DATASETS.choices, SCRIPTED]), required=True, multiple=True,
+              help="Repeat for per-dataset scores of one adapter (with --label-set unified). 'synthetic': the demo's "
+                   "hand-written support chats, calls and threads (producer_sim/synthetic.py), no data needed.")
 @click.option("--file", "file_", type=click.Path(path_type=Path), default=None,
               help="Any file in the dataset's format (default: its dev split under ERC_DATA__DIR); one --dataset only.")
 @click.option("--split", type=click.Choice(["train", "dev", "test"]), default="dev")
@@ -139,6 +141,7 @@ def models_eval(ctx, datasets, file_, split, label_set, adapter, base, dialogues
     import json
 
     from model_store.evaluation_runs import run_eval
+    from producer_sim.synthetic import scripted_conversations
 
     settings = settings_of(ctx)
     if file_ is not None and len(datasets) > 1:
@@ -163,7 +166,8 @@ def models_eval(ctx, datasets, file_, split, label_set, adapter, base, dialogues
         results[dataset] = run_eval(s, dataset=dataset, file=file_, split=split, adapter=adapter, dialogues=dialogues,
                                     limit=limit, window=window, demonstrations=not no_demonstrations,
                                     zero_shot=zero_shot, confusion=png, batch_size=batch_size,
-                                    progress=not as_json, calibrated=not no_calibration)
+                                    progress=not as_json, calibrated=not no_calibration,
+                                    conversations=scripted_conversations() if dataset == SCRIPTED else None)
     if as_json:
         click.echo(json.dumps(results[datasets[0]] if len(datasets) == 1 else results))
     else:
@@ -239,6 +243,33 @@ def models_average(ctx, adapters, name, weights):
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"adapter written to {out}")
+
+
+@models.command("calibrate")
+@click.argument("adapter")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Weights' dtype the correction is fitted in (default: the serving one, ERC_MODEL__DTYPE).")
+@click.pass_context
+def models_calibrate(ctx, adapter, dtype):
+    """Fit ADAPTER's (name, NAME@VERSION or directory) label-prior correction again on the training utterances
+    its run held out, in the dtype it is served in; publish it as a new version (model_store/recalibration.py)."""
+    import json
+
+    from model_store.post_training import serving_dtype
+    from model_store.recalibration import recalibrate
+    from model_store.registry import resolve_adapter
+
+    settings = settings_of(ctx)
+    try:
+        source = resolve_adapter(adapter, settings.store.dir).path
+        out = recalibrate(source, settings.store.dir, settings.data.dir, dtype or serving_dtype(settings))
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    was = json.loads((source / "erc_meta.json").read_text()).get("calibration") or {}
+    now = json.loads((out / "erc_meta.json").read_text())["calibration"]
+    click.echo(f"power {was.get('power')} ({was.get('dtype') or 'the training dtype'}) -> {now['power']} "
+               f"({now['dtype']}) on {now['n']} held-out utterances; "
+               f"{'unchanged' if out == source else 'a new version'}: adapter written to {out}")
 
 
 @models.command("list")

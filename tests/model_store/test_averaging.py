@@ -4,18 +4,15 @@ adapters through ``erc-stream models average``, calibrated again and published."
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from core.settings import Settings
 from erc_stream.cli import main
 from model_store.averaging import average_lora_weights, check_compatible
-from model_store.base_models import ensure_embedded
-from model_store.training import TrainConfig, train
-from tests.model_store.test_training import _write_jsonl
 
 KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 KEY_B = KEY_A.replace("lora_A", "lora_B")
@@ -72,16 +69,8 @@ def test_adapters_served_differently_are_refused_with_the_field_that_differs(tmp
 
 @pytest.mark.slow
 def test_models_average_publishes_a_calibrated_average_of_two_trained_adapters(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = _write_jsonl(tmp_path / "train.jsonl", 4)
-    store = tmp_path / "store"
-    base = str(ensure_embedded(Settings().store.dir))  # a local HF directory: no conversion into this store
-    cfg = TrainConfig(name="short", dataset="jsonl", train_file=str(data), label_set="meld", base=base,
-                      speaker_steps=0, steps=2, batch_size=2, impact_per_batch=0, aux_weight=0.0, max_tokens=128,
-                      demonstrations=False, calibration=6, threads=1)
-    short = train(cfg, store_dir=store, progress=False, command="test")
-    long = train(TrainConfig(**{**cfg.__dict__, "name": "long", "steps": 4}), store_dir=store, progress=False,
-                 command="test")
+        two_runs: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, short, long = two_runs
     monkeypatch.setenv("ERC_STORE__DIR", str(store))
     result = CliRunner().invoke(main, ["models", "average", "short", str(long), "--name", "soup"])
     assert result.exit_code == 0, result.output
@@ -90,7 +79,8 @@ def test_models_average_publishes_a_calibrated_average_of_two_trained_adapters(
     meta = json.loads((out / "erc_meta.json").read_text())
     assert meta["averaged"]["weights"] == [0.5, 0.5]
     assert [(a["name"], a["train"]["steps"]) for a in meta["averaged"]["adapters"]] == [("short", 2), ("long", 4)]
-    assert meta["calibration"]["n"] == 6  # fitted again, on the runs' held-out six
+    # fitted again, on the runs' held-out six, in the dtype consumers serve in
+    assert meta["calibration"]["n"] == 6 and meta["calibration"]["dtype"] == "float32"
     assert not {"train", "dev", "evals", "selected"} & meta.keys()  # the first run's records are not the average's
 
     from safetensors.torch import load_file
@@ -102,7 +92,9 @@ def test_models_average_publishes_a_calibrated_average_of_two_trained_adapters(
     assert not torch.allclose(states[0][keyb] @ states[0][key], states[1][keyb] @ states[1][key])
     assert torch.linalg.matrix_norm(states[2][keyb] @ states[2][key] - mean) < 0.1 * torch.linalg.matrix_norm(mean)
 
-    relabelled = json.loads((long / "erc_meta.json").read_text())
-    (long / "erc_meta.json").write_text(json.dumps({**relabelled, "label_set": "emorynlp"}))
-    result = CliRunner().invoke(main, ["models", "average", "short", str(long), "--name", "soup"])
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(long, relabelled)
+    meta = json.loads((relabelled / "erc_meta.json").read_text())
+    (relabelled / "erc_meta.json").write_text(json.dumps({**meta, "label_set": "emorynlp"}))
+    result = CliRunner().invoke(main, ["models", "average", "short", str(relabelled), "--name", "soup"])
     assert result.exit_code != 0 and "differ in label_set" in result.output

@@ -27,3 +27,23 @@ def test_evaluation_on_a_tiny_set_through_the_serving_path(hf_backend, tmp_path:
     assert sum(report.support.values()) == n
     png = Path(report.confusion_png).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+
+
+def test_models_eval_scores_the_scripted_conversations_without_a_data_directory(
+        tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from erc_stream.cli import main
+    from producer_sim.synthetic import scripted_conversations
+
+    monkeypatch.setenv("ERC_DATA__DIR", str(tmp_path / "no-data"))  # a fresh machine: nothing to read
+    scripted = scripted_conversations()
+    result = CliRunner().invoke(main, ["models", "eval", "--dataset", "synthetic", "--label-set", "meld",
+                                       "--adapter", "none", "--no-zero-shot", "--dialogues", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    out = result.output  # the report after the log lines
+    report, _ = json.JSONDecoder().raw_decode(out, out.index('{"dataset"'))
+    assert report["dataset"] == "synthetic" and report["file"] == "<synthetic>"
+    assert report["n"] == sum(len(c.utterances) for c in scripted[:2]) and report["failed"] == 0

@@ -229,23 +229,28 @@ def test_class_weights_scale_rare_labels_up_and_average_one() -> None:
     assert class_scales(TrainConfig(**{**cfg.__dict__, "class_weight": 0.0}), examples) is None
 
 
-def test_blocks_with_dev_evaluation_publish_the_best_candidate(tmp_path: Path) -> None:
+def test_blocks_with_dev_evaluation_publish_the_best_candidate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A packed, block-batched run scored on a dev file every 2 steps: each score is recorded, the published
-    adapter is the best candidate's (its weights and its label-prior correction), the others are gone."""
+    adapter is the best candidate's weights, the others are gone. Its label-prior correction is fitted again
+    in the dtype consumers serve in where that is not the training's (the candidates' stay in their records)."""
     from safetensors.torch import load_file
 
     data = _write_jsonl(tmp_path / "train.jsonl", 3)
     dev = _write_jsonl(tmp_path / "dev.jsonl", 1)
     cfg = TrainConfig(name="sel", dataset="jsonl", train_file=str(data), label_set="meld", speaker_steps=0,
                       steps=4, batch_size=4, batching="blocks", max_tokens=160, demonstrations=False,
-                      calibration=8, eval_every=2, eval_file=str(dev), eval_limit=6, threads=1, class_weight=0.5)
+                      calibration=8, eval_every=2, eval_file=str(dev), eval_limit=6, threads=1, class_weight=0.5,
+                      dtype="float32")
     out = tmp_path / "sel"
+    monkeypatch.setenv("ERC_MODEL__DTYPE", "bfloat16")  # consumers serve in bf16, the run trains in float32
     train(cfg, store_dir=Settings().store.dir, out_dir=out, progress=False, command="test")
     meta = json.loads((out / "erc_meta.json").read_text())
     evals = meta["selected"]["dev_evaluations"]
     assert [e["step"] for e in evals] == [2, 4] and all(e["dev"]["jsonl"]["n"] == 6 for e in evals)
     best = max(evals, key=lambda e: (e["score"], e["step"]))
-    assert meta["selected"]["step"] == best["step"] and meta["calibration"] == best["calibration"]
+    assert meta["selected"]["step"] == best["step"] and best["calibration"]["dtype"] == "float32"
+    assert meta["calibration"]["dtype"] == "bfloat16" and meta["calibration"]["n"] == best["calibration"]["n"] == 8
+    assert meta["calibration"]["prior"] != best["calibration"]["prior"]
     assert not (out / "candidates").exists() and not (out / "evals.jsonl").exists()
     assert load_file(out / "adapter_model.safetensors")  # the published weights load
 

@@ -12,7 +12,10 @@ from core.records import ChatMessage
 from core.settings import Settings
 from model_store.data import Conversation, Utterance
 from producer_sim.replay import TURN_GAP, interleave, replay, to_messages
-from producer_sim.synthetic import MELD_RAW_LABELS, synthetic_conversations, templates
+from producer_sim.synthetic import (
+    CALL_CENTER_ID, MELD_RAW_LABELS, NEGATIVE_STREAK_ID, scripted_conversations, synthetic_conversations,
+    templates,
+)
 
 
 def _conversations(sizes: list[int]) -> list[Conversation]:
@@ -31,6 +34,16 @@ def test_templates_are_realistic_sized() -> None:
     for conv in base:
         assert 4 <= len(conv.utterances) <= 8, conv.conversation_id
         assert 2 <= len({u.speaker for u in conv.utterances}) <= 3, conv.conversation_id
+
+
+def test_the_scripted_conversations_hold_every_hand_written_one_once() -> None:
+    scripted = scripted_conversations()
+    ids = [c.conversation_id for c in scripted]
+    assert len(set(ids)) == len(ids) == len(templates()) + 2
+    assert ids[-2:] == [NEGATIVE_STREAK_ID, CALL_CENTER_ID] and scripted[:-2] == templates()
+    call = scripted[-1]
+    assert [u.label for u in call.utterances] == ["anger", "neutral"] * 3 + ["anger"]  # the demo's streak
+    assert all(u.label in MELD_RAW_LABELS for c in scripted for u in c.utterances)
 
 
 @pytest.mark.parametrize("n", [0, 1, 12, 31])
