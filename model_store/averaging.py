@@ -24,7 +24,7 @@ from typing import Sequence
 #: ``erc_meta.json`` fields (and ``config`` keys) in which averaged adapters must agree: what they serve
 #: (base, labels, prompt) and what their held-out calibration draw depends on.
 MUST_MATCH = ("base", "label_set", "window", "hop", "max_tokens", "demonstrations", "demo_position", "data_hash")
-CONFIG_MUST_MATCH = ("seed", "calibration", "mix", "fraction", "limit")
+CONFIG_MUST_MATCH = ("holdout_seed", "calibration", "mix", "fraction", "limit")  # holdout_seed: the draw's
 #: ``adapter_config.json`` fields that fix the adapter's shape and scale.
 LORA_MUST_MATCH = ("r", "lora_alpha", "target_modules", "peft_type")
 
@@ -37,12 +37,16 @@ def check_compatible(sources: Sequence[Path]) -> None:
     """Raise ``ValueError`` naming the first field in which the adapters differ."""
     if len(sources) < 2:
         raise ValueError("averaging needs at least two adapters")
+    from model_store.training import held_out_seed
+
+    def config(meta: dict) -> dict:  # the seed of the held-out draw as the run used it (seed + 2 by default)
+        return {**meta.get("config", {}), "holdout_seed": held_out_seed(meta.get("config", {}))}
+
     first_meta, first_lora = _read(sources[0], "erc_meta.json"), _read(sources[0], "adapter_config.json")
     for src in sources[1:]:
         meta, lora = _read(src, "erc_meta.json"), _read(src, "adapter_config.json")
         pairs = ([(k, first_meta.get(k), meta.get(k)) for k in MUST_MATCH]
-                 + [(f"config.{k}", first_meta.get("config", {}).get(k), meta.get("config", {}).get(k))
-                    for k in CONFIG_MUST_MATCH]
+                 + [(f"config.{k}", config(first_meta).get(k), config(meta).get(k)) for k in CONFIG_MUST_MATCH]
                  + [(k, first_lora.get(k), lora.get(k)) for k in LORA_MUST_MATCH])
         for key, a, b in pairs:
             if (sorted(a) if isinstance(a, list) else a) != (sorted(b) if isinstance(b, list) else b):

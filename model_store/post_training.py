@@ -26,9 +26,9 @@ from scoring.prompts import PromptBuilder
 
 if TYPE_CHECKING:
     from core.settings import Settings
-    from scoring.calibration import Calibration
     from model_store.examples import Target
     from model_store.training import TrainConfig
+    from scoring.calibration import Calibration
 
 log = structlog.get_logger(__name__)
 

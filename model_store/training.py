@@ -95,6 +95,9 @@ class TrainConfig:
     # Training utterances held out of training and used afterwards to fit the label-prior correction
     # (see scoring/calibration.py); 0 = no calibration.
     calibration: int = 0
+    # The seed of that draw (default: seed + 2). Runs of other seeds that hold out the same utterances can be
+    # averaged into one adapter and calibrated on them (model_store/averaging.py).
+    holdout_seed: int | None = None
     # Further (dataset, train file) pairs trained with the first one; see the module docstring.
     more_sources: tuple[tuple[str, str], ...] = ()
     mix: Literal["total", "ratio"] = "total"
@@ -149,13 +152,21 @@ def load_sources(cfg: TrainConfig) -> list:
     return out
 
 
+def held_out_seed(config: dict) -> int:
+    """The seed of the held-out calibration draw of a run's config (``asdict(TrainConfig)``, or an adapter's
+    ``erc_meta.json`` ``config``, older ones without ``holdout_seed`` included)."""
+    chosen = config.get("holdout_seed")
+    return config.get("seed", 0) + 2 if chosen is None else chosen
+
+
 def split_targets(cfg: TrainConfig, conversations, label_set) -> tuple[list[Target], list[Target]]:
     """(training targets, held-out calibration targets): ``cfg.calibration`` utterances are set aside
-    (drawn from the seed) before the fraction/limit sampling of the rest, which follows ``cfg.mix``."""
+    (drawn from ``held_out_seed``) before the fraction/limit sampling of the rest, which follows ``cfg.mix``."""
     pool = targets(conversations, label_set)
     held: set[int] = set()
     if cfg.calibration > 0:
-        held = set(random.Random(cfg.seed + 2).sample(range(len(pool)), min(cfg.calibration, len(pool) // 2)))
+        held = set(random.Random(held_out_seed(asdict(cfg))).sample(range(len(pool)),
+                                                                    min(cfg.calibration, len(pool) // 2)))
     rest = [t for i, t in enumerate(pool) if i not in held]
     if cfg.mix == "ratio":
         by_dataset: dict[str, list[Target]] = {}

@@ -66,6 +66,9 @@ def models() -> None:
               help="The dev file --eval-every scores (default: each dataset's dev split).")
 @click.option("--eval-limit", type=int, default=None, help="--eval-every scores the first N dev utterances only.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--holdout-seed", type=int, default=None,
+              help="Seed of the --calibration draw (default: --seed + 2): runs of other seeds that hold out the same "
+                   "utterances can be averaged (models average).")
 @click.option("--threads", type=int, default=None)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
@@ -77,7 +80,7 @@ def models_train(ctx, datasets, files, label_set, mix, full, name, base, window,
                  epochs, batch_size, aux_weight, impact_per_batch, no_demonstrations, demo_pairing, lr, lora_r, lora_alpha,
                  lora_dropout, fraction,
                  limit, balance, class_weight, batching, no_packing, lora_modules, calibration, eval_every, eval_file,
-                 eval_limit, seed, threads, device, dtype, checkpoint_every, no_progress):
+                 eval_limit, seed, holdout_seed, threads, device, dtype, checkpoint_every, no_progress):
     """Train a LoRA adapter (or, --full, a whole model) with the InstructERC recipe; resumes from its checkpoint."""
     import shlex
 
@@ -100,7 +103,7 @@ def models_train(ctx, datasets, files, label_set, mix, full, name, base, window,
         lora_dropout=lora_dropout, target_modules=LORA_MODULES[lora_modules], fraction=fraction, limit=limit,
         balance=balance, class_weight=class_weight, batching=batching, packing=not no_packing,
         calibration=calibration, eval_every=eval_every, eval_file=str(eval_file) if eval_file else None,
-        eval_limit=eval_limit, seed=seed, threads=threads, device=device, dtype=dtype,
+        eval_limit=eval_limit, seed=seed, holdout_seed=holdout_seed, threads=threads, device=device, dtype=dtype,
         checkpoint_every=checkpoint_every, demo_position=settings.model.demo_position,
     )
     if epochs is not None:

@@ -56,10 +56,13 @@ def test_adapters_served_differently_are_refused_with_the_field_that_differs(tmp
     one = _adapter(tmp_path, "one", meta, lora)
     same = _adapter(tmp_path, "same", meta, {**lora, "target_modules": ["v_proj", "q_proj"]})  # a set: same
     check_compatible([one, same])
+    # another seed (data order, LoRA initialisation) that holds out the same utterances: a soup of equals
+    check_compatible([one, _adapter(tmp_path, "reseeded", {**meta, "config": {"seed": 1, "holdout_seed": 2}}, lora)])
     for name, (m, lo), field in [
         ("labels", ({**meta, "label_set": "emorynlp"}, lora), "label_set"),
         ("rank", (meta, {**lora, "r": 8}), "r"),
-        ("seed", ({**meta, "config": {"seed": 1}}, lora), "config.seed"),
+        ("seed", ({**meta, "config": {"seed": 1}}, lora), "config.holdout_seed"),  # so another held-out draw
+        ("draw", ({**meta, "config": {"seed": 0, "holdout_seed": 3}}, lora), "config.holdout_seed"),
     ]:
         with pytest.raises(ValueError, match=rf"differ in {field} "):
             check_compatible([one, _adapter(tmp_path, name, m, lo)])

@@ -51,6 +51,20 @@ def test_ratio_mix_keeps_each_datasets_share_and_total_mix_pools(tmp_path: Path)
     assert again == ratio
 
 
+def test_the_held_out_draw_follows_its_own_seed(tmp_path: Path) -> None:
+    data = write_data_dir(tmp_path, conversations=6)
+    convs = load_sources(_cfg(data))
+    unified = get_label_set("unified")
+
+    def held(**kw) -> list[tuple[str, int]]:
+        _, out = split_targets(_cfg(data, calibration=10, **kw), convs, unified)
+        return [(t.conversation.conversation_id, t.index) for t in out]
+
+    assert len(held()) == 10 and held() != held(seed=1)  # by default the draw moves with the seed
+    assert held(seed=1, holdout_seed=2) == held()  # seed 0's draw (0 + 2) under another seed
+    assert held(holdout_seed=5) == held(seed=3) != held()
+
+
 def test_epochs_size_the_main_stage(tmp_path: Path) -> None:
     data = write_data_dir(tmp_path, conversations=4)
     cfg = with_epochs(_cfg(data, fraction=0.5, batch_size=4), 2.0)
