@@ -127,6 +127,11 @@ class TrainConfig:
     def kind(self) -> str:
         return "full" if self.full else "lora"
 
+    @property
+    def held_out_draw_seed(self) -> int:
+        """The seed that draws the held-out calibration utterances (``holdout_seed``, default ``seed + 2``)."""
+        return held_out_seed({"seed": self.seed, "holdout_seed": self.holdout_seed})
+
 
 def sources_hash(cfg: TrainConfig) -> str:
     """The training data's identity: the one file's hash, or a hash over every source's."""
@@ -161,12 +166,13 @@ def held_out_seed(config: dict) -> int:
 
 def split_targets(cfg: TrainConfig, conversations, label_set) -> tuple[list[Target], list[Target]]:
     """(training targets, held-out calibration targets): ``cfg.calibration`` utterances are set aside
-    (drawn from ``held_out_seed``) before the fraction/limit sampling of the rest, which follows ``cfg.mix``."""
+    (drawn from ``cfg.held_out_draw_seed``) before the fraction/limit sampling of the rest, which follows
+    ``cfg.mix``."""
     pool = targets(conversations, label_set)
     held: set[int] = set()
     if cfg.calibration > 0:
-        held = set(random.Random(held_out_seed(asdict(cfg))).sample(range(len(pool)),
-                                                                    min(cfg.calibration, len(pool) // 2)))
+        held = set(random.Random(cfg.held_out_draw_seed).sample(range(len(pool)),
+                                                                min(cfg.calibration, len(pool) // 2)))
     rest = [t for i, t in enumerate(pool) if i not in held]
     if cfg.mix == "ratio":
         by_dataset: dict[str, list[Target]] = {}
