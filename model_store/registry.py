@@ -209,7 +209,9 @@ class Registry:
         os.replace(tmp, self.file)  # atomic: a watching consumer never reads half a file
 
     def record_eval(self, name: str, key: str, result: dict) -> None:
-        """Store an evaluation result in an adapter version's metadata (only for adapters in the store)."""
+        """Store an evaluation result (``key``: ``dataset:split``) in an adapter version's metadata (only for
+        adapters in the store). Its ``dev`` summary, the one ``models list`` shows, is the dev score on the
+        adapter's own (first) training dataset: not another dataset's, nor the scripted conversations'."""
         try:
             info = self.info(name)
         except FileNotFoundError:  # an adapter given as a directory outside the store
@@ -218,7 +220,7 @@ class Registry:
             return
         meta = dict(info.meta)
         meta.setdefault("evals", {})[key] = result
-        if key.endswith(":dev"):
+        if key == f"{meta.get('dataset') or meta.get('label_set')}:dev":
             meta["dev"] = {"weighted_f1": result.get("weighted_f1"), "accuracy": result.get("accuracy"),
                            "n": result.get("n")}
         (info.path / "erc_meta.json").write_text(json.dumps(meta, indent=2, default=str))

@@ -47,3 +47,16 @@ def test_choose_adapter_honours_none_and_explicit_names(lora_adapter: Path, tmp_
     assert choose_adapter(settings, "mine").name == "mine"
     Registry(store).promote("mine")
     assert choose_adapter(settings).name == "mine"
+
+
+def test_the_dev_summary_is_the_adapters_own_datasets(lora_adapter: Path, tmp_path: Path) -> None:
+    reg = Registry(_store_with(lora_adapter, tmp_path))  # a MELD adapter
+
+    def record(key: str, f1: float) -> dict:
+        reg.record_eval("mine", key, {"weighted_f1": f1, "accuracy": f1, "n": 10})
+        return json.loads((reg.info("mine").path / "erc_meta.json").read_text())
+
+    assert record("meld:dev", 60.0)["dev"]["weighted_f1"] == 60.0
+    for key in ("synthetic:dev", "emorynlp:dev", "meld:test"):  # kept, but not as the adapter's dev score
+        meta = record(key, 10.0)
+        assert meta["dev"]["weighted_f1"] == 60.0 and meta["evals"][key]["weighted_f1"] == 10.0
