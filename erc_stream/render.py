@@ -49,7 +49,7 @@ def print_registry(registry) -> None:
         adapters.add_column(col)
     for a in registry.adapters():
         m = a.meta
-        dev = (m.get("dev") or {}).get("weighted_f1")
+        dev = a.dev_weighted_f1
         adapters.add_row(a.name, str(a.version), str(a.label_set), str(m.get("base")), str(m.get("window")),
                          f"{dev:.1f}" if dev is not None else "-", str(m.get("created", "-")),
                          "shipped" if a.shipped else "store",

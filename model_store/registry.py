@@ -118,6 +118,15 @@ class AdapterInfo:
     version: str | None = None
 
     @property
+    def dev_weighted_f1(self) -> float | None:
+        """Weighted F1 on the dev split of the adapter's own (first) training dataset, from its recorded
+        evaluations (not another dataset's, nor the scripted conversations'); None if never evaluated there.
+        Adapters written before evaluations were keyed by dataset carry it as ``dev``."""
+        own = (self.meta.get("datasets") or [self.meta.get("dataset") or self.meta.get("label_set")])[0]
+        found = (self.meta.get("evals") or {}).get(f"{own}:dev") or self.meta.get("dev") or {}
+        return found.get("weighted_f1")
+
+    @property
     def label_set(self) -> str | None:
         return self.meta.get("label_set")
 
@@ -210,8 +219,7 @@ class Registry:
 
     def record_eval(self, name: str, key: str, result: dict) -> None:
         """Store an evaluation result (``key``: ``dataset:split``) in an adapter version's metadata (only for
-        adapters in the store). Its ``dev`` summary, the one ``models list`` shows, is the dev score on the
-        adapter's own (first) training dataset: not another dataset's, nor the scripted conversations'."""
+        adapters in the store)."""
         try:
             info = self.info(name)
         except FileNotFoundError:  # an adapter given as a directory outside the store
@@ -220,9 +228,6 @@ class Registry:
             return
         meta = dict(info.meta)
         meta.setdefault("evals", {})[key] = result
-        if key == f"{meta.get('dataset') or meta.get('label_set')}:dev":
-            meta["dev"] = {"weighted_f1": result.get("weighted_f1"), "accuracy": result.get("accuracy"),
-                           "n": result.get("n")}
         (info.path / "erc_meta.json").write_text(json.dumps(meta, indent=2, default=str))
 
     def _state(self) -> dict:

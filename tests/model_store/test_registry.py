@@ -49,14 +49,40 @@ def test_choose_adapter_honours_none_and_explicit_names(lora_adapter: Path, tmp_
     assert choose_adapter(settings).name == "mine"
 
 
-def test_the_dev_summary_is_the_adapters_own_datasets(lora_adapter: Path, tmp_path: Path) -> None:
+def test_the_listed_dev_score_is_the_adapters_own_datasets(lora_adapter: Path, tmp_path: Path) -> None:
     reg = Registry(_store_with(lora_adapter, tmp_path))  # a MELD adapter
 
-    def record(key: str, f1: float) -> dict:
+    def record(key: str, f1: float) -> float | None:
         reg.record_eval("mine", key, {"weighted_f1": f1, "accuracy": f1, "n": 10})
-        return json.loads((reg.info("mine").path / "erc_meta.json").read_text())
+        assert reg.info("mine").meta["evals"][key]["weighted_f1"] == f1
+        return reg.info("mine").dev_weighted_f1
 
-    assert record("meld:dev", 60.0)["dev"]["weighted_f1"] == 60.0
+    assert reg.info("mine").dev_weighted_f1 is None
+    assert record("meld:dev", 60.0) == 60.0
     for key in ("synthetic:dev", "emorynlp:dev", "meld:test"):  # kept, but not as the adapter's dev score
-        meta = record(key, 10.0)
-        assert meta["dev"]["weighted_f1"] == 60.0 and meta["evals"][key]["weighted_f1"] == 10.0
+        assert record(key, 10.0) == 60.0
+
+
+def test_models_list_shows_each_adapters_own_dev_score(lora_adapter: Path, tmp_path: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from erc_stream.cli import main
+
+    store = _store_with(lora_adapter, tmp_path)
+    Registry(store).record_eval("mine", "meld:dev", {"weighted_f1": 61.23, "accuracy": 62.0, "n": 1109})
+    Registry(store).record_eval("mine", "synthetic:dev", {"weighted_f1": 12.34, "accuracy": 20.0, "n": 86})
+    monkeypatch.setenv("ERC_STORE__DIR", str(store))
+    monkeypatch.setenv("COLUMNS", "200")  # rich: no cut cells
+    result = CliRunner().invoke(main, ["models", "list"])
+    assert result.exit_code == 0, result.output
+    mine = next(line for line in result.output.splitlines() if "│ mine" in line)
+    assert "61.2" in mine and "12.3" not in mine
+
+
+def test_a_multi_dataset_adapters_dev_score_is_its_first_datasets(tmp_path: Path) -> None:
+    from model_store.registry import AdapterInfo
+
+    evals = {"emorynlp:dev": {"weighted_f1": 38.0}, "meld:dev": {"weighted_f1": 60.2}}
+    meta = {"label_set": "unified", "dataset": "meld+emorynlp", "datasets": ["meld", "emorynlp"], "evals": evals}
+    assert AdapterInfo("u", tmp_path, False, meta).dev_weighted_f1 == 60.2
+    assert AdapterInfo("u", tmp_path, False, {**meta, "evals": {}}).dev_weighted_f1 is None
