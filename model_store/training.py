@@ -580,7 +580,7 @@ def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, pro
         "window": cfg.window, "hop": cfg.hop, "max_tokens": cfg.max_tokens, "demonstrations": cfg.demonstrations,
         "demo_position": cfg.demo_position, "data_hash": sources_hash(cfg),
         "created": datetime.now(UTC).isoformat(timespec="seconds"), "train": result, "config": asdict(cfg),
-        "command": command, "dev": None,
+        "command": command,
     }
     trainer.save(meta)
     if selection is not None:
