@@ -67,7 +67,8 @@ ARGS[attn8]="$BUDGET --lora-modules attention --lora-r 8 --lora-alpha 16";      
 NAME[gemma]=budget-gemma;             ARGS[gemma]="$BUDGET --base gemma3-270m"
 EVAL[gemma]="--dataset meld --base gemma3-270m"
 # The sweep: single / total / ratio x 1/8 ... 1/64 (+ a full fine-tune at 1/64), unified labels, 400 dev utterances
-# of each dataset per cell (a cell is at most ~35 min: an interrupted one resumes from its carried checkpoint).
+# of each dataset per cell (~12 s a step on 2 AVX-512 BF16 cores: a 1/8 cell takes 25-55 min; an interrupted one
+# resumes from its carried checkpoint).
 SWEEP="--epochs 2 --batching blocks --batch-size 16 --max-tokens 384 --eval-limit 400 --threads $THREADS \
 --dtype auto --out docs/sweep"
 ORDER="meld emorynlp unified natural class05 bal05 attn8 gemma meld3 meldavg meld2 meldsoup sweep meld32"
