@@ -101,17 +101,20 @@ carry() {  # save | restore the training directories of unfinished runs, sweep c
 # "Allocator"): under glibc's malloc a long run slows down and grows, under jemalloc it does not. Where the CPU
 # has no native bf16 (float32 steps) jemalloc also keeps its freed pages (dirty_decay_ms:-1): there its default
 # decay cost ~90,000 page faults a second; where it trains in bf16, the defaults (keeping freed pages grew one
-# run to 23 GB, until the OOM killer stopped it). A process killed from outside (the OOM killer) runs again and
-# resumes from its last checkpoint (at most checkpoint-every steps lost; the same adapter as an uninterrupted
-# run), 5 times at most.
+# run to 23 GB, until the OOM killer stopped it). The steps' dtype is the command's --dtype, or the CPU's when it
+# says auto (meld32 trains float32 on a bf16 CPU too). A process killed from outside (the OOM killer) runs again
+# and resumes from its last checkpoint (at most checkpoint-every steps lost; the same adapter as an
+# uninterrupted run), 5 times at most.
 JEMALLOC=${JEMALLOC:-/usr/lib/x86_64-linux-gnu/libjemalloc.so.2}
 resumed() {
-  local rc tries=0 alloc=()
+  local rc tries=0 alloc=() dtype
   if [ -f "$JEMALLOC" ]; then
     alloc=(LD_PRELOAD="$JEMALLOC")
-    if [ "$(.venv/bin/python -c 'from scoring.hardware import auto_dtype; print(auto_dtype("cpu"))')" = float32 ]; then
-      alloc+=(MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1)
+    dtype=$(sed -n 's/.*--dtype \([a-z0-9]*\).*/\1/p' <<< "$*")
+    if [ "${dtype:-auto}" = auto ]; then
+      dtype=$(.venv/bin/python -c 'from scoring.hardware import auto_dtype; print(auto_dtype("cpu"))')
     fi
+    if [ "$dtype" = float32 ]; then alloc+=(MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1); fi
   fi
   until env "${alloc[@]}" "$@"; do
     rc=$?
