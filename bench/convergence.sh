@@ -99,11 +99,10 @@ carry() {  # save | restore the training directories of unfinished runs, sweep c
 }
 
 # A training process (models train, models sweep) under the allocator it needs (docs/model_store.md,
-# "Allocator"): under glibc's malloc a long run slows down and grows, under jemalloc it does not. Where the CPU
-# has no native bf16 (float32 steps) jemalloc also keeps its freed pages (dirty_decay_ms:-1): there its default
-# decay cost ~90,000 page faults a second; where it trains in bf16, the defaults (keeping freed pages grew one
-# run to 23 GB, until the OOM killer stopped it). The steps' dtype is the command's --dtype, or the CPU's when it
-# says auto (meld32 trains float32 on a bf16 CPU too). A process killed from outside (the OOM killer) runs again
+# "Allocator"): under glibc's malloc a long run slows down and grows, under jemalloc it does not. Where the steps
+# run in float32 (the command's --dtype, or auto on a CPU without native bf16) jemalloc also keeps its freed pages
+# (dirty_decay_ms:-1): there its default decay cost ~90,000 page faults a second; where they run in bf16, the
+# defaults (keeping freed pages grew one run to 23 GB, until the OOM killer stopped it). A process killed from outside (the OOM killer) runs again
 # and resumes from its last checkpoint (at most checkpoint-every steps lost; the same adapter as an
 # uninterrupted run), 5 times at most.
 JEMALLOC=${JEMALLOC:-/usr/lib/x86_64-linux-gnu/libjemalloc.so.2}
