@@ -48,8 +48,8 @@ EVAL[meld3]="--dataset meld"
 NAME[meld2]=meld-smollm2-lora-seed1
 ARGS[meld2]="--dataset meld --epochs 2 --eval-every 616 --seed 1 --holdout-seed 2 $RECIPE";      EVAL[meld2]="--dataset meld"
 # The recipe trained in float32, the dtype it is served in by default: both bf16-trained runs score 0.15-0.4
-# higher served in bf16 than in float32 (docs/model_store.md). Started 2026-12-07 on 2 AVX2-only vCPUs (10.5-11.5 s
-# a step): 58.27 on MELD dev after one epoch; carried at step 840.
+# higher served in bf16 than in float32 (docs/model_store.md). Ran 2026-12-07 (AVX2-only, then AVX-512 BF16
+# vCPUs, float32 throughout): 58.27 on MELD dev after one epoch, 60.50 after two; not shipped.
 NAME[meld32]=meld-smollm2-lora-fp32
 ARGS[meld32]="--dataset meld --epochs 2 --eval-every 616 ${RECIPE/--dtype auto/--dtype float32}"; EVAL[meld32]="--dataset meld"
 NAME[emorynlp]=emorynlp-smollm2-lora; ARGS[emorynlp]="--dataset emorynlp --epochs 2 --eval-every 400 $RECIPE"
