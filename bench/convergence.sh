@@ -136,16 +136,15 @@ keep() {  # the newest trained version of adapter $1, copied into runs/$1/final/
   cp "$version"/{adapter_config.json,adapter_model.safetensors,erc_meta.json} "runs/$1/final/"
 }
 
-report() {  # the training side of a job's report (from its adapter's erc_meta.json): command, steps, wall-clock, CPU
+report() {  # the training side of a job's report (from its adapter's erc_meta.json): command, steps, wall-clock, the
+  # CPU of the report (its evaluation; the training's stretches: cpu_steps, recorded from 2026-12-07 on)
   .venv/bin/python - "$STORE/adapters/$1" "$2" "$THREADS" <<'PY'
 import json, pathlib, sys
-from scoring.hardware import BF16_FLAGS, cpu_flags
+from scoring.hardware import cpu_kind
 meta = json.loads(max(pathlib.Path(sys.argv[1]).glob("[0-9a-f]*/erc_meta.json"), key=lambda p: p.stat().st_mtime).read_text())
-flags = cpu_flags()
-cpu = "avx512_bf16" if BF16_FLAGS & flags else "avx512" if "avx512f" in flags else "avx2"
 report = json.loads(pathlib.Path(sys.argv[2]).read_text())
 report["training"] = {"command": meta.get("command"), **meta.get("train", {}), "selected": meta.get("selected"),
-                      "calibration_power": meta.get("calibration", {}).get("power"), "cpu": cpu,
+                      "calibration_power": meta.get("calibration", {}).get("power"), "cpu": cpu_kind(),
                       "threads": int(sys.argv[3]), "wall_hours": round(meta.get("train", {}).get("seconds", 0) / 3600, 2)}
 pathlib.Path(sys.argv[2]).write_text(json.dumps(report, indent=2) + "\n")
 PY

@@ -272,14 +272,17 @@ class Trainer:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from scoring.hardware import auto_dtype
+        from scoring.hardware import auto_dtype, cpu_kind
 
         self.cfg = cfg
         self.out_dir = out_dir
         self.autocast_dtype = auto_dtype(cfg.device) if cfg.dtype == "auto" else cfg.dtype
-        # [first step, autocast dtype] per stretch of the run: ``--dtype auto`` resolves per machine, so a run
-        # carried from an AVX2-only CPU to a bf16 one changes dtype where it resumes, and its metadata says so.
+        self.cpu = cpu_kind(cfg.device)
+        # [first step, autocast dtype] and [first step, machine class] per stretch of the run: ``--dtype auto``
+        # resolves per machine, so a run carried from an AVX2-only CPU to a bf16 one changes dtype where it
+        # resumes (and a float32 run changes speed and rounding), and its metadata says so.
         self.dtype_steps: list[list] = [[0, self.autocast_dtype]]
+        self.cpu_steps: list[list] = [[0, self.cpu]]
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -401,10 +404,15 @@ class Trainer:
             sched.load_state_dict(state["scheduler"])
             start_step, elapsed0, losses = state["step"], state["elapsed"], state["losses"]
             self.dtype_steps = state.get("dtype_steps", [[0, None]])  # None: written before this was recorded
+            self.cpu_steps = state.get("cpu_steps", [[0, None]])
             if self.dtype_steps[-1][1] != self.autocast_dtype:
                 log.warning("resuming in another autocast dtype than the checkpoint's steps",
                             before=self.dtype_steps[-1][1], now=self.autocast_dtype, step=start_step)
                 self.dtype_steps.append([start_step, self.autocast_dtype])
+            if self.cpu_steps[-1][1] != self.cpu:
+                log.info("resuming on another machine class", before=self.cpu_steps[-1][1], now=self.cpu,
+                         step=start_step)
+                self.cpu_steps.append([start_step, self.cpu])
             if "rng" in state:
                 torch.set_rng_state(state["rng"]["torch"])
                 if "cuda" in state["rng"] and self.device.type == "cuda":
@@ -441,7 +449,8 @@ class Trainer:
                     on_step(step + 1, losses[-1])
         self.model.eval()
         return {"steps": len(batches), "seconds": round(elapsed0 + time.monotonic() - t0, 1),
-                "dtype": self.autocast_dtype, "dtype_steps": self.dtype_steps, "resumed_from": start_step,
+                "dtype": self.autocast_dtype, "dtype_steps": self.dtype_steps, "cpu_steps": self.cpu_steps,
+                "resumed_from": start_step,
                 "loss_first": losses[0] if losses else None, "loss_last10": float(np.mean(losses[-10:])) if losses else None}
 
     def _checkpoint(self, opt, sched, step: int, elapsed: float, losses: list[float]) -> None:
@@ -453,7 +462,8 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                    "elapsed": elapsed, "losses": losses, "rng": rng, "dtype_steps": self.dtype_steps},
+                    "elapsed": elapsed, "losses": losses, "rng": rng, "dtype_steps": self.dtype_steps,
+                    "cpu_steps": self.cpu_steps},
                    tmp / "trainer_state.pt")
         shutil.rmtree(ckpt, ignore_errors=True)
         tmp.rename(ckpt)

@@ -39,3 +39,15 @@ def fast_bf16(device: str = "cpu") -> bool:
 def auto_dtype(device: str = "cpu") -> str:
     """``bfloat16`` where it is fast (see :func:`fast_bf16`), else ``float32``."""
     return "bfloat16" if fast_bf16(device) else "float32"
+
+
+def cpu_kind(device: str = "cpu") -> str:
+    """The machine class of a run, in a word for its records: ``cuda``, or the CPU's widest vector feature
+    (``avx512_bf16``, ``avx512``, ``avx2``, else ``other``). Sessions here get AVX2-only or AVX-512 BF16 CPUs by
+    chance, and a step's time and a float's rounding differ between them."""
+    if device.startswith("cuda"):
+        return "cuda"
+    flags = cpu_flags()
+    if BF16_FLAGS & flags:
+        return "avx512_bf16"
+    return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"

@@ -14,6 +14,7 @@ from core.settings import Settings
 from model_store.examples import Example, impact_example, main_example, speaker_example, targets
 from model_store.training import TrainConfig, build_examples, schedule, train
 from producer_sim.synthetic import synthetic_conversations
+from scoring.hardware import cpu_kind
 from scoring.prompts import Prompt, PromptBuilder, WindowShape
 
 
@@ -180,6 +181,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_adapter_as_an_uninterrupted_on
     assert meta_a["train"]["resumed_from"] == 0 and meta_b["train"]["resumed_from"] == 3
     assert meta_b["train"]["steps"] == 5 and not (b / "checkpoint").exists()
     assert meta_b["train"]["dtype_steps"] == meta_a["train"]["dtype_steps"] == [[0, meta_a["train"]["dtype"]]]
+    assert meta_b["train"]["cpu_steps"] == meta_a["train"]["cpu_steps"] == [[0, cpu_kind()]]
     torch.testing.assert_close([loss for _, loss in steps_b], [loss for _, loss in steps_a[3:]],
                                rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(meta_b["train"]["loss_last10"], meta_a["train"]["loss_last10"], rtol=1e-5, atol=1e-6)
@@ -262,7 +264,8 @@ class _Stop(Exception):
 def test_a_run_resumed_where_auto_resolves_to_another_dtype_records_where_it_changed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--dtype auto`` is bfloat16 on a CPU with native bf16 and float32 elsewhere, and sessions here get either:
-    a run carried from one to the other mixes the two, and its metadata must say from which step."""
+    a run carried from one to the other mixes the two, and its metadata must say from which step, and on which
+    machine class each stretch ran."""
     import scoring.hardware
     from scoring.hardware import auto_dtype
 
@@ -281,7 +284,9 @@ def test_a_run_resumed_where_auto_resolves_to_another_dtype_records_where_it_cha
     with pytest.raises(_Stop):
         train(cfg, store_dir=Settings().store.dir, out_dir=out, progress=False, command="test", on_step=stop_after_one)
     monkeypatch.setattr(scoring.hardware, "auto_dtype", lambda device: other)  # the next session's CPU
+    monkeypatch.setattr(scoring.hardware, "cpu_kind", lambda device: "next-cpu")
     train(cfg, store_dir=Settings().store.dir, out_dir=out, progress=False, command="test")
     meta = json.loads((out / "erc_meta.json").read_text())["train"]
     assert meta["resumed_from"] == 1 and meta["dtype"] == other
     assert meta["dtype_steps"] == [[0, first], [1, other]]
+    assert meta["cpu_steps"] == [[0, cpu_kind()], [1, "next-cpu"]]
