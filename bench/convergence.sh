@@ -86,6 +86,13 @@ carry() {  # save | restore the training directories of unfinished runs, sweep c
         "$dir" "runs/$name"
       echo "saved $name ($(du -sh "runs/$name" | cut -f1)): commit runs/$name"
     done
+    for dir in runs/*/carry.json; do  # carried runs that finished here (a sweep cell): nothing left to carry
+      [ -f "$dir" ] || continue
+      name=$(basename "$(dirname "$dir")")
+      [ -d "$STORE/adapters/$name/.training" ] || ! compgen -G "$STORE/adapters/$name/[0-9a-f]*/" > /dev/null \
+        || { find "runs/$name" -mindepth 1 -maxdepth 1 ! -name final -exec rm -rf {} +; rmdir --ignore-fail-on-non-empty "runs/$name"
+             echo "finished $name: its carried checkpoint removed from runs/"; }
+    done
   elif [ "$1" = restore ]; then
     for dir in runs/*/; do
       name=$(basename "$dir")
