@@ -101,15 +101,24 @@ def run_sweep(plan: SweepPlan, settings: Settings, out: Path, *, progress: bool 
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     current = _plan_dict(plan)
-    for cell in plan.cells():
+    cells = list(plan.cells())
+    for cell in cells:
         path = cells_dir / f"{cell.name}.json"
         if path.exists() and _same_plan(json.loads(path.read_text()), current):
             continue
         log.info("sweep cell", cell=cell.name, replaces_another_plan=path.exists())
         row = run_cell(plan, cell, settings, progress=progress)
         path.write_text(json.dumps(row, indent=2))
+        # after every cell, not only at the end: a grid carried across sessions shows what is in so far
+        _rebuild(plan, cells_dir, out, planned=len(cells))
+    return _rebuild(plan, cells_dir, out, planned=len(cells))
+
+
+def _rebuild(plan: SweepPlan, cells_dir: Path, out: Path, *, planned: int) -> list[dict]:
+    """The table and plot from the cells made under ``plan`` (those of another plan are left out)."""
+    current = _plan_dict(plan)
     rows = [row for p in sorted(cells_dir.glob("*.json")) if _same_plan(row := json.loads(p.read_text()), current)]
-    write_table(rows, plan.datasets, out)
+    write_table(rows, plan.datasets, out, planned=planned)
     plot(rows, plan.datasets, out / "sweep.png")
     return rows
 
@@ -180,8 +189,9 @@ def _ordered(rows: Sequence[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (-r["fraction_value"], STRATEGIES.index(r["strategy"]), r["trained_on"], r["kind"]))
 
 
-def write_table(rows: Sequence[dict], datasets: Sequence[str], out: Path) -> None:
-    """``sweep.csv`` (every field) and ``sweep.md`` (the figures a reader compares)."""
+def write_table(rows: Sequence[dict], datasets: Sequence[str], out: Path, *, planned: int | None = None) -> None:
+    """``sweep.csv`` (every field) and ``sweep.md`` (the figures a reader compares); ``planned``: the grid's
+    number of cells, so a table of fewer says it is partial."""
     rows = _ordered(rows)
     if not rows:
         return
@@ -202,6 +212,9 @@ def write_table(rows: Sequence[dict], datasets: Sequence[str], out: Path) -> Non
     lines.append("")
     lines.append("Majority baseline (unified labels, same dev utterances): " + ", ".join(
         f"{d} {base[f'{d}_majority_weighted_f1']:.2f} (n={base[f'{d}_n']})" for d in datasets))
+    if planned is not None and len(rows) < planned:
+        lines.append("")
+        lines.append(f"Partial: {len(rows)} of the plan's {planned} cells are in; rerunning the command trains the rest.")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
 
 

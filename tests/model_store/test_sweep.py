@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from erc_stream.cli import main
 from model_store.registry import versions
-from model_store.sweep import Cell, SweepPlan, plot, write_table
+import model_store.sweep as sweep
+from model_store.sweep import Cell, SweepPlan, plot, run_sweep, write_table
 from tests.datasets import write_data_dir
 
 
@@ -42,6 +43,36 @@ def test_table_and_plot_from_rows(tmp_path: Path) -> None:
     assert "| 1/64 | total | meld+emorynlp | full |" in md and "meld 25.00 (n=9)" in md
     assert len(list(csv.DictReader((tmp_path / "sweep.csv").open()))) == 3
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+def test_the_table_is_rebuilt_after_every_cell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grid carried across sessions shows its finished cells, marked partial, before the last one is in."""
+    plan = SweepPlan(datasets=("meld", "emorynlp"), fractions=(Fraction(1, 8),), strategies=("total", "ratio"),
+                     full_fractions=())
+    trained: list[str] = []
+
+    def cell_then_stop(plan: SweepPlan, cell: Cell, settings: object, *, progress: bool = False) -> dict:
+        if trained:  # the session ends during the second cell
+            raise KeyboardInterrupt
+        trained.append(cell.name)
+        return _row(cell.strategy, cell.fraction, "meld+emorynlp", meld=44.0) | {"plan": sweep._plan_dict(plan)}
+
+    monkeypatch.setattr(sweep, "run_cell", cell_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(plan, None, tmp_path)  # type: ignore[arg-type]  # settings reach run_cell only
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| 1/8 | total | meld+emorynlp | lora | 10 | 5 | 1 | 44.00 |" in md
+    assert "Partial: 1 of the plan's 2 cells are in" in md and (tmp_path / "sweep.png").exists()
+
+    def cell(plan: SweepPlan, cell: Cell, settings: object, *, progress: bool = False) -> dict:
+        trained.append(cell.name)
+        return _row(cell.strategy, cell.fraction, "meld+emorynlp", meld=46.0) | {"plan": sweep._plan_dict(plan)}
+
+    monkeypatch.setattr(sweep, "run_cell", cell)
+    rows = run_sweep(plan, None, tmp_path)  # type: ignore[arg-type]
+    assert trained == ["sweep-total-lora-f1_8", "sweep-ratio-lora-f1_8"] and len(rows) == 2
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| 1/8 | ratio | meld+emorynlp | lora | 10 | 5 | 1 | 46.00 |" in md and "Partial" not in md
 
 
 @pytest.mark.slow
