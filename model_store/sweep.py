@@ -189,6 +189,11 @@ def _ordered(rows: Sequence[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (-r["fraction_value"], STRATEGIES.index(r["strategy"]), r["trained_on"], r["kind"]))
 
 
+def _by_fraction(rows: Sequence[dict]) -> list[dict]:
+    """One row per fraction, smallest first."""
+    return sorted({r["fraction_value"]: r for r in rows}.values(), key=lambda r: r["fraction_value"])
+
+
 def write_table(rows: Sequence[dict], datasets: Sequence[str], out: Path, *, planned: int | None = None) -> None:
     """``sweep.csv`` (every field) and ``sweep.md`` (the figures a reader compares); ``planned``: the grid's
     number of cells, so a table of fewer says it is partial."""
@@ -239,7 +244,12 @@ def plot(rows: Sequence[dict], datasets: Sequence[str], path: Path) -> None:
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if "full" not in label else "s",
                     linestyle="-" if "full" not in label else "none", label=label)
+        # the score of always answering the dev split's most frequent label: a cell near it learned little
+        ax.axhline(rows[0][f"{d}_majority_weighted_f1"], color="grey", linestyle=":", label="majority class")
         ax.set_xscale("log", base=2)
+        ticks = _by_fraction(rows)
+        ax.set_xticks([r["fraction_value"] for r in ticks], [r["fraction"] for r in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("fraction of the training data")
         ax.set_ylabel("weighted F1 (unified labels)")
         ax.set_title(d)
