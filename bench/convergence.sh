@@ -89,9 +89,12 @@ carry() {  # save | restore the training directories of unfinished runs, sweep c
     for dir in runs/*/carry.json; do  # carried runs that finished here (a sweep cell): nothing left to carry
       [ -f "$dir" ] || continue
       name=$(basename "$(dirname "$dir")")
-      [ -d "$STORE/adapters/$name/.training" ] || ! compgen -G "$STORE/adapters/$name/[0-9a-f]*/" > /dev/null \
-        || { find "runs/$name" -mindepth 1 -maxdepth 1 ! -name final -exec rm -rf {} +; rmdir --ignore-fail-on-non-empty "runs/$name"
-             echo "finished $name: its carried checkpoint removed from runs/"; }
+      # finished: no training in progress, and a published version in the store
+      if [ ! -d "$STORE/adapters/$name/.training" ] && compgen -G "$STORE/adapters/$name/[0-9a-f]*/" > /dev/null; then
+        find "runs/$name" -mindepth 1 -maxdepth 1 ! -name final -exec rm -rf {} +
+        rmdir --ignore-fail-on-non-empty "runs/$name"
+        echo "finished $name: its carried checkpoint removed from runs/"
+      fi
     done
   elif [ "$1" = restore ]; then
     for dir in runs/*/; do
