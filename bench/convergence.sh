@@ -52,6 +52,13 @@ ARGS[meld2]="--dataset meld --epochs 2 --eval-every 616 --seed 1 --holdout-seed 
 # vCPUs, float32 throughout): 58.27 on MELD dev after one epoch, 60.50 after two; not shipped.
 NAME[meld32]=meld-smollm2-lora-fp32
 ARGS[meld32]="--dataset meld --epochs 2 --eval-every 616 ${RECIPE/--dtype auto/--dtype float32}"; EVAL[meld32]="--dataset meld"
+# The streaming-native prompt layout (--layout stream: one line per turn, the label read at its marker) on the
+# shipped recipe and budget, compared with the shipped (InstructERC layout) adapters on all of dev.
+NAME[meldstream]=meld-smollm2-lora-stream
+ARGS[meldstream]="--dataset meld --epochs 2 --eval-every 616 --layout stream $RECIPE";  EVAL[meldstream]="--dataset meld"
+NAME[emorynlpstream]=emorynlp-smollm2-lora-stream
+ARGS[emorynlpstream]="--dataset emorynlp --epochs 2 --eval-every 400 --layout stream $RECIPE"
+EVAL[emorynlpstream]="--dataset emorynlp"
 NAME[emorynlp]=emorynlp-smollm2-lora; ARGS[emorynlp]="--dataset emorynlp --epochs 2 --eval-every 400 $RECIPE"
 EVAL[emorynlp]="--dataset emorynlp"
 NAME[unified]=unified-smollm2-lora
@@ -72,7 +79,8 @@ EVAL[gemma]="--dataset meld --base gemma3-270m"
 # resumes from its carried checkpoint).
 SWEEP="--epochs 2 --batching blocks --batch-size 16 --max-tokens 384 --eval-limit 400 --threads $THREADS \
 --dtype auto --out docs/sweep"
-ORDER="meld emorynlp unified natural class05 bal05 attn8 gemma meld3 meldavg meld2 meldsoup meld32 sweep"
+ORDER="meld emorynlp unified natural class05 bal05 attn8 gemma meld3 meldavg meld2 meldsoup meld32 sweep meldstream \
+emorynlpstream"
 
 carry() {  # save | restore the training directories of unfinished runs, sweep cells included (model_store/carry.py)
   mkdir -p runs

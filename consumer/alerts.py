@@ -20,7 +20,12 @@ State (atomic Lua scripts, keys hash-tagged per conversation / tenant like the w
   redelivery recomputes the same alert.
 - ``<prefix>:alert:tenant:{t=<tenant>}:all`` / ``:neg`` (sorted sets of message ids by ``sent_at``),
   ``:ev`` (evidence of the negative ones) and ``:cool`` (the last alert's id and time, for the cooldown);
-  ``t=`` keeps the hash tag non-empty for events without a tenant.
+  ``t=`` keeps the hash tag non-empty for events without a tenant. A tenant's window is one key on one shard,
+  so besides the time window it is bounded in events: past ``tenant_window_max_events`` the oldest events leave
+  (``:neg`` and ``:ev`` with them), and a tenant that sends more than that per window is judged on the negative
+  share of its most recent N events (with N = 10,000 a share's standard error is at most half a percentage point;
+  the share weighs the end of the time window). The bound is a constant of the script (one per engine), hence one
+  value for every tenant.
 
 Redelivery: alert ids are deterministic (uuid5 of rule, tenant, conversation and the triggering message), and an
 alert's id is recorded with ``SET NX`` once the broker acknowledged it (``mark_sent``); an alert whose
@@ -66,7 +71,15 @@ _TENANT_LUA = """
 local all, neg, ev, cool = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local window, threshold, min_count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local cooldown, evidence_max, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local max_events = __MAX_EVENTS__  -- alerts.tenant_window_max_events, set when the engine builds the script
 local replies = {}
+local function forget(ids)  -- events that left the window: from the negative set and the evidence too
+  for i = 1, #ids, 1000 do  -- in chunks: unpack() returns at most ~8,000 values
+    local j = math.min(i + 999, #ids)
+    redis.call('ZREM', neg, unpack(ids, i, j))
+    redis.call('HDEL', ev, unpack(ids, i, j))
+  end
+end
 for i = 7, #ARGV, 5 do
   local id, ts, is_neg, alert_id = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2] == '1', ARGV[i + 4]
   redis.call('ZADD', all, ts, id)
@@ -79,10 +92,13 @@ for i = 7, #ARGV, 5 do
   end
   local newest = tonumber(redis.call('ZRANGE', all, -1, -1, 'WITHSCORES')[2])
   local cutoff = '(' .. tostring(newest - window)
-  local old = redis.call('ZRANGEBYSCORE', neg, '-inf', cutoff)
-  if #old > 0 then redis.call('HDEL', ev, unpack(old)) end
-  redis.call('ZREMRANGEBYSCORE', neg, '-inf', cutoff)
+  forget(redis.call('ZRANGEBYSCORE', neg, '-inf', cutoff))
   redis.call('ZREMRANGEBYSCORE', all, '-inf', cutoff)
+  local over = redis.call('ZCARD', all) - max_events
+  if over > 0 then  -- more events than the bound: the oldest leave (the window is the most recent N)
+    forget(redis.call('ZRANGE', all, 0, over - 1))
+    redis.call('ZREMRANGEBYRANK', all, 0, over - 1)
+  end
   local lo = '(' .. tostring(ts - window)
   local total = redis.call('ZCOUNT', all, lo, ts)
   local negs = redis.call('ZCOUNT', neg, lo, ts)
@@ -146,6 +162,22 @@ def _keep(s: AlertSettings) -> int:
     return max(s.streak_length, s.shift_lookback) * (4 if s.streak_roles or s.shift_roles else 1) + 1
 
 
+def _check_window_bound(settings: AlertSettings) -> None:
+    """``tenant_window_max_events`` is one bound for every tenant's window (a constant of the tenant script), and
+    no tenant's ``tenant_min_count`` may need more events than a window holds (its rule could never fire)."""
+    for tenant, override in settings.tenants.items():
+        if "tenant_window_max_events" in override:
+            raise ValueError(f"alerts.tenants.{tenant}: tenant_window_max_events bounds every tenant's window; "
+                             "set it for the whole section")
+    for tenant in (None, *settings.tenants):
+        s = settings.for_tenant(tenant)
+        if s.tenant_min_count > settings.tenant_window_max_events:
+            where = f"alerts.tenants.{tenant}" if tenant is not None else "alerts"
+            raise ValueError(f"{where}: tenant_min_count ({s.tenant_min_count}) is above "
+                             f"alerts.tenant_window_max_events ({settings.tenant_window_max_events}): the tenant "
+                             "rule could never fire")
+
+
 class AlertEngine:
     """Evaluates the rules for a batch's events (``evaluate``) and remembers what was sent (``mark_sent``)."""
 
@@ -154,14 +186,21 @@ class AlertEngine:
         self.settings = settings
         self.prefix = prefix
         self.ttl_s = ttl_s
+        _check_window_bound(settings)
         self._conv = client.register_script(_CONV_LUA)
-        self._tenant = client.register_script(_TENANT_LUA)
+        self._tenant = client.register_script(
+            _TENANT_LUA.replace("__MAX_EVENTS__", str(int(settings.tenant_window_max_events))))
         #: Turns a conversation keeps in its alert state (the default tenant's; see ``_keep``).
         self.keep = _keep(settings)
-        self._by_tenant: dict[str | None, AlertSettings] = {}
+        #: The configured tenants' settings, built once each. Bounded by ``alerts.tenants``: a tenant name read
+        #: from a message never adds an entry (an unconfigured tenant sees the defaults, ``settings``).
+        self._by_tenant: dict[str, AlertSettings] = {}
 
     def settings_for(self, tenant: str | None) -> AlertSettings:
-        """The rules' settings for a tenant's events (``alerts.tenants`` overrides), built once per tenant."""
+        """The rules' settings for a tenant's events (``alerts.tenants`` overrides), built once per configured
+        tenant."""
+        if tenant is None or tenant not in self.settings.tenants:
+            return self.settings
         s = self._by_tenant.get(tenant)
         if s is None:
             s = self._by_tenant[tenant] = self.settings.for_tenant(tenant)
@@ -193,8 +232,9 @@ class AlertEngine:
 
     def evaluate(self, items: Sequence[tuple[EmotionEvent, ChatMessage]]) -> list[Alert]:
         """The alerts the batch's events raise, in order, each alert id once, each event under its tenant's
-        settings. Raises redis.RedisError (the caller decides: wait, or that event's failure); any other failure
-        costs that event its alerts, never the batch."""
+        settings. Raises redis.RedisError (the caller decides: wait, or that event's failure), or whatever an
+        event's rules raised (unreadable state, say): the caller evaluates each event alone and dead-letters the
+        one that fails (stage ``alerts``). The scripts are idempotent per turn, so evaluating again is safe."""
         if not items:
             return []
         # One round trip for the whole batch. Events of one conversation run in order, so each
@@ -241,16 +281,11 @@ class AlertEngine:
         alerts: dict[str, Alert] = {}
         for (event, _), conv_i, slot in zip(items, conv_call, tenant_slot):
             s = self.settings_for(event.tenant)
-            try:
-                found: list[Alert] = []
-                if conv_i is not None:
-                    found += self._conversation_rules(event, replies[conv_i], s)
-                if slot is not None:
-                    found += self._tenant_rule(event, tenant_replies[slot[0]][slot[1]], s)
-            except Exception as e:  # noqa: BLE001 - a rule's failure must never stop the stream
-                log.error("alert rules failed for an event; no alert from it", error=repr(e),
-                          conversation_id=event.conversation_id, message_id=event.message_id)
-                continue
+            found: list[Alert] = []
+            if conv_i is not None:
+                found += self._conversation_rules(event, replies[conv_i], s)
+            if slot is not None:
+                found += self._tenant_rule(event, tenant_replies[slot[0]][slot[1]], s)
             for alert in found:
                 alerts.setdefault(alert.alert_id, alert)
         return list(alerts.values())

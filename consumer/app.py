@@ -3,18 +3,29 @@
 The loop only runs the parts: the pipeline turns a batch into events, alerts and dead letters; the
 checkpoint emits them and commits the batch's offsets (at-least-once by default, or one Kafka transaction per
 batch: ``delivery.mode``, :mod:`consumer.delivery`); :mod:`~consumer.partitions` follows rebalances, rewinds
-and pauses. Processing is synchronous within ``poll``'s thread, so a rebalance never finds a half-done batch.
+and pauses. Processing is synchronous within ``poll``'s thread; a stream batch built from several polls keeps
+only the records of partitions the member still owns when it is delivered.
 
-Failures, and what the loop does (README, "Operations"):
+Failures, and what the loop does (README, "Operations"). A failure is either one message's — it goes to the
+dead-letter topic and the stream goes on — or a part's that every message needs — Redis, the model backend, the
+output topics — and then no message is blamed: the batch is rewound (nothing of it was committed), every
+assigned partition is paused, ``poll`` keeps the member in its group, ``/readyz`` answers not ready and
+``erc_part_down{part}`` is 1, and the part is probed with backoff until it answers; then consumption resumes
+from the rewound batch by itself.
 
-- Redis unreachable: the batch is rewound (nothing of it was emitted), every assigned partition is
-  paused and ``poll`` keeps the member in its group while Redis is retried with backoff; consumption
-  resumes by itself once Redis answers.
+- Redis unreachable (or out of memory, loading, read-only): paused; the probe is a PING.
 - Redis restarted empty: windows restart from the next turn; events whose window lacks turns say
   ``window_degraded: true``.
-- Emit or commit failed (broker down, transaction aborted): the batch is rewound and redone after a
-  backoff; the consumer reconnects by itself and resumes from the committed offsets.
-- Inference failed: the batch is retried item by item; an item that still fails is dead-lettered.
+- Inference failed for a micro-batch: retried item by item. When an item fails alone, a known-good probe
+  request goes to the backend (:mod:`scoring.fallback`): if it fails too the backend is down (a dead engine, a
+  lost CUDA context, a server that stopped answering) and the stream pauses, probing it with backoff; if it
+  answers, the failing items are dead-lettered (``inference``) and the rest of the batch goes on.
+- Emit or commit failed (broker or topic unwritable, send timed out, transaction aborted): paused with backoff;
+  the redo of the batch is the probe, and the part counts as down until a batch is delivered again.
+- A record batch that cannot be decoded: one dead letter, skipped (:mod:`consumer.record_batches`); any other
+  exception out of ``poll`` is logged and counted, and the loop polls again after a backoff.
+- A rebalance while a batch was built or processed: records of partitions no longer held are dropped, not
+  labelled, emitted or committed (:mod:`consumer.partitions`).
 - Fenced, or a transaction that outlives its watchdog: :class:`FatalDeliveryError`; the worker exits.
 """
 
@@ -30,23 +41,29 @@ import structlog
 from kafka import KafkaConsumer
 from kafka.errors import KafkaConnectionError
 
-from consumer import pipeline, redis_client
+from consumer import pipeline, record_batches, redis_client
 from consumer.alerts import AlertEngine
 from consumer.checkpoint import Checkpoint
 from consumer.conversation_store import ConversationStore
 from consumer.delivery import DeliveryError, Emitter, FatalDeliveryError, make_emitter
 from consumer.metrics import ConsumerMetrics, HealthServer, StreamStats, start_http_server
-from consumer.partitions import Partitions
-from consumer.pipeline import Polled, RedisDown
+from consumer.partitions import Partitions, PollFailed
+from consumer.pipeline import REDIS_DOWN, Polled, RedisDown
 from core.records import Alert, ChatMessage, EmotionEvent
 from core.settings import Settings
 from model_store.loading import choose_adapter
 from model_store.registry import Registry
 from scoring.backends.base import Backend
+from scoring.fallback import PartDown, probe_backend
 from scoring.labeler import Labeler
 from scoring.routes import Routes
 
 log = structlog.get_logger(__name__)
+
+
+class BackendGone(Exception):
+    """The model backend stayed down for ``delivery.backend_down_exit_s``: the worker exits so that its restart
+    brings a fresh engine (nothing is lost: the paused batch was not committed)."""
 
 
 class StreamApp:
@@ -77,16 +94,14 @@ class StreamApp:
         self._registry_version = self._registry.version()
         self._registry_checked = time.monotonic()
         self.redis = redis_client.connect(settings.redis)  # standalone, or Redis Cluster with redis.cluster
-        self.conversations = ConversationStore(
-            self.redis, prefix=settings.redis.key_prefix, size=settings.window.span,
-            retain=settings.conversation.retain_turns, ttl_s=settings.conversation.ttl_s,
-        )
+        self.conversations = ConversationStore.configured(self.redis, settings)
         self.alerts = AlertEngine(self.redis, settings.alerts, prefix=settings.redis.key_prefix,
                                   ttl_s=settings.conversation.ttl_s)
         self.parts = pipeline.Parts(conversations=self.conversations, routes=self.routes, alerts=self.alerts,
                                     model_id=backend.model_id, count_tokens=backend.count_tokens,
                                     on_inference=self.metrics.inference_seconds.observe)
         k = settings.kafka
+        record_batches.install(k.max_decompressed_batch_bytes)
         # The emitter first: in transactional mode init_transactions fences an older instance of this worker.
         self.emitter: Emitter = emitter or make_emitter(settings)
         self.consumer = KafkaConsumer(
@@ -110,6 +125,9 @@ class StreamApp:
         self.checkpoint = Checkpoint(settings, self.emitter, self.consumer, self.alerts, self.metrics)
         self._kafka_delay = 0.0
         self._redis_failures = 0  # consecutive batches that failed on Redis
+        self._poll_delay = 0.0
+        #: Parts down now (redis, backend, output): the member is not ready while any is.
+        self._down: set[str] = set()
         self._http: HealthServer | None = None
 
     @property
@@ -141,14 +159,16 @@ class StreamApp:
         return self._http
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
-        """Ready = this member holds input partitions and Redis answers (called from the HTTP thread)."""
+        """Ready = this member holds input partitions, Redis answers and no part is down (called from the HTTP
+        thread)."""
         partitions = int(self.metrics.value("erc_assigned_partitions"))
+        down = sorted(self._down)
         try:
             redis_ok = bool(self.redis.ping())
         except redis.RedisError as e:
             self.metrics.redis_errors.labels("ping").inc()
-            return False, {"partitions": partitions, "redis": f"{type(e).__name__}: {e}"}
-        return partitions > 0 and redis_ok, {"partitions": partitions, "redis": "ok"}
+            return False, {"partitions": partitions, "redis": f"{type(e).__name__}: {e}", "down": down}
+        return partitions > 0 and redis_ok and not down, {"partitions": partitions, "redis": "ok", "down": down}
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -157,7 +177,8 @@ class StreamApp:
     def run(self, *, idle_exit_s: float | None = None) -> StreamStats:
         """Process until stopped (or, with ``idle_exit_s``, until no input arrived for that long).
 
-        Raises FatalDeliveryError when this worker must not go on (fenced, commit watchdog)."""
+        Raises FatalDeliveryError when this worker must not go on (fenced, commit watchdog), BackendGone when
+        its model backend stayed down too long."""
         log.info("consumer running", group=self.settings.kafka.group_id, topic=self.settings.kafka.input_topic,
                  model=self.backend.model_id, adapter=self.labeler.adapter, label_set=self.settings.model.label_set,
                  tenant_routes={t: f"{r.label_set}:{r.adapter or 'registry'}"
@@ -175,11 +196,17 @@ class StreamApp:
                 self.checkpoint.commit_pending()
                 try:
                     batch = self.partitions.poll_batch(self.settings.batch, self._stop)
+                    self._poll_delay = 0.0
                 except KafkaConnectionError as e:
                     # The broker is away (restart, network): kafka-python's coordinator lookup can raise out
                     # of poll. Nothing of a batch was taken yet; wait and poll again, the client reconnects.
                     log.warning("broker unreachable while polling; retrying", error=str(e))
                     self._stop.wait(1.0)
+                    continue
+                except PollFailed as e:  # nothing taken; never the end of the loop
+                    self._poll_delay = min(self.settings.delivery.kafka_backoff_max_s, max(0.2, self._poll_delay * 2))
+                    log.error("poll failed; retrying", error=str(e)[:500], retry_in_s=self._poll_delay)
+                    self._stop.wait(self._poll_delay)
                     continue
                 if batch:
                     self._handle(batch)
@@ -234,23 +261,46 @@ class StreamApp:
         try:
             outcome = pipeline.process(batch, self.settings, self.parts)
             self.metrics.count_tokens(self.backend.tokens.prompt_tokens, self.backend.tokens.computed)
+            if self._lost_partitions(batch):
+                return
             self.checkpoint.deliver(batch, outcome)
             self._kafka_delay = 0.0
             self._redis_failures = 0
+            self._part_up("output")
         except RedisDown as e:
             self.metrics.redis_errors.labels(e.operation).inc()
             self.partitions.rewind(batch)
             self._wait_for_redis(e.__cause__)
+            return
+        except PartDown as e:
+            self.partitions.rewind(batch)
+            self._wait_for_backend(e)
             return
         except DeliveryError as e:
             self.metrics.broker_errors.inc()
             self.partitions.rewind(batch)
             cap = self.settings.delivery.kafka_backoff_max_s
             self._kafka_delay = min(cap, max(0.2, self._kafka_delay * 2))
-            log.warning("batch not delivered; redoing it", error=str(e), retry_in_s=self._kafka_delay)
-            self._stop.wait(self._kafka_delay)
+            log.warning("batch not delivered; consumption paused, redoing it", error=str(e),
+                        retry_in_s=self._kafka_delay)
+            self._part_down("output")
+            # The redo of the batch is the probe: the output counts as down until a batch is delivered.
+            self.partitions.wait_for("output", lambda: None, self._stop, self._kafka_delay, cap)
             return
         self._report(len(batch), outcome, acked=time.monotonic(), acked_at=time.time())
+
+    def _lost_partitions(self, batch: list[Polled]) -> bool:
+        """Whether a rebalance took partitions of ``batch`` while it was processed: then nothing of it is
+        delivered, and the records of the partitions still held are read again (the lost ones by their owner)."""
+        gone = self.partitions.revoked_since(self.partitions.batch_mark)
+        if not gone:
+            return False
+        lost = {(tp.topic, tp.partition) for tp in gone}
+        held = [item for item in batch if (item.record.topic, item.record.partition) not in lost]
+        self.metrics.revoked_records.inc(len(batch) - len(held))
+        log.info("rebalance while a batch was processed: not delivered", records=len(batch), still_held=len(held))
+        self.partitions.rewind(held)
+        return True
 
     def _report(self, consumed: int, outcome: pipeline.Outcome, *, acked: float, acked_at: float) -> None:
         """A delivered batch: count it, log it, hand its events and alerts to the callbacks."""
@@ -274,11 +324,41 @@ class StreamApp:
             log.warning("dead letter", error_type=d.error_type, reason=d.reason[:200], topic=d.source_topic,
                         partition=d.source_partition, offset=d.source_offset)
 
+    def _part_down(self, part: str) -> None:
+        if part not in self._down:
+            self._down.add(part)
+            self.metrics.outages.labels(part).inc()
+            self.metrics.part_down.labels(part).set(1)
+
+    def _part_up(self, part: str) -> None:
+        if part in self._down:
+            self._down.discard(part)
+            self.metrics.part_down.labels(part).set(0)
+            log.info(f"{part} is back; consumption resumed")
+
     def _wait_for_redis(self, error: BaseException | None) -> None:
         self._redis_failures += 1
         cap = self.settings.delivery.redis_backoff_max_s
         delay = min(cap, 0.1 * 2 ** min(self._redis_failures - 1, 16))  # answers PING, fails again: back off more
         log.warning("redis unavailable; consumption paused", error=str(error))
-        self.partitions.wait_for_redis(self.redis, self._stop, delay, cap)
-        if not self._stop.is_set():
-            log.info("redis is back; consumption resumed")
+        self._part_down("redis")
+        if self.partitions.wait_for("redis", self._ping_redis, self._stop, delay, cap):
+            self._part_up("redis")
+
+    def _ping_redis(self) -> None:
+        try:
+            self.redis.ping()
+        except REDIS_DOWN:
+            self.metrics.redis_errors.labels("ping").inc()
+            raise
+
+    def _wait_for_backend(self, error: PartDown) -> None:
+        log.error("model backend down; consumption paused", error=str(error)[:500])
+        self._part_down("backend")
+        d = self.settings.delivery
+        if self.partitions.wait_for("backend", lambda: probe_backend(self.backend), self._stop, 0.5,
+                                    d.backend_backoff_max_s, give_up_s=d.backend_down_exit_s):
+            self._part_up("backend")
+        elif not self._stop.is_set():
+            raise BackendGone(f"the model backend has been down for {d.backend_down_exit_s:g} s "
+                              f"(delivery.backend_down_exit_s): {error}")

@@ -19,6 +19,7 @@ from kafka.structs import OffsetAndMetadata
 from consumer.delivery import Emitter, FatalDeliveryError, Offsets
 from consumer.metrics import ConsumerMetrics
 from consumer.pipeline import REDIS_DOWN, Outcome, Polled
+from consumer.record_batches import SkippedBatch
 from core.records import Alert
 from core.settings import Settings
 
@@ -75,10 +76,10 @@ class Checkpoint:
 
 
 def offsets(batch: Sequence[Polled]) -> Offsets:
-    """The offsets that commit ``batch``: one past its last record, per partition."""
+    """The offsets that commit ``batch``: one past its last record (or skipped record batch), per partition."""
     ends: dict[TopicPartition, int] = {}
     for item in batch:
         r = item.record
         tp = TopicPartition(r.topic, r.partition)
-        ends[tp] = max(ends.get(tp, -1), r.offset + 1)
+        ends[tp] = max(ends.get(tp, -1), r.end if isinstance(r, SkippedBatch) else r.offset + 1)
     return {tp: OffsetAndMetadata(o, "", -1) for tp, o in ends.items()}

@@ -7,9 +7,24 @@ number, speaker, text, the parent message id of a reply, the message id); ``<pre
 from message id to its turn (duplicate ids, redeliveries and reply chains without scanning the turns); and
 ``<prefix>:spk:{<scope>}``, a hash from speaker to its number in the conversation (``Speaker_<k>`` in every
 prompt, by first appearance: the prompt builder keeps a conversation's speakers apart the same way on every
-turn, see ``scoring.prompts``). The braces are a Redis Cluster hash tag: every key of a conversation lands in
-one slot. A Redis that lost a conversation's state numbers its speakers afresh; its events say
-``window_degraded`` (the turns before are missing too). The script, in one atomic step:
+turn, see ``scoring.prompts``), and under the empty field (no speaker is blank: ``consumer.validation``) the
+next number to give. The braces are a Redis Cluster hash tag: every key of a conversation lands in one slot.
+A Redis that lost a conversation's state numbers its speakers afresh; its events say ``window_degraded`` (the
+turns before are missing too). A Redis that lost the speaker hash alone (evicted under ``maxmemory``) rebuilds
+it from the numbers its stored turns carry, so nobody in the window is renumbered.
+
+**Bounded speaker numbers.** The turns and their ids are trimmed to ``retain`` turns; the speaker hash is
+bounded too, or a social-media thread with thousands of commenters would grow it for as long as it stays
+active. It keeps up to ``max_speakers`` numbers (``conversation.max_speakers``, never fewer than ``retain``):
+an ordinary conversation's speakers keep their numbers for the conversation's life, including one who has been
+silent for longer than the retained turns. When the hash outgrows the bound, every speaker who has no retained
+turn is forgotten at once (one pass over the retained turns, so the cost is shared by the next
+``max_speakers - retain`` new speakers, not paid per message); one who speaks again later gets a new number.
+The numbers of the speakers of the retained turns never change, and the counter never goes back, so a new
+speaker never takes a number that a retained turn carries: every window (cut from the retained turns) keeps
+its labels and its cached prefix, and a window never shows two people under one label.
+
+The script, in one atomic step:
 
 1. numbers a message that carries no turn: the turn it already has if its id is stored (a redelivery keeps
    its turn), else one past the conversation's newest stored turn (arrival order);
@@ -22,7 +37,8 @@ one slot. A Redis that lost a conversation's state numbers its speakers afresh; 
    branch; a parent that is not stored ends the chain and the window is reported incomplete); otherwise
    the last ``size`` turns with turn <= this one, so a replayed old turn still sees its own past and never
    a future turn;
-4. trims the turns and ids to the newest ``retain`` turns (the speaker numbers stay) and refreshes the TTLs.
+4. trims the turns and ids to the newest ``retain`` turns, forgets the speakers absent from them once the
+   speaker hash holds more than ``max_speakers`` numbers (above), and refreshes the TTLs.
 
 Many messages go to Redis in one pipelined round-trip (``append_many``, via :func:`consumer.redis_scripts.run_scripts`).
 """
@@ -37,6 +53,7 @@ from typing import Sequence
 import redis
 
 from consumer.redis_scripts import run_scripts
+from core.settings import ConversationSettings, Settings
 from scoring.prompts import Turn, WindowShape
 
 _APPEND_LUA = """
@@ -44,6 +61,60 @@ local zkey, hkey, skey = KEYS[1], KEYS[2], KEYS[3]
 local turn = tonumber(ARGV[1])  -- nil: the message carries no turn, number it by arrival
 local size, retain, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local id, parent, speaker = ARGV[6], ARGV[7], ARGV[8]
+local max_speakers = tonumber(ARGV[9])
+local NEXT = ''  -- the speaker hash's field holding the next number (no speaker is blank)
+
+local function restore_speakers()
+  -- The hash is gone while turns remain (evicted alone under maxmemory): the stored turns carry their
+  -- speakers' numbers; the next number is past all of them.
+  local top = -1
+  for _, m in ipairs(redis.call('ZRANGE', zkey, 0, -1)) do
+    local d = cjson.decode(m)
+    if d.k then
+      redis.call('HSET', skey, d.s, d.k)
+      if d.k > top then top = d.k end
+    end
+  end
+  redis.call('HSET', skey, NEXT, top + 1)
+  return top + 1
+end
+
+local function speaker_number()
+  local k = redis.call('HGET', skey, speaker)
+  if k then return k end
+  local n = tonumber(redis.call('HGET', skey, NEXT))
+  if n == nil then
+    n = redis.call('HLEN', skey)  -- a hash written before the counter: numbers 0..n-1, none forgotten
+    if n == 0 and redis.call('EXISTS', zkey) == 1 then
+      n = restore_speakers()
+      k = redis.call('HGET', skey, speaker)
+      if k then return k end
+    end
+  end
+  redis.call('HSET', skey, speaker, n, NEXT, n + 1)
+  return n
+end
+
+local function delete_fields(key, fields)  -- in chunks: unpack() returns at most ~8,000 values
+  for i = 1, #fields, 1000 do
+    redis.call('HDEL', key, unpack(fields, i, math.min(i + 999, #fields)))
+  end
+end
+
+local function forget_absent_speakers()
+  -- Every speaker without a retained turn; the retained turns' speakers keep their numbers.
+  if redis.call('HEXISTS', skey, NEXT) == 0 then
+    redis.call('HSET', skey, NEXT, redis.call('HLEN', skey))  -- before the counter: numbers 0..HLEN-1
+  end
+  local present = {[NEXT] = true}
+  for _, m in ipairs(redis.call('ZRANGE', zkey, 0, -1)) do present[cjson.decode(m).s] = true end
+  local absent = {}
+  for _, s in ipairs(redis.call('HKEYS', skey)) do
+    if not present[s] then absent[#absent + 1] = s end
+  end
+  delete_fields(skey, absent)
+end
+
 local stored_at = tonumber(redis.call('HGET', hkey, id))  -- nil when the id is not stored
 if turn == nil then
   if stored_at ~= nil then
@@ -59,12 +130,8 @@ end
 local added, member = 0, nil
 local at = redis.call('ZRANGEBYSCORE', zkey, turn, turn, 'LIMIT', 0, 1)
 if #at == 0 then
-  local k = redis.call('HGET', skey, speaker)  -- the speaker's number in this conversation, by first appearance
-  if not k then
-    k = redis.call('HLEN', skey)
-    redis.call('HSET', skey, speaker, k)
-  end
-  member = '{"t":' .. string.format('%d', turn) .. ',"k":' .. k .. ',' .. ARGV[2]
+  local k = speaker_number()  -- the speaker's number in this conversation, by first appearance
+  member = '{"t":' .. string.format('%d', turn) .. ',"k":' .. string.format('%d', k) .. ',' .. ARGV[2]
   redis.call('ZADD', zkey, turn, member)
   redis.call('HSET', hkey, id, turn)
   added = 1
@@ -97,6 +164,7 @@ if #gone > 0 then
   for _, g in ipairs(gone) do redis.call('HDEL', hkey, cjson.decode(g).m) end
   redis.call('ZREMRANGEBYRANK', zkey, 0, -(retain + 1))
 end
+if redis.call('HLEN', skey) > max_speakers + 1 then forget_absent_speakers() end  -- + 1: the counter field
 redis.call('EXPIRE', zkey, ttl)
 redis.call('EXPIRE', hkey, ttl)
 redis.call('EXPIRE', skey, ttl)
@@ -117,7 +185,8 @@ class StoredTurn:
 
     def as_prompt_turn(self) -> Turn:
         """The turn at its place in the conversation (``position``: its turn)."""
-        # Built once per stored turn: decoded turns are shared by every window that holds them (see _decode).
+        # Built once per stored turn: decoded turns are shared by every window that holds them (the store's
+        # decode cache).
         prompt_turn = self.__dict__.get("_prompt_turn")
         if prompt_turn is None:
             prompt_turn = Turn(self.speaker, self.text, self.speaker_id, self.turn)
@@ -164,9 +233,18 @@ class TurnUpdate:
         return window[0].turn != first or window[-1].turn != turn
 
 
+#: Defaults of ``conversation.max_speakers`` and ``conversation.decode_cache_turns`` (core.settings), for a store
+#: built without settings (tests, benchmarks).
+MAX_SPEAKERS = ConversationSettings.model_fields["max_speakers"].default
+DECODE_CACHE_TURNS = ConversationSettings.model_fields["decode_cache_turns"].default
+
+
 class ConversationStore:
-    def __init__(self, client: redis.Redis, *, prefix: str, size: int, retain: int, ttl_s: int) -> None:
-        """``size``: the most turns a window is cut from (``WindowShape.span``)."""
+    def __init__(self, client: redis.Redis, *, prefix: str, size: int, retain: int, ttl_s: int,
+                 max_speakers: int = MAX_SPEAKERS, decode_cache_turns: int = DECODE_CACHE_TURNS) -> None:
+        """``size``: the most turns a window is cut from (``WindowShape.span``); ``max_speakers``: speaker numbers
+        a conversation keeps before it forgets those without a retained turn (at least ``retain``, see the module
+        docstring); ``decode_cache_turns``: decoded stored turns kept in this process (0: none)."""
         if retain < size:
             raise ValueError(f"retain ({retain}) must be >= the window's span ({size})")
         self.client = client
@@ -174,7 +252,19 @@ class ConversationStore:
         self.size = size
         self.retain = retain
         self.ttl_s = ttl_s
+        # Below `retain`, a hash holding only the retained turns' speakers would be scanned on every new one.
+        self.max_speakers = max(max_speakers, retain)
         self._append = client.register_script(_APPEND_LUA)
+        # Per store, bounded by the setting: consecutive windows of a conversation share all but one turn, so a
+        # batch's replies repeat members ~size times; StoredTurn is frozen, the same bytes decode alike.
+        self._decode = lru_cache(maxsize=decode_cache_turns)(decode_member)
+
+    @classmethod
+    def configured(cls, client: redis.Redis, settings: Settings) -> "ConversationStore":
+        """The store as ``settings`` say (``window`` and ``conversation`` sections, ``redis.key_prefix``)."""
+        c = settings.conversation
+        return cls(client, prefix=settings.redis.key_prefix, size=settings.window.span, retain=c.retain_turns,
+                   ttl_s=c.ttl_s, max_speakers=c.max_speakers, decode_cache_turns=c.decode_cache_turns)
 
     def key(self, conversation_id: str) -> str:
         return f"{self.prefix}:win:{{{conversation_id}}}"
@@ -192,23 +282,21 @@ class ConversationStore:
         calls = []
         for conversation_id, t in turns:
             # The member without its turn: the script prefixes '{"t":<turn>,' (it may number the turn itself).
-            fields = {"s": t.speaker, "x": t.text, **({"p": t.reply_to} if t.reply_to else {}), "m": t.message_id}
-            rest = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))[1:]
             keys = [self.key(conversation_id), self.ids_key(conversation_id), self.speakers_key(conversation_id)]
-            calls.append((self._append, keys, ["" if t.turn is None else t.turn, rest, self.size, self.retain,
-                                               self.ttl_s, t.message_id, t.reply_to or "", t.speaker]))
+            calls.append((self._append, keys, ["" if t.turn is None else t.turn, member_rest(t), self.size,
+                                               self.retain, self.ttl_s, t.message_id, t.reply_to or "", t.speaker,
+                                               self.max_speakers]))
         return [self._parse(r) for r in run_scripts(self.client, calls)]
 
     def get(self, conversation_id: str) -> list[StoredTurn]:
         """All retained turns of a conversation, oldest first."""
-        return [_decode(m) for m in self.client.zrange(self.key(conversation_id), 0, -1)]
+        return [self._decode(m) for m in self.client.zrange(self.key(conversation_id), 0, -1)]
 
-    @staticmethod
-    def _parse(reply: list) -> TurnUpdate:
+    def _parse(self, reply: list) -> TurnUpdate:
         added, members = reply[0], reply[1]
         duplicate = reply[2] if len(reply) > 2 else None  # Lua false arrives as None
         return TurnUpdate(
-            bool(added), tuple(_decode(m) for m in reversed(members)),
+            bool(added), tuple(self._decode(m) for m in reversed(members)),
             int(float(duplicate)) if duplicate is not None else None,
             int(reply[3]) if len(reply) > 3 else None,
             bool(reply[4]) if len(reply) > 4 else False,
@@ -216,10 +304,15 @@ class ConversationStore:
         )
 
 
-@lru_cache(maxsize=65_536)
-def _decode(member: bytes | str) -> StoredTurn:
-    # Cached by the member's bytes: consecutive windows of a conversation share all but one turn, so a
-    # batch's replies repeat members ~size times; StoredTurn is frozen, the same bytes decode alike.
+def member_rest(t: StoredTurn) -> str:
+    """A stored member without its turn and speaker number: the script prefixes ``{"t":<turn>,"k":<number>,`` (it
+    may number the turn itself, and it numbers the speaker)."""
+    fields = {"s": t.speaker, "x": t.text, **({"p": t.reply_to} if t.reply_to else {}), "m": t.message_id}
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))[1:]
+
+
+def decode_member(member: bytes | str) -> StoredTurn:
+    """A stored member as the turn it holds (each store caches these, see ``ConversationStore._decode``)."""
     d = json.loads(member)
     return StoredTurn(turn=int(d["t"]), speaker=d["s"], text=d["x"], message_id=d["m"], reply_to=d.get("p"),
                       speaker_id=d.get("k"))

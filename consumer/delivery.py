@@ -2,7 +2,12 @@
 
 ``AtLeastOnce`` (the default, for any Kafka-protocol broker): produce, flush, check every ack, then
 commit the offsets. A crash between the acks and the commit replays the batch; its events carry
-the same deterministic ``event_id``, and readers of ``chat.emotions`` drop the copies.
+the same deterministic ``event_id``, and readers of ``chat.emotions`` drop the copies. Its producer is
+idempotent (``kafka.producer_idempotence``): a retried request is written once, and with at most 5 requests in
+flight per connection the broker keeps each partition's order, so one conversation's events (one key, one
+partition) stay in turn order through retries; without idempotence one request is kept in flight instead.
+Every send error — a ``KafkaTimeoutError`` while the broker or the topic's leader is away included — becomes a
+:class:`DeliveryError`: the batch is redone, and the loop pauses consumption while the output stays down.
 
 ``Transactional`` (for Apache Kafka ≥ 2.5): one Kafka transaction per batch holds the batch's
 outputs and its offsets (``send_offsets_to_transaction`` with the consumer's group metadata, so a
@@ -186,17 +191,28 @@ class AtLeastOnce:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.producer = KafkaProducer(retries=5, **producer_options(settings))
+        self.producer = self._new_producer()
         self._futures: list = []
         self._pending: Offsets = {}
         self._last_commit = time.monotonic()
         self._lock = threading.Lock()  # pending offsets are also read by the rebalance listener (IO thread)
 
+    def _new_producer(self) -> KafkaProducer:
+        k = self.settings.kafka
+        ordered = ({"enable_idempotence": True, "max_in_flight_requests_per_connection": 5}
+                   if k.producer_idempotence else
+                   {"enable_idempotence": False, "max_in_flight_requests_per_connection": 1, "retries": 5})
+        # send() waits at most a request timeout for metadata (kafka-python's default is 60 s)
+        return KafkaProducer(max_block_ms=k.request_timeout_ms, **ordered, **producer_options(self.settings))
+
     def begin(self) -> None:
         self._futures = []
 
     def send(self, topic: str, key: bytes | None, value: bytes) -> None:
-        self._futures.append(self.producer.send(topic, key=key, value=value))
+        try:
+            self._futures.append(self.producer.send(topic, key=key, value=value))
+        except Errors.KafkaError as e:  # KafkaTimeoutError: no metadata for the topic within max_block_ms
+            raise DeliveryError(f"send failed: {type(e).__name__}: {e}") from e
 
     def finish(self, offsets: Offsets, consumer: KafkaConsumer) -> None:
         timeout_s = self.settings.kafka.request_timeout_ms / 1000
@@ -205,6 +221,7 @@ class AtLeastOnce:
             for f in self._futures:
                 f.get(timeout=timeout_s)  # raises if the broker did not take it
         except Errors.KafkaError as e:
+            self._renew_if_broken()
             raise DeliveryError(f"emit failed: {type(e).__name__}: {e}") from e
         finally:
             self._futures = []
@@ -215,6 +232,15 @@ class AtLeastOnce:
     def abort(self) -> None:
         # What was sent stays sent: the redo emits the same event ids, readers drop the copies.
         self._futures = []
+
+    def _renew_if_broken(self) -> None:
+        """An idempotent producer in a fatal state refuses every later send: replace it (its unsent records
+        belong to a batch that is redone anyway)."""
+        manager = getattr(self.producer, "_transaction_manager", None)
+        if manager is not None and manager.has_fatal_error():
+            log.warning("producer in a fatal state; replacing it")
+            close_producer(self.producer, 0)
+            self.producer = self._new_producer()
 
     def commit_pending(self, consumer: KafkaConsumer, *, force: bool = False) -> None:
         interval_s = self.settings.delivery.commit_interval_ms / 1000

@@ -9,7 +9,8 @@ as a :class:`StreamStats` for summaries (the demo's, ``consume``'s exit line, th
 - ``/metrics``: the Prometheus text format;
 - ``/healthz`` (liveness): 200 while the main loop completed an iteration within ``metrics.liveness_timeout_s``
   (a wedged loop, e.g. a hung broker call, fails it and the orchestrator restarts the worker);
-- ``/readyz`` (readiness): 200 when the member holds partitions and Redis answers a PING.
+- ``/readyz`` (readiness): 200 when the member holds partitions, Redis answers a PING and no part is down
+  (``erc_part_down``: consumption paused for Redis, the model backend or the output topics).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 DEAD_LETTER_REASONS = ("invalid_json", "invalid_utf8", "schema", "too_large", "empty", "conflict", "duplicate_id",
-                       "inference", "processing", "unsupported_version")
+                       "inference", "processing", "unsupported_version", "undecodable_batch")
+#: Parts whose outage pauses consumption (nobody's message's fault): see :mod:`consumer.app`.
+PARTS = ("redis", "backend", "output")
 ALERT_RULES = ("negative_streak", "shift_to_anger", "tenant_negative_rate")
 #: Where a Redis call failed: the window update, the alert rules, a health ping.
 REDIS_OPERATIONS = ("window", "alerts", "ping")
@@ -62,6 +65,7 @@ class StreamStats:
     latencies_ms: tuple[float, ...]  # the most recent events' (RECENT_LATENCIES at most)
     rewinds: int  # batches given up and redone (Redis down, emit/commit failed, transaction aborted)
     redis_outages: int
+    outages: Tally[str]  # part -> times consumption paused for it (redis, backend, output)
     degraded: int  # events whose window lacked turns
     truncated: int  # texts cut to the token budget
     commits_on_revoke: int
@@ -104,8 +108,21 @@ class ConsumerMetrics:
                                     "retried).", ["operation"], registry=r)
         self.broker_errors = Counter("erc_broker_errors", "Batches whose emit or commit failed (redone).", registry=r)
         self.rewinds = Counter("erc_rewinds", "Batches given up and redone from their first offsets.", registry=r)
-        self.redis_outages = Counter("erc_redis_outages", "Times consumption paused until Redis answered again.",
-                                     registry=r)
+        self.outages = Counter("erc_outages", "Times consumption paused until a part that was down answered again, "
+                               "by part (redis, backend, output).", ["part"], registry=r)
+        self.part_down = Gauge("erc_part_down", "1 while consumption is paused because this part is down (the member "
+                               "is then not ready).", ["part"], registry=r)
+        self.poll_errors = Counter("erc_poll_errors", "poll() failures other than an undecodable batch or a lost "
+                                   "broker connection (the loop backs off and polls again).", registry=r)
+        self.undecodable_batches = Counter(
+            "erc_undecodable_batches", "Input record batches that could not be decoded (corrupt, unknown codec, over "
+            "kafka.max_decompressed_batch_bytes): each is one dead letter and is skipped.", registry=r)
+        self.revoked_records = Counter(
+            "erc_revoked_records", "Records dropped from a stream batch because their partition was revoked before "
+            "the batch was delivered (their next owner reads them again).", registry=r)
+        self.alert_rule_failures = Counter(
+            "erc_alert_rule_failures", "Events whose alert rules failed (dead-lettered with stage alerts; the event "
+            "itself is emitted).", registry=r)
         self.commits_on_revoke = Counter("erc_commits_on_revoke",
                                          "Offset commits of finished batches when partitions were revoked.", registry=r)
         self.texts_truncated = Counter("erc_texts_truncated", "Message texts cut to the token budget.", registry=r)
@@ -125,6 +142,9 @@ class ConsumerMetrics:
             self.alerts_emitted.labels(rule)
         for operation in REDIS_OPERATIONS:
             self.redis_errors.labels(operation)
+        for part in PARTS:
+            self.outages.labels(part)
+            self.part_down.labels(part).set(0)
         self._lag_labels: set[tuple[str, str]] = set()
         self._adapter_labels: set[tuple[str, str, str, str, str]] = set()
         self._tokens_seen = (0, 0)
@@ -171,6 +191,8 @@ class ConsumerMetrics:
             self.alerts_emitted.labels(alert.rule).inc()
         for d in dead:
             self.dead_letters.labels(d.error_type).inc()
+            if d.stage == "alerts":
+                self.alert_rule_failures.inc()
 
     def stats(self) -> StreamStats:
         """The counters now, as plain numbers."""
@@ -184,7 +206,8 @@ class ConsumerMetrics:
             dead_by_type=dead_by_type,
             latencies_ms=tuple(self._recent_latencies_ms),
             rewinds=int(self.value("erc_rewinds_total")),
-            redis_outages=int(self.value("erc_redis_outages_total")),
+            redis_outages=int(self.value("erc_outages_total", {"part": "redis"})),
+            outages=Tally({part: n for part in PARTS if (n := int(self.value("erc_outages_total", {"part": part})))}),
             degraded=int(self.value("erc_degraded_windows_total")),
             truncated=int(self.value("erc_texts_truncated_total")),
             commits_on_revoke=int(self.value("erc_commits_on_revoke_total")),

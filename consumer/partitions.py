@@ -1,31 +1,54 @@
 """The member's input partitions: polling a stream batch from them, what it holds (rebalances), seeking a batch
-back, pausing them while Redis is away, and their lag gauge.
+back, pausing them while a part is down, and their lag gauge.
 
 The rebalance listener runs on kafka-python's IO thread: before partitions go, the offsets of their finished
 but uncommitted batches are committed (``delivery.commit_interval_ms``), so their next owner does not redo them.
+
+A stream batch is built from several polls. A rebalance between two of them (or while the batch is processed)
+can take partitions away: records taken from them before it must not be labelled, emitted or committed by this
+member (their new owner reads them from the committed offset). With the classic (eager) protocol every
+partition is revoked, then the new assignment comes; kafka-python keeps the position of a partition that is in
+both, so its records stay valid, and only the partitions missing from the new assignment (or lost) are gone.
+The listener logs each such loss with a sequence number; :meth:`Partitions.poll_batch` drops the records of
+partitions gone after they were taken, and :meth:`Partitions.revoked_since` tells the loop whether its batch
+lost any while it was processed.
+
+A batch that cannot be decoded (:mod:`consumer.record_batches`) is skipped: the consumer seeks past it and the
+batch carries a :class:`~consumer.record_batches.SkippedBatch` in its place, dead-lettered and committed with
+the rest. No exception from fetching can end the loop: the others reach the caller as :class:`PollFailed`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 
-import redis
 import structlog
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaConnectionError
 
 from consumer.delivery import Emitter
 from consumer.metrics import ConsumerMetrics
-from consumer.pipeline import REDIS_DOWN, Polled
+from consumer.pipeline import Polled
+from consumer.record_batches import SkippedBatch, UndecodableBatch
 from core.settings import BatchSettings
 
 log = structlog.get_logger(__name__)
 
 
+class PollFailed(Exception):
+    """``poll()`` raised something other than a broker connection error or an undecodable batch; nothing was
+    taken. The loop backs off and polls again."""
+
+
 def _names(partitions) -> list[str]:
     return sorted(f"{tp.topic}/{tp.partition}" for tp in partitions)
+
+
+def _tp(item: Polled) -> TopicPartition:
+    return TopicPartition(item.record.topic, item.record.partition)
 
 
 class Partitions(AsyncConsumerRebalanceListener):
@@ -36,8 +59,16 @@ class Partitions(AsyncConsumerRebalanceListener):
         self.emitter = emitter
         self.metrics = metrics
         self.held: set[TopicPartition] = set()
-        self.paused_for_redis = False
+        #: Set while consumption is paused for a part that is down (``redis``, ``backend``, ``output``):
+        #: partitions assigned meanwhile are paused at once.
+        self.paused_for: str | None = None
         self._lag_at = 0.0
+        self._revocations = 0  # sequence number of the last loss of partitions
+        self._revoking: set[TopicPartition] = set()  # revoked, not yet known whether they come back
+        self._revoked: deque[tuple[int, frozenset[TopicPartition]]] = deque(maxlen=256)
+        self._lock = threading.Lock()
+        #: :meth:`revoked_since` this mark tells whether the last polled batch lost partitions since its last poll.
+        self.batch_mark = 0
 
     # -- rebalances (IO thread) --------------------------------------------------------------
 
@@ -52,12 +83,17 @@ class Partitions(AsyncConsumerRebalanceListener):
             except Exception as e:  # noqa: BLE001 - their new owner redelivers from the last commit
                 log.warning("commit on revoke failed; those records will be redelivered", error=repr(e))
             self.emitter.drop_pending(pending)
-        self._release(revoked)
+        self._revoking |= set(revoked)
+        self.held.difference_update(revoked)
+        self.metrics.assigned_partitions.set(len(self.held))
         log.info("partitions revoked", partitions=_names(revoked))
 
     async def on_partitions_assigned(self, assigned):
-        if self.paused_for_redis and assigned:
+        if self.paused_for is not None and assigned:
             self.consumer.pause(*assigned)
+        gone, self._revoking = self._revoking - set(assigned), set()
+        if gone:
+            self._gone(gone)
         self.held.update(assigned)
         self.metrics.assigned_partitions.set(len(self.held))
         self._lag_at = 0.0  # recompute the lag of the new assignment at the next iteration
@@ -65,30 +101,61 @@ class Partitions(AsyncConsumerRebalanceListener):
 
     async def on_partitions_lost(self, lost):
         self.emitter.drop_pending(lost)  # evicted: a commit would be refused
-        self._release(lost)
+        self._revoking -= set(lost)
+        self._gone(lost)
+        self.held.difference_update(lost)
+        self.metrics.assigned_partitions.set(len(self.held))
         log.warning("partitions lost", partitions=_names(lost))
 
-    def _release(self, partitions) -> None:
-        self.held.difference_update(partitions)
-        self.metrics.assigned_partitions.set(len(self.held))
+    def _gone(self, partitions) -> None:
+        """Partitions this member no longer owns: records taken from them before now are not its to deliver."""
+        with self._lock:
+            self._revocations += 1
+            self._revoked.append((self._revocations, frozenset(partitions)))
+
+    def mark(self) -> int:
+        """The current revocation sequence number (for :meth:`revoked_since`)."""
+        with self._lock:
+            return self._revocations
+
+    def revoked_since(self, mark: int) -> set[TopicPartition]:
+        """Partitions gone (revoked and not assigned again, or lost) after ``mark`` (all, if more losses happened
+        than are kept)."""
+        with self._lock:
+            if self._revocations == mark:
+                return set()
+            if not self._revoked or self._revoked[0][0] > mark + 1:  # older entries dropped: assume the worst
+                return set().union(*(p for _, p in self._revoked)) | set(self.consumer.assignment()) | self.held
+            return set().union(*(p for seq, p in self._revoked if seq > mark))
 
     # -- the main loop's side ----------------------------------------------------------------
 
     def poll_batch(self, batch_settings: BatchSettings, stop: threading.Event) -> list[Polled]:
         """A stream batch: up to ``batch.stream_records`` records, waiting at most ``batch.max_wait_ms`` after
-        the first one."""
+        the first one. Records of partitions revoked after they were taken are dropped; an undecodable batch
+        is skipped and stands in the batch as one :class:`SkippedBatch`."""
         max_records = batch_settings.stream_records
         max_wait = batch_settings.max_wait_ms / 1000
         batch: list[Polled] = []
         deadline: float | None = None
+        self.batch_mark = self.mark()
         while len(batch) < max_records and not stop.is_set():
             timeout_s = 0.5 if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 polled = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records - len(batch))
+            except UndecodableBatch as e:
+                polled = self._skip(e)
             except KafkaConnectionError:
                 if batch:  # records already taken must be processed, or the next commit would skip them
-                    return batch
+                    return self._still_held(batch)
                 raise
+            except Exception as e:  # noqa: BLE001 - no fetch error may end the loop
+                self.metrics.poll_errors.inc()
+                if batch:
+                    log.warning("poll failed; processing what was taken", error=f"{type(e).__name__}: {e}")
+                    return self._still_held(batch)
+                raise PollFailed(f"{type(e).__name__}: {e}") from e
+            batch = self._still_held(batch)
             now = time.monotonic()
             for records in polled.values():
                 batch.extend(Polled(r, now) for r in records)
@@ -99,6 +166,30 @@ class Partitions(AsyncConsumerRebalanceListener):
             if now >= deadline:
                 break
         return batch
+
+    def _still_held(self, batch: list[Polled]) -> list[Polled]:
+        """``batch`` without the records of partitions revoked since they were taken."""
+        gone = self.revoked_since(self.batch_mark)
+        self.batch_mark = self.mark()
+        if not gone:
+            return batch
+        kept = [item for item in batch if _tp(item) not in gone]
+        if len(kept) < len(batch):
+            self.metrics.revoked_records.inc(len(batch) - len(kept))
+            log.info("rebalance during a batch: records of revoked partitions dropped", dropped=len(batch) - len(kept),
+                     partitions=_names(gone))
+        return kept
+
+    def _skip(self, e: UndecodableBatch) -> dict[TopicPartition, list]:
+        """Seek past an undecodable batch; it goes on in the stream batch as one :class:`SkippedBatch`."""
+        tp = TopicPartition(e.topic, e.partition)
+        self.metrics.undecodable_batches.inc()
+        log.error("undecodable record batch; dead-lettered and skipped", topic=e.topic, partition=e.partition,
+                  first_offset=e.first, end_offset=e.end, reason=e.reason[:300])
+        if tp not in self.consumer.assignment():  # revoked meanwhile: its owner meets the batch
+            return {}
+        self.consumer.seek(tp, e.end)
+        return {tp: [SkippedBatch.of(e)]}
 
     def rewind(self, batch: Sequence[Polled]) -> None:
         """Seek every partition of the batch back to its first record: the next poll returns it again."""
@@ -113,36 +204,44 @@ class Partitions(AsyncConsumerRebalanceListener):
                 self.consumer.seek(tp, offset)
         self.metrics.rewinds.inc()
 
-    def wait_for_redis(self, client: redis.Redis, stop: threading.Event, delay: float, cap: float) -> None:
-        """Pause every partition, keep polling (the member stays in its group), retry Redis with backoff
-        from ``delay`` up to ``cap`` seconds."""
-        self.metrics.redis_outages.inc()
-        self.paused_for_redis = True
+    def wait_for(self, part: str, probe: Callable[[], object], stop: threading.Event, delay: float,
+                 cap: float, *, give_up_s: float = 0.0) -> bool:
+        """Pause every partition, keep polling (the member stays in its group), and call ``probe`` with backoff
+        from ``delay`` up to ``cap`` seconds until it returns without raising: True. False when the loop was
+        stopped, or the part stayed down for ``give_up_s`` (0: never give up)."""
+        self.paused_for = part
+        give_up_at = time.monotonic() + give_up_s if give_up_s > 0 else None
         try:
             while not stop.is_set():
+                if give_up_at is not None and time.monotonic() >= give_up_at:
+                    return False
                 self.metrics.beat()  # paused on purpose, not wedged
                 assigned = self.consumer.assignment()
                 if assigned:
                     self.consumer.pause(*assigned)
                 began = time.monotonic()
-                polled = self.consumer.poll(timeout_ms=int(delay * 1000))
+                try:
+                    polled = self.consumer.poll(timeout_ms=int(delay * 1000))
+                except Exception as e:  # noqa: BLE001 - paused: nothing is taken; a skipped batch is read again
+                    log.debug("poll while paused failed", error=f"{type(e).__name__}: {e}")
+                    polled = {}
                 for tp, records in polled.items():  # none expected (paused); never skip any
                     self.consumer.seek(tp, min(r.offset for r in records))
                 rest = delay - (time.monotonic() - began)
                 if rest > 0:
                     stop.wait(rest)
                 try:
-                    client.ping()
-                    break
-                except REDIS_DOWN as e:
-                    self.metrics.redis_errors.labels("ping").inc()
+                    probe()
+                    return True
+                except Exception as e:  # noqa: BLE001 - still down
                     delay = min(cap, delay * 2)
-                    log.warning("redis still unavailable", error=str(e), retry_in_s=delay)
+                    log.warning(f"{part} still unavailable", error=f"{type(e).__name__}: {e}"[:300], retry_in_s=delay)
         finally:
-            self.paused_for_redis = False
+            self.paused_for = None
             assigned = self.consumer.assignment()
             if assigned:
                 self.consumer.resume(*assigned)
+        return False
 
     def update_lag(self, interval_s: float, *, force: bool = False) -> None:
         """Per-partition lag, highwater (from fetch responses) minus position, every ``interval_s``."""

@@ -7,14 +7,18 @@ evaluate the alert rules. Nothing here talks to Kafka, and the stateful parts �
 the alert engine, the labelling routes — are inputs (:class:`Parts`), so the pipeline runs in a unit test
 without a broker or Redis. Emitting and committing the outcome is :mod:`consumer.checkpoint`'s job.
 
+A record batch that could not be decoded arrives as one :class:`~consumer.record_batches.SkippedBatch` and
+becomes one dead letter (``undecodable_batch``) naming its partition and offsets.
+
 Failures are contained per message. One message that breaks a stage — its text, its state update, its
 prompt, its demonstration lookup, its scores, its label-prior correction, its event or its alert rules —
 is dead-lettered (``error_type`` ``processing``, or ``inference`` for the model; the ``stage`` and the
 exception in the dead letter) and the rest of the batch goes on: a batched stage that raises is redone item
 by item (:func:`scoring.fallback.batch_or_each`). So no message can stop the stream or make it fail the same
 batch again on every redelivery. What is nobody's message's fault — Redis unreachable, out of memory,
-loading, read-only — raises :class:`RedisDown`: nothing of the batch was emitted, so the loop rewinds it and
-waits for Redis (see :mod:`consumer.app`).
+loading, read-only — raises :class:`RedisDown`; a model backend that fails a batch, an item alone and then a
+known-good probe raises :class:`~scoring.fallback.PartDown`. Either way nothing of the batch was emitted, so
+the loop rewinds it and waits for that part (see :mod:`consumer.app`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import redis.exceptions as redis_errors
 import structlog
 
 from consumer.conversation_store import StoredTurn, TurnUpdate
+from consumer.record_batches import SkippedBatch
 from consumer.sanitize import clean_text
 from consumer.validation import decode
 from core.records import Alert, ChatMessage, DeadLetter, EmotionEvent, conversation_scope, utcnow
@@ -149,6 +154,12 @@ def decode_all(batch: Sequence[Polled], settings: Settings, dead: list[DeadLette
     valid: list[Item] = []
     for item in batch:
         r = item.record
+        if isinstance(r, SkippedBatch):
+            dead.append(DeadLetter.for_record(
+                error_type="undecodable_batch", reason=f"record batch at offsets {r.offset}..{r.end - 1}: {r.reason}",
+                topic=r.topic, partition=r.partition, offset=r.offset, value=None, key=None,
+            ).model_copy(update={"source_end_offset": r.end}))
+            continue
         try:
             decoded = decode(r.value, key=r.key, topic=r.topic, partition=r.partition, offset=r.offset,
                              max_bytes=k.max_message_bytes, max_original_bytes=k.dlq_max_original_bytes)

@@ -18,13 +18,18 @@ from dataclasses import dataclass
 from kafka import KafkaConsumer, TopicPartition
 
 from core.records import Alert, DeadLetter, EmotionEvent
-from core.settings import Settings
+from core.settings import ExportSettings, Settings
 
 
 class Deduper:
-    """Remembers the last ``capacity`` ids; ``first(id)`` is True once per id (while remembered)."""
+    """Remembers the last ``capacity`` ids; ``first(id)`` is True once per id (while remembered).
 
-    def __init__(self, capacity: int = 1_000_000) -> None:
+    Bounded, because a reader that follows a topic for months would otherwise hold every id it ever saw: the
+    readers of this module and the exporter take ``export.dedupe_ids`` (the default here), ~165 B an id
+    (docs/capacity.md). Copies come from redelivered batches, minutes apart at most, so the bound only needs to
+    span a few stream batches of every partition."""
+
+    def __init__(self, capacity: int = ExportSettings.model_fields["dedupe_ids"].default) -> None:
         self.capacity = capacity
         self._seen: OrderedDict[str, None] = OrderedDict()
         self.copies = 0
@@ -106,7 +111,7 @@ class EventsRead:
 
 def read_events(settings: Settings, **kw) -> EventsRead:
     """All distinct emotion events of the output topic (first copy of each ``event_id``)."""
-    dedupe = Deduper()
+    dedupe = Deduper(settings.export.dedupe_ids)
     events: list[EmotionEvent] = []
     records = 0
     for r in read_records(settings, settings.kafka.output_topic, **kw):
@@ -120,7 +125,7 @@ def read_events(settings: Settings, **kw) -> EventsRead:
 def read_dead_letters(settings: Settings, **kw) -> tuple[list[DeadLetter], int]:
     """Distinct dead letters (one per source record and stage: topic, partition, offset; the notifier's stage names
     the webhook, so two targets refusing one alert are two letters) and the copies dropped."""
-    dedupe = Deduper()
+    dedupe = Deduper(settings.export.dedupe_ids)
     out: list[DeadLetter] = []
     for r in read_records(settings, settings.kafka.dlq_topic, **kw):
         d = DeadLetter.from_bytes(r.value)
@@ -132,7 +137,7 @@ def read_dead_letters(settings: Settings, **kw) -> tuple[list[DeadLetter], int]:
 
 def read_alerts(settings: Settings, **kw) -> tuple[list[Alert], int]:
     """Distinct alerts of the alerts topic (first copy of each ``alert_id``) and the copies dropped."""
-    dedupe = Deduper()
+    dedupe = Deduper(settings.export.dedupe_ids)
     out: list[Alert] = []
     for r in read_records(settings, settings.kafka.alerts_topic, **kw):
         alert = Alert.from_bytes(r.value)

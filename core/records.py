@@ -144,7 +144,9 @@ class DeadLetter(_Record):
     schema_version: Literal[1] = SCHEMA_VERSION
     error_type: str = Field(description="A short machine-readable class: invalid_json, invalid_utf8, schema, "
                             "unsupported_version, too_large, empty, conflict, duplicate_id, inference (the model), processing (any other failure of "
-                            "this message in the pipeline); notify_refused (an alert a webhook refused for good: "
+                            "this message in the pipeline), undecodable_batch (a whole record batch that could not be "
+                            "decoded: corrupt, unknown codec, or inflating past kafka.max_decompressed_batch_bytes; "
+                            "no original); notify_refused (an alert a webhook refused for good: "
                             "source_topic is the alerts topic).")
     reason: str
     stage: str | None = Field(None, description="The pipeline stage the message failed in (decode, sanitize, "
@@ -153,6 +155,9 @@ class DeadLetter(_Record):
     source_topic: str
     source_partition: int
     source_offset: int
+    source_end_offset: int | None = Field(
+        None, description="For a record batch (undecodable_batch): the offset after it; the batch spans "
+        "source_offset to source_end_offset - 1.")
     original_b64: str = Field(description="The original record value, base64.")
     key_b64: str | None = None
     failed_at: AwareDatetime = Field(default_factory=utcnow)

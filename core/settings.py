@@ -85,6 +85,12 @@ class KafkaSettings(_Section):
     request_timeout_ms: int = 30_000
     """Kafka request timeout."""
     max_message_bytes: int = Field(1_048_576, description="Input records larger than this are dead-lettered.")
+    max_decompressed_batch_bytes: int = Field(
+        67_108_864, ge=1_048_576,
+        description="A compressed input record batch (gzip, snappy, lz4, zstd) that would inflate past this is "
+        "not decompressed: it becomes one dead letter (`undecodable_batch`) and the consumer goes past it. Keep it "
+        "above the largest batch a producer sends uncompressed (Apache Kafka's default limit is 1 MiB per batch).",
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     """How clients talk to the broker."""
     sasl_mechanism: str | None = None
@@ -112,6 +118,11 @@ class KafkaSettings(_Section):
     producer_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "none", description="Compression of the consumer's outputs. Costs the consumer's CPU; worth it only when the "
         "network to the broker is the bottleneck (snappy/lz4/zstd need their Python packages).",
+    )
+    producer_idempotence: bool = Field(
+        True, description="Idempotent production: a retried send is written once and in order (the producer keeps "
+        "at most 5 requests in flight per connection, as the protocol requires). Turn off only for a broker "
+        "without idempotence (Apache Kafka needs the IDEMPOTENT_WRITE permission before 2.8).",
     )
     dlq_max_original_bytes: int = Field(
         524_288, ge=0,
@@ -215,6 +226,17 @@ class ConversationSettings(_Section):
         "turn still finds its history).",
     )
     ttl_s: int = Field(86_400, ge=1, description="A conversation's state expires this long after its last turn.")
+    max_speakers: int = Field(
+        100, ge=1, description="Speaker numbers (`Speaker_<k>`) a conversation keeps in Redis (never fewer than "
+        "`retain_turns`). Past this, the speakers without a retained turn are forgotten, and one who speaks again "
+        "gets a new number; the retained turns' speakers keep theirs. Bounds the speaker hash of a thread with "
+        "thousands of commenters: 1.9 KB at 100 numbers (docs/capacity.md).",
+    )
+    decode_cache_turns: int = Field(
+        65_536, ge=0, description="Stored turns each consumer process keeps decoded (an LRU cache keyed by the "
+        "stored bytes; consecutive windows share all but one turn). Each entry holds its turn's text: ~840 B for "
+        "MELD-like texts, ~53 MiB at the default (docs/capacity.md). 0: no cache.",
+    )
 
 
 class BatchSettings(_Section):
@@ -294,6 +316,13 @@ class ModelSettings(_Section):
         "after_history",
         description="Where the retrieved demonstration goes. After the history keeps each conversation's prefix stable.",
     )
+    layout: Literal["instructerc", "stream"] = Field(
+        "instructerc",
+        description="The prompt layout of the base model without an adapter, and of training runs. instructerc: the "
+        "paper's (the label statement quotes the target after the history); stream: instruction and label statement "
+        "first, each turn's line ends with a marker at which its label is read, so a conversation's next prompt is "
+        "the previous one plus one line. An adapter is always served with the layout it was trained with.",
+    )
 
     def for_tenant(self, tenant: str | None) -> "ModelSettings":
         """This section as ``tenant``'s route sees it: the tenant's adapter and label set, else the default route's."""
@@ -360,7 +389,14 @@ class DeliverySettings(_Section):
         "offsets are always committed on partition revoke and on shutdown.",
     )
     redis_backoff_max_s: float = Field(10.0, gt=0, description="Longest wait between Redis retries during an outage.")
-    kafka_backoff_max_s: float = Field(10.0, gt=0, description="Longest wait between retries of a failed emit.")
+    kafka_backoff_max_s: float = Field(
+        10.0, gt=0, description="Longest wait between retries of a batch whose outputs could not be written.")
+    backend_backoff_max_s: float = Field(
+        10.0, gt=0, description="Longest wait between probes of a model backend that is down (consumption paused).")
+    backend_down_exit_s: float = Field(
+        600.0, ge=0, description="A model backend down this long makes the worker exit (code 4), so its "
+        "orchestrator restarts it with a fresh engine: an in-process engine (vLLM, a lost CUDA context) does not "
+        "come back by itself. Nothing is lost: the paused batch was not committed. 0 = wait forever.")
 
 
 class MetricsSettings(_Section):
@@ -424,6 +460,12 @@ class AlertSettings(_Section):
     tenant_min_count: int = Field(20, ge=1, description="The tenant rule needs at least this many events in the window.")
     tenant_cooldown_s: float = Field(
         300.0, ge=0, description="After a tenant alert, the rule stays quiet for that tenant this long (seconds of `sent_at`).",
+    )
+    tenant_window_max_events: int = Field(
+        10_000, ge=1, description="Most events one tenant's window holds in Redis (one key per tenant): a tenant "
+        "sending more than this in `tenant_window_s` is judged on its most recent N events (the oldest leave first), "
+        "so its keys stay bounded (~300 B an event, 3 MB at the default). Must be >= `tenant_min_count`; one value "
+        "for every tenant (not in `tenants` overrides).",
     )
     negative_labels: dict[str, tuple[str, ...]] = Field(
         DEFAULT_NEGATIVE_LABELS, description="Negative labels per label set (JSON in the environment).",
@@ -525,6 +567,12 @@ class ExportSettings(_Section):
                           "where a next run resumes).")
     flush_events: int = Field(5_000, ge=1, description="Write files and commit offsets after this many events.")
     flush_interval_s: float = Field(10.0, gt=0, description="... or after this long, whichever comes first.")
+    dedupe_ids: int = Field(
+        1_000_000, ge=1, description="Event ids a reader of the output topics remembers to drop redelivered copies "
+        "(the exporter, `erc-stream export`, the report): the least recent are forgotten first. ~165 B an id in "
+        "memory, ~157 MiB at the default (docs/capacity.md); keep it above the events a redelivery can repeat (a "
+        "few stream batches of every partition).",
+    )
 
 
 class ServicesSettings(_Section):

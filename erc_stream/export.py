@@ -187,7 +187,7 @@ class Exporter:
         self.fmt = fmt
         self.group_id = group_id or settings.export.group_id
         self.report = ExportReport()
-        self.dedupe = Deduper()
+        self.dedupe = Deduper(settings.export.dedupe_ids)
         for event_id in existing_event_ids(out):
             self.dedupe.first(event_id)
         self.dedupe.copies = 0

@@ -23,7 +23,7 @@ from typing import Sequence
 
 #: ``erc_meta.json`` fields (and ``config`` keys) in which averaged adapters must agree: what they serve
 #: (base, labels, prompt) and what their held-out calibration draw depends on.
-MUST_MATCH = ("base", "label_set", "window", "hop", "max_tokens", "demonstrations", "demo_position", "data_hash")
+MUST_MATCH = ("base", "label_set", "window", "hop", "max_tokens", "demonstrations", "demo_position", "layout", "data_hash")
 CONFIG_MUST_MATCH = ("holdout_seed", "calibration", "mix", "fraction", "limit")  # holdout_seed: the draw's
 #: ``adapter_config.json`` fields that fix the adapter's shape and scale.
 LORA_MUST_MATCH = ("r", "lora_alpha", "target_modules", "peft_type")

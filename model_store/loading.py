@@ -34,7 +34,8 @@ def choose_adapter(settings: Settings, adapter: str | None = None) -> AdapterCho
         demos = DemoIndex.load(ref.path / "demos")
     from scoring.calibration import Calibration
 
-    return AdapterChoice(ref, demos, Calibration.from_dict(meta.get("calibration")), meta.get("label_set"))
+    return AdapterChoice(ref, demos, Calibration.from_dict(meta.get("calibration")), meta.get("label_set"),
+                         meta.get("layout", "instructerc"))
 
 
 def load_backend(settings: Settings, model: ModelSettings | None = None) -> Backend:

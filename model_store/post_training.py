@@ -51,7 +51,7 @@ def serving_settings(cfg: TrainConfig, store_dir: Path, dtype: str | None = None
     return Settings().with_overrides(
         store={"dir": str(store_dir)},
         model={"base": cfg.base, "device": cfg.device, "threads": cfg.threads, "label_set": cfg.label_set,
-               "backend": "hf", "demo_position": cfg.demo_position, "dtype": dtype or cfg.dtype},
+               "backend": "hf", "demo_position": cfg.demo_position, "layout": cfg.layout, "dtype": dtype or cfg.dtype},
         window={"size": cfg.window, "hop": cfg.hop},
         conversation={"retain_turns": cfg.window + cfg.hop - 1},
     )
@@ -94,7 +94,7 @@ def calibrate(cfg: TrainConfig, store_dir: Path, adapter_dir: Path, held: Sequen
             from model_store.retrieval import DemoIndex
 
             demos = DemoIndex.load(adapter_dir / "demos")
-        labeler.use(AdapterChoice(AdapterRef(cfg.name, adapter_dir), demos))
+        labeler.use(AdapterChoice(AdapterRef(cfg.name, adapter_dir), demos, layout=cfg.layout))
         dists, gold = [], []
         for i in range(0, len(held), 16):
             chunk = held[i: i + 16]
@@ -144,7 +144,8 @@ class DevSelection:
         if (self.out_dir / "demos").exists() and not (cand / "demos").exists():
             shutil.copytree(self.out_dir / "demos", cand / "demos")
         meta = {"name": cfg.name, "kind": cfg.kind, "base": cfg.base, "label_set": cfg.label_set,
-                "demonstrations": cfg.demonstrations, "window": cfg.window, "hop": cfg.hop, "step": step}
+                "demonstrations": cfg.demonstrations, "window": cfg.window, "hop": cfg.hop, "layout": cfg.layout,
+                "step": step}
         (cand / "erc_meta.json").write_text(json.dumps(meta, indent=2))
         if self.held:
             meta["calibration"] = calibrate(cfg, self.store_dir, cand, self.held).as_dict()

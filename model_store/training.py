@@ -66,6 +66,7 @@ class TrainConfig:
     aux_weight: float = 0.1
     demonstrations: bool = True
     demo_position: str = "after_history"
+    layout: str = "instructerc"  # the prompt layout (scoring.prompts); recorded in erc_meta.json, served with it
     # "same_label": each example's demonstration is its nearest neighbour of the same label (the paper);
     # the demonstration's label then always equals the answer, and a small model learns to copy it.
     # "nearest": the nearest neighbour of any label, as at inference.
@@ -551,7 +552,7 @@ def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, pro
     trainer = Trainer(cfg, resolve_base(cfg.base, store_dir), out_dir)
     builder = PromptBuilder(label_set, max_tokens=cfg.max_tokens, count_tokens=trainer.count_tokens,
                             demo_position=cfg.demo_position,  # type: ignore[arg-type]
-                            window=WindowShape(cfg.window, cfg.hop))
+                            window=WindowShape(cfg.window, cfg.hop), layout=cfg.layout)  # type: ignore[arg-type]
     index = None
     if cfg.demonstrations:
         # Pairing in training searches the whole training set; the (smaller, balanced) index shipped
@@ -588,7 +589,7 @@ def train(cfg: TrainConfig, *, store_dir: Path, out_dir: Path | None = None, pro
         "dataset": "+".join(d for d, _ in cfg.sources), "datasets": [d for d, _ in cfg.sources], "mix": cfg.mix,
         "examples": {k: len(v) for k, v in examples.items()},
         "window": cfg.window, "hop": cfg.hop, "max_tokens": cfg.max_tokens, "demonstrations": cfg.demonstrations,
-        "demo_position": cfg.demo_position, "data_hash": sources_hash(cfg),
+        "demo_position": cfg.demo_position, "layout": cfg.layout, "data_hash": sources_hash(cfg),
         "created": datetime.now(UTC).isoformat(timespec="seconds"), "train": result, "config": asdict(cfg),
         "command": command,
     }

@@ -47,6 +47,7 @@ class AdapterChoice:
     demos: Demonstrations | None = None
     calibration: Calibration | None = None
     label_set: str | None = None  # the label set it was trained for (its erc_meta.json), when known
+    layout: str | None = None  # the prompt layout it was trained with (erc_meta.json; absent: instructerc)
 
     @property
     def name(self) -> str | None:

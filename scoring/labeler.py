@@ -9,7 +9,7 @@ from core.labels import LabelSet
 from scoring.adapters import AdapterChoice
 from scoring.backends.base import Backend, ScoreRequest
 from scoring.calibration import Calibration
-from scoring.fallback import batch_or_each, describe
+from scoring.fallback import batch_or_each, describe, probe_backend
 from scoring.prompts import Demonstration, Prompt, PromptBuilder, Turn
 
 
@@ -58,9 +58,11 @@ class Labeler:
         return f"{self.adapter}@{self.adapter_version}" if self.adapter and self.adapter_version else self.adapter
 
     def use(self, choice: AdapterChoice) -> None:
-        """Switch adapter (and its demonstration index); the backend loads it first if needed."""
+        """Switch adapter (and its demonstration index, and the prompt layout it was trained with); the backend loads
+        it first if needed. Zero-shot keeps the configured layout."""
         if choice.ref is not None:
             self.backend.add_adapter(choice.ref.key, choice.ref.path)
+            self.builder = self.builder.with_layout(choice.layout or "instructerc")  # type: ignore[arg-type]
         self.adapter = choice.name
         self.adapter_version = choice.version
         self.demonstrations = choice.demos.lookup if choice.demos is not None else None
@@ -106,7 +108,9 @@ def label_together(
     """Each labeler's windows, labelled by its own prompts, adapter and calibration, in ONE backend call.
 
     The labelers must share their backend (a multi-LoRA backend mixes adapters in a call). Results come
-    back per group, in order. If the call fails, each item is retried alone (see :class:`Labeler`).
+    back per group, in order. If the call fails, each item is retried alone (see :class:`Labeler`); if an item
+    fails alone and the backend fails a probe too, :class:`~scoring.fallback.PartDown` is raised (no item is
+    blamed for a backend that is down).
     """
     if not groups:
         return []
@@ -116,6 +120,6 @@ def label_together(
     prompted = [(labeler, labeler._prompts(windows)) for labeler, windows in groups]
     requests = [ScoreRequest(p.text, p.choices, labeler.adapter_key)
                 for labeler, prompts in prompted for p in prompts if isinstance(p, Prompt)]
-    scored = iter(batch_or_each(backend.score, requests, what="inference"))
+    scored = iter(batch_or_each(backend.score, requests, what="inference", probe=lambda: probe_backend(backend)))
     return [[p if isinstance(p, Failed) else labeler._result(p, next(scored)) for p in prompts]
             for labeler, prompts in prompted]

@@ -34,10 +34,29 @@ Where the demonstration goes is a setting. ``after_history`` (the default) keeps
 end of the history identical between consecutive turns of a conversation, which is what prefix
 caching needs; ``after_instruction`` is the paper's order. Each turn's text is first capped at
 ``max_turn_chars`` characters, so a 1 MB message cannot blow up tokenisation.
+
+**Two layouts** (``model.layout``; an adapter records the one it was trained with and is served with it):
+
+- ``instructerc``, the paper's: instruction, history between ``###``, the label statement quoting the target
+  again (``Please select the emotional label of <Speaker_k: "…"> from <labels>:``). The statement follows the
+  history, so it can never be shared: every turn recomputes it and its own text a second time.
+- ``stream``: the instruction and the label statement form the head, shared by every prompt; each turn's line
+  ends with the marker ``=>`` and its label is read from the next-token distribution at its own marker, so
+  the prompt of a conversation's next turn is the previous prompt plus one line, and a prefix cache computes
+  only that line. The target is not quoted again and there is no demonstration slot (it would sit between
+  two turns and break the sharing). Training packs a conversation's rows into one token trie
+  (:mod:`model_store.packing`), so one forward pass trains every turn's marker.
+
+**No text can forge structure.** Whatever a turn's text holds, it renders inside its own quotes on its own line
+(:func:`render_text`): line breaks become spaces, ``"`` becomes ``''`` (the quote cannot be closed), ``###``
+runs become ``#`` (the InstructERC history cannot be closed), ``=>`` becomes ``= >`` (no marker) and
+``Speaker_<k>`` becomes ``Speaker <k>`` (no speaker tag). A text therefore cannot add a turn, a speaker, a
+marker or a label statement to its conversation's prompts; it can only be read as what it is, a text.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
@@ -51,6 +70,29 @@ INSTRUCTION = (
     "The following conversation noted between '### ###' involves several speakers."
 )
 DemoPosition = Literal["after_history", "after_instruction"]
+Layout = Literal["instructerc", "stream"]
+LAYOUTS: tuple[str, ...] = ("instructerc", "stream")
+
+#: The stream layout's marker: every turn's line ends with it; the turn's label follows it (one token here).
+MARKER = " =>"
+STREAM_INSTRUCTION = (
+    "Now you are expert of sentiment and emotional analysis. Each utterance of the following conversation ends "
+    "with '=>', where its emotional label follows, one of <{labels}>."
+)
+
+_HASH_RUN = re.compile(r"#{3,}")
+_SPEAKER_TAG = re.compile(r"(?i)\b(speaker)_(?=\d)")
+
+
+def render_text(text: str, max_chars: int) -> str:
+    """A turn's text as every prompt shows it: one line, capped, and unable to close its quotes or write a
+    delimiter, a marker or a speaker tag (see the module's docstring)."""
+    text = " ".join(text.split())
+    if len(text) > max_chars:
+        text = text[:max_chars] + "…"
+    text = text.replace('"', "''").replace("=>", "= >")
+    text = _HASH_RUN.sub("#", text)
+    return _SPEAKER_TAG.sub(r"\1 ", text)
 
 
 @dataclass(frozen=True)
@@ -150,14 +192,27 @@ class PromptBuilder:
         demo_position: DemoPosition = "after_history",
         max_turn_chars: int = 2000,
         window: WindowShape | None = None,
+        layout: Layout = "instructerc",
     ) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown prompt layout {layout!r}; one of {', '.join(LAYOUTS)}")
         self.label_set = label_set
         self.window = window or WindowShape()
         self.max_tokens = max_tokens
         self.count_tokens = count_tokens or _approx_tokens
         self.demo_position = demo_position
         self.max_turn_chars = max_turn_chars
+        self.layout: Layout = layout
         self._label_list = ", ".join(label_set.labels)
+        self._head = STREAM_INSTRUCTION.format(labels=self._label_list)
+
+    def with_layout(self, layout: Layout) -> PromptBuilder:
+        """This builder with another layout (an adapter is served with the layout it was trained with)."""
+        if layout == self.layout:
+            return self
+        return PromptBuilder(self.label_set, max_tokens=self.max_tokens, count_tokens=self.count_tokens,
+                             demo_position=self.demo_position, max_turn_chars=self.max_turn_chars,
+                             window=self.window, layout=layout)
 
     @classmethod
     def configured(cls, settings: Settings, label_set: LabelSet, count_tokens: Callable[[str], int] | None = None, *,
@@ -167,7 +222,7 @@ class PromptBuilder:
         model = model or settings.model
         return cls(label_set, max_tokens=model.max_prompt_tokens, count_tokens=count_tokens,
                    demo_position=model.demo_position, max_turn_chars=settings.window.max_turn_chars,
-                   window=WindowShape(size or settings.window.size, settings.window.hop))
+                   window=WindowShape(size or settings.window.size, settings.window.hop), layout=model.layout)
 
     # -- the three tasks -------------------------------------------------------------------
 
@@ -175,12 +230,15 @@ class PromptBuilder:
         """The main task: the emotion of the window's last turn, in the context of the turns before it.
 
         ``window`` holds the turns up to the target (oldest first; at least :attr:`WindowShape.span` of them when
-        they carry positions): the builder keeps those of the target's window and fits them to the budget."""
+        they carry positions): the builder keeps those of the target's window and fits them to the budget. The
+        stream layout reads the label at the target's marker and takes no demonstration."""
         if not window:
             raise ValueError("a window needs at least its target turn")
         turns = self.window.cut(window)
         names = anonymise(turns)
         target = turns[-1]
+        if self.layout == "stream":
+            return self._render(turns, names, "", "", self.label_set.labels)
         demo = (
             f'Here is a similar utterance with its emotional label: "{self._cap(demonstration.text)}" '
             f"-> {demonstration.label}."
@@ -224,8 +282,7 @@ class PromptBuilder:
     # -- rendering ---------------------------------------------------------------------------
 
     def _cap(self, text: str) -> str:
-        text = " ".join(text.split())  # newlines and control whitespace would break the line layout
-        return text if len(text) <= self.max_turn_chars else text[: self.max_turn_chars] + "…"
+        return render_text(text, self.max_turn_chars)
 
     def _render(
         self,
@@ -240,7 +297,8 @@ class PromptBuilder:
         """Fit the history into the budget: the widest anchor of :meth:`WindowShape.anchors` whose prompt fits (the
         target always stays). ``turns_used`` counts the window's turns the prompt holds, the target included."""
         shown = list(turns) if show_target else list(turns[:-1])
-        lines = [f'{names[t.speaker]}: "{self._cap(t.text)}"' for t in shown]
+        marker = MARKER if self.layout == "stream" else ""
+        lines = [f'{names[t.speaker]}: "{self._cap(t.text)}"{marker}' for t in shown]
         anchors = [a for a in self.window.anchors(turns) if a < len(shown)] or [len(shown)]
         for a in anchors:
             text = self._join(lines[a:], demo, statement)
@@ -252,6 +310,8 @@ class PromptBuilder:
         return Prompt(text, choices, len(turns) - a)
 
     def _join(self, lines: list[str], demo: str, statement: str) -> str:
+        if self.layout == "stream":  # the head, one line per turn, then the task's statement (none: the marker)
+            return "\n".join([self._head, *lines, *([statement] if statement else [])])
         history = "### " + "\n".join(lines) + " ###" if lines else "### ###"
         parts = [INSTRUCTION]
         if demo and self.demo_position == "after_instruction":

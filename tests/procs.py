@@ -3,7 +3,8 @@
 - :class:`RedisProc` runs ``redis-server`` (no persistence) on a port of its own; ``kill()`` is SIGKILL,
   ``start()`` again brings back an empty Redis on the same port.
 - :class:`ConsumerProc` runs ``python -m erc_stream consume --backend null`` with ``ERC_*`` variables
-  taken from a :class:`Settings`, JSON logs to a file, and knows when it has partitions.
+  taken from a :class:`Settings`, JSON logs to a file, knows when it has partitions, and reads its run's
+  readiness and counters from its metrics endpoint (:meth:`ConsumerProc.probe`).
 - :class:`ConsumerGroupProcs` holds the consumer processes of one group and waits for the group to settle.
 - :func:`stream_messages` builds valid chat messages for many conversations, turn-ordered per conversation.
 """
@@ -17,11 +18,15 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from core.records import ChatMessage
 from core.settings import Settings
@@ -129,6 +134,16 @@ def consumer_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class Probe:
+    """What one run of a consumer process said on its endpoint: ready (``/readyz`` 200: it holds partitions and
+    Redis answers) and its counters since it started (delivered batches only)."""
+
+    ready: bool
+    consumed: int
+    events: int
+
+
 class ConsumerProc:
     """One ``erc-stream consume`` subprocess; its JSON log lines go to ``log_path``.
 
@@ -150,12 +165,16 @@ class ConsumerProc:
     def log_path(self) -> Path:
         return self.workdir / f"{self.name}.{self.starts}.log"
 
+    @property
+    def ready_path(self) -> Path:
+        """The current run's ready file (written once it is subscribed: its metrics URL and pid)."""
+        return self.workdir / f"{self.name}.{self.starts}.ready"
+
     def start(self) -> None:
         self.starts += 1
-        self._ready = self.workdir / f"{self.name}.{self.starts}.ready"
         self.proc = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "erc_stream", "consume", "--backend", "null",
-             "--ready-file", str(self._ready)],
+             "--ready-file", str(self.ready_path)],
             cwd=PROJECT, env=self.env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
         )
 
@@ -197,6 +216,33 @@ class ConsumerProc:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"consumer {self.name} got no partitions within {timeout_s} s:\n{self.tail()}")
             time.sleep(0.1)
+
+    def probe(self, timeout_s: float = 1.0) -> Probe | None:
+        """The current run as its endpoint tells it (``/readyz``, and ``/metrics``' counters); None before it wrote
+        its ready file or while the endpoint does not answer. The counters are this run's own: a restart starts
+        them at 0, so a count above 0 is work done since the restart."""
+        try:
+            ready = json.loads(self.ready_path.read_text())
+            if ready.get("pid") != (self.proc.pid if self.proc else None) or not ready.get("metrics_url"):
+                return None  # not this process's file, or its metrics endpoint is disabled
+            url = ready["metrics_url"]
+        except (OSError, ValueError):
+            return None
+        try:
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=timeout_s) as r:
+                    is_ready = r.status == 200
+            except urllib.error.HTTPError as e:  # 503: up, not ready
+                is_ready = False
+                e.close()
+            with urllib.request.urlopen(f"{url}/metrics", timeout=timeout_s) as r:
+                text = r.read().decode()
+        except (OSError, ValueError):
+            return None
+        values = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+                  if not s.labels}
+        return Probe(ready=is_ready, consumed=int(values.get("erc_messages_consumed_total", 0)),
+                     events=int(values.get("erc_events_emitted_total", 0)))
 
     def kill9(self) -> None:
         assert self.proc is not None

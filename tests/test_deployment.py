@@ -141,6 +141,9 @@ def test_services_profiles_healthchecks_and_volumes(compose: dict) -> None:
     # Redis with AOF persistence on a volume.
     redis_cmd = services["redis"]["command"]
     assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes" and "redis-data:/data" in services["redis"]["volumes"]
+    # ... bounded in memory, evicting least recently used keys with a TTL (every erc-stream key has one).
+    assert redis_cmd[redis_cmd.index("--maxmemory") + 1] == "2gb"
+    assert redis_cmd[redis_cmd.index("--maxmemory-policy") + 1] == "volatile-lru"
     # The GPU consumer gets a GPU and the vLLM backend; the CPU one the transformers backend.
     gpu, cpu = services["consumer-gpu"], services["consumer-cpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
@@ -326,6 +329,11 @@ def test_secure_override_sets_sasl_ssl_and_a_redis_password(compose: dict, secur
     assert f"> {include}" in redis["command"][2] and "requirepass" in redis["command"][2]
     assert f"redis-server {conf_target}" in redis["command"][2]
     assert re.search(r"^appendonly yes$", conf, re.M) and "REDISCLI_AUTH" in redis["healthcheck"]["test"][1]
+    # The same memory bound and eviction policy as the plain file, passed through the environment to the shell.
+    assert '--maxmemory "$REDIS_MAXMEMORY" --maxmemory-policy "$REDIS_MAXMEMORY_POLICY"' in redis["command"][2]
+    plain = _services(compose)["redis"]
+    assert redis["environment"]["REDIS_MAXMEMORY"] == plain["environment"]["REDIS_MAXMEMORY"] == "2gb"
+    assert redis["environment"]["REDIS_MAXMEMORY_POLICY"] == "volatile-lru"
     # Every erc-stream service: SASL_SSL with the CA that certs made, and the Redis password.
     apps = _erc_app(services)
     assert set(apps) == {"consumer-gpu", "consumer-cpu", "producer-sim", "exporter", "dashboard", "notifier"}

@@ -75,13 +75,15 @@ def models() -> None:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Autocast dtype; auto = bfloat16 where the machine runs it natively, else float32.")
 @click.option("--checkpoint-every", type=int, default=10, show_default=True)
+@click.option("--layout", type=click.Choice(["instructerc", "stream"]), default="instructerc", show_default=True,
+              help="The prompt layout to train (scoring.prompts): the paper's, or one line per turn read at a marker.")
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 def models_train(ctx, datasets, files, label_set, mix, full, name, base, window, hop, max_tokens, speaker_steps, steps,
                  epochs, batch_size, aux_weight, impact_per_batch, no_demonstrations, demo_pairing, lr, lora_r, lora_alpha,
                  lora_dropout, fraction,
                  limit, balance, class_weight, batching, no_packing, lora_modules, calibration, eval_every, eval_file,
-                 eval_limit, seed, holdout_seed, threads, device, dtype, checkpoint_every, no_progress):
+                 eval_limit, seed, holdout_seed, threads, device, dtype, checkpoint_every, layout, no_progress):
     """Train a LoRA adapter (or, --full, a whole model) with the InstructERC recipe; resumes from its checkpoint."""
     import shlex
 
@@ -105,7 +107,7 @@ def models_train(ctx, datasets, files, label_set, mix, full, name, base, window,
         balance=balance, class_weight=class_weight, batching=batching, packing=not no_packing,
         calibration=calibration, eval_every=eval_every, eval_file=str(eval_file) if eval_file else None,
         eval_limit=eval_limit, seed=seed, holdout_seed=holdout_seed, threads=threads, device=device, dtype=dtype,
-        checkpoint_every=checkpoint_every, demo_position=settings.model.demo_position,
+        checkpoint_every=checkpoint_every, demo_position=settings.model.demo_position, layout=layout,
     )
     if epochs is not None:
         cfg = with_epochs(cfg, epochs)

@@ -39,7 +39,7 @@ def export(ctx, fmt, out, follow, group_id):
                    f"({report.copies} copies dropped, {report.skipped} skipped); committed offsets "
                    f"{dict(sorted(report.committed.items()))} for group {exporter.group_id}", err=True)
         return
-    dedupe = Deduper()
+    dedupe = Deduper(settings.export.dedupe_ids)
     n = 0
     sink = out.open("w") if out else sys.stdout
     try:
@@ -107,9 +107,11 @@ def replay_dlq(ctx, error_types, dry_run):
     chosen = [d for d in letters if d.source_topic == settings.kafka.input_topic
               and (not error_types or d.error_type in error_types)]
     truncated = [d for d in chosen if d.original_truncated]
-    chosen = [d for d in chosen if not d.original_truncated]
+    batches = [d for d in chosen if d.source_end_offset is not None]  # a whole batch, no original to send
+    chosen = [d for d in chosen if not d.original_truncated and d.source_end_offset is None]
     click.echo(f"{len(letters)} dead letters ({copies} copies dropped); replaying {len(chosen)}"
-               f" {dict(Counter(d.error_type for d in chosen))}; {len(truncated)} skipped (original cut)", err=True)
+               f" {dict(Counter(d.error_type for d in chosen))}; {len(truncated)} skipped (original cut),"
+               f" {len(batches)} skipped (undecodable batches: re-send them from their producer)", err=True)
     if dry_run or not chosen:
         return
     import base64

@@ -68,6 +68,7 @@ def consume(ctx, backend, base, adapter, label_set, group_id, idle_exit, ready_f
     settings = settings_of(ctx).with_overrides(model=overrides, kafka={"group_id": group_id} if group_id else {})
     settings = settings.with_overrides(delivery={k: v for k, v in {"mode": delivery, "worker_id": worker_id}.items()
                                                  if v is not None})
+    from consumer.app import BackendGone
     from consumer.delivery import FatalDeliveryError
 
     try:
@@ -91,6 +92,9 @@ def consume(ctx, backend, base, adapter, label_set, group_id, idle_exit, ready_f
     except FatalDeliveryError as e:  # fenced by a newer instance of this worker, or a commit watchdog
         click.echo(f"erc-stream consume: {e}", err=True)
         sys.exit(3)
+    except BackendGone as e:  # a dead in-process engine: the orchestrator's restart brings a fresh one
+        click.echo(f"erc-stream consume: {e}", err=True)
+        sys.exit(4)
     click.echo(f"consumed {stats.consumed}, events {stats.events}, dead letters {stats.dead_letters}", err=True)
 
 

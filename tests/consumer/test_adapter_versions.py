@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 from pathlib import Path
 
 from consumer.app import StreamApp
@@ -16,6 +15,7 @@ from model_store.registry import Registry, publish, versions
 from producer_sim.replay import interleave, to_messages
 from producer_sim.synthetic import synthetic_conversations
 from tests.kafka_helpers import produce_raw, read_all
+from tests.waiting import wait_for
 
 
 def _stage(src: Path, tmp: Path, label_set: str) -> Path:
@@ -45,9 +45,8 @@ def test_a_new_version_is_promoted_and_rolled_back_in_a_running_consumer(
         """The events this batch produced (the topic's new event ids), in the batch's order."""
         want = len(seen) + len(batch)
         produce_raw(settings, settings.kafka.input_topic, [(m.conversation_id.encode(), m.to_bytes()) for m in batch])
-        deadline = time.monotonic() + 90
-        while app.stats.events < want and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: app.stats.events >= want, timeout_s=90, what=f"{want} events", state=lambda: app.stats,
+                 thread=thread)
         assert app.stats.events == want, app.stats
         new = {e.event_id: e for r in read_all(settings, settings.kafka.output_topic, want, timeout_s=20)
                if (e := EmotionEvent.from_bytes(r.value)).event_id not in seen}
@@ -55,18 +54,25 @@ def test_a_new_version_is_promoted_and_rolled_back_in_a_running_consumer(
         by_message = {e.message_id: e for e in new.values()}
         return [by_message[m.message_id] for m in batch]
 
-    thread = threading.Thread(target=app.run, daemon=True)
+    def wait_version(version: str) -> None:
+        """Until the running loop has switched to ``version`` (it looks every adapter_poll_s, between batches):
+        messages sent after this cannot be labelled by the version before."""
+        wait_for(lambda: app.labeler.adapter_version == version, timeout_s=30, what=f"the switch to live@{version}",
+                 state=lambda: f"adapter now {app.labeler.adapter_key!r}", thread=thread)
+
+    thread = threading.Thread(target=app.run, name="stream-app", daemon=True)
     thread.start()
     try:
+        assert app.labeler.adapter_version == first.name
         before = send_and_wait(msgs[:3])
         # Retrained under the same name: a second version beside the first, which is left as it was.
         second = publish(_stage(unified_lora_adapter, tmp_path, "meld"), store, "live")
         assert second != first and first.exists() and len(versions("live", store)) == 2
         registry.promote("live")  # the newest version
-        time.sleep(0.6)  # > adapter_poll_s: the next loop iteration switches
+        wait_version(second.name)
         after = send_and_wait(msgs[:3])  # the same messages again, labelled by the new version
         registry.rollback("meld")
-        time.sleep(0.6)
+        wait_version(first.name)
         rolled_back = send_and_wait(msgs[3:6])
     finally:
         app.stop()

@@ -6,6 +6,7 @@ rules are under test, not the model. The demo test runs them behind the real mod
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -154,8 +155,14 @@ def test_bad_state_costs_an_event_its_alerts_not_the_batch(client) -> None:
         # An error reply: the pipeline evaluates each event alone and dead-letters this one (stage alerts)
         engine.evaluate([_pair("c-bad", 0, "sad")])
     client.delete(key)
-    client.zadd(key, {"{not json": 0})
-    alerts = engine.evaluate([_pair("c-bad", 1, "sad"), _pair("c-ok", 0, "sad"), _pair("c-ok", 1, "sad")])
+    client.zadd(key, {"{not json": 0})  # a stored turn this code cannot read
+    batch = [_pair("c-bad", 1, "sad"), _pair("c-ok", 0, "sad"), _pair("c-ok", 1, "sad")]
+    with pytest.raises(json.JSONDecodeError):  # raised, never swallowed: the pipeline dead-letters that event
+        engine.evaluate(batch)
+    with pytest.raises(json.JSONDecodeError):
+        engine.evaluate(batch[:1])
+    # Evaluated again event by event (what the pipeline does next), the others raise their alerts as usual.
+    alerts = [a for pair in batch[1:] for a in engine.evaluate([pair])]
     assert [a.trigger_message_id for a in alerts] == ["c-ok:1"]
 
 
@@ -181,6 +188,39 @@ def test_rule_settings_can_be_overridden_per_tenant(client) -> None:
     assert [a.trigger_message_id for a in by_tenant["strict"]] == ["c-strict:1"]  # its streak of two
     assert by_tenant["quiet"] == []
     assert [a.trigger_message_id for a in by_tenant["other"]] == ["c-other:2"]  # the default streak of three
+
+
+def test_a_tenants_window_holds_at_most_its_bound_and_judges_the_most_recent_events(client) -> None:
+    """20 calm events then 6 negative ones inside one window: over all 26 the share is 23 %, over the most recent 10
+    (the bound) it passes 50 % at the 6th negative. The keys never hold more than the bound."""
+    engine = _engine(client, tenant_threshold=0.5, tenant_min_count=5, tenant_window_s=3600, tenant_cooldown_s=3600,
+                     tenant_window_max_events=10)
+    labels = ["neutral"] * 20 + ["angry"] * 6 + ["joyful"] * 12
+    pairs = [_pair(f"c-{i}", 0, label, sent_at=T0 + timedelta(seconds=i)) for i, label in enumerate(labels)]
+    all_key, neg_key, ev_key, _ = engine._tenant_keys("acme")
+    alerts, sizes = [], []
+    for batch in (pairs[:13], pairs[13:26], pairs[26:]):  # the bound applies within a batch too
+        alerts += engine.evaluate(batch)
+        sizes.append((client.zcard(all_key), client.zcard(neg_key), client.hlen(ev_key)))
+    assert [a.trigger_message_id for a in alerts] == ["c-25:0"]
+    assert alerts[0].metrics["events"] == 10 and alerts[0].metrics["negative_events"] == 6
+    # at most 10 events; the negatives and their evidence leave with their events
+    assert sizes == [(10, 0, 0), (10, 6, 6), (10, 0, 0)]
+
+
+def test_the_window_bound_is_one_for_every_tenant_and_holds_the_minimum_count(client) -> None:
+    with pytest.raises(ValueError, match="whole section"):
+        _engine(client, tenant_threshold=0.5, tenants={"big": {"tenant_window_max_events": 50_000}})
+    with pytest.raises(ValueError, match="could never fire"):
+        _engine(client, tenant_threshold=0.5, tenant_window_max_events=10, tenants={"x": {"tenant_min_count": 11}})
+
+
+def test_only_configured_tenants_get_their_own_settings_object(client) -> None:
+    """Tenant names come from messages: an unconfigured one must not grow the engine's per-tenant cache."""
+    engine = _engine(client, streak_length=3, tenants={"strict": {"streak_length": 2}})
+    assert all(engine.settings_for(f"tenant-{i}") is engine.settings for i in range(1000))
+    assert engine.settings_for(None) is engine.settings
+    assert engine.settings_for("strict").streak_length == 2 and set(engine._by_tenant) == {"strict"}
 
 
 # -- in the stream -------------------------------------------------------------------------------
@@ -244,3 +284,32 @@ def test_an_alert_of_a_batch_redone_after_a_failure_is_not_lost_and_keeps_its_id
     # Sent with the failed batch and again with its redo: two records, one alert id.
     assert len(alerts) == 1 and copies == 1
     assert alerts[0].alert_id == Alert.make_id("negative_streak", tenant=streak[0].tenant, conversation_id=streak[0].conversation_id, trigger_message_id=streak[2].message_id)
+
+
+def test_an_event_whose_alert_rules_fail_is_emitted_dead_lettered_and_counted(settings: Settings) -> None:
+    """Unreadable rule state (a stored turn this version cannot parse) fails that event's rules: its event is
+    emitted, its message goes to the dead-letter topic with stage ``alerts``, and the failure is counted. The
+    other conversations of the same batch raise their alerts as usual."""
+    from core.readers import read_dead_letters
+
+    settings = settings.with_overrides(batch={"micro_batch_size": 16, "max_wait_ms": 300},
+                                       alerts={"streak_length": 2, "tenant_threshold": 1.0})
+    run = uuid.uuid4().hex[:6]
+    bad = _conversation(f"{run}-bad", ["sad day", "so sad"])
+    good = _conversation(f"{run}-good", ["sad day", "so sad"])
+    client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+    client.zadd(f"{settings.redis.key_prefix}:alert:conv:{{{conversation_scope('acme', bad[0].conversation_id)}}}",
+                {"{not json": -1})  # before turn 0: both turns read it, neither replaces it
+    msgs = [bad[0], good[0], bad[1], good[1]]
+    produce_raw(settings, settings.kafka.input_topic, [(m.conversation_id.encode(), m.to_bytes()) for m in msgs])
+
+    app = StreamApp(settings, KeywordBackend())
+    run_until(app, lambda: app.stats.events >= len(msgs))
+    letters, _ = read_dead_letters(settings, timeout_s=20)
+    assert [(d.error_type, d.stage) for d in letters] == [("processing", "alerts")] * 2, letters
+    assert {ChatMessage.from_bytes(d.original()).message_id for d in letters} == {m.message_id for m in bad}
+    assert "JSONDecodeError" in letters[0].reason
+    assert app.metrics.value("erc_alert_rule_failures_total") == 2
+    assert {e.message_id for e in read_events(settings, timeout_s=10).events} == {m.message_id for m in msgs}
+    alerts, _ = read_alerts(settings, timeout_s=10)
+    assert [a.conversation_id for a in alerts] == [good[0].conversation_id]

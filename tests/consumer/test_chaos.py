@@ -1,6 +1,6 @@
-"""Chaos: kill -9 consumers at random points, kill one of two, restart Redis empty; nothing is lost,
-no message gets two event ids, copies are counted, windows stay in turn order, the DLQ holds exactly
-the malformed input.
+"""Chaos: kill -9 consumers at random points, kill one of two, restart Redis empty; every killed consumer
+comes back (its restart answers ready and delivers messages), nothing is lost, no message gets two event ids,
+copies are counted, windows stay in turn order, the DLQ holds exactly the malformed input.
 
 The full run (≥ 5,000 messages, ≥ 100 conversations, ≥ 10 kills) is marked ``chaos`` and runs on its own:
 
@@ -16,15 +16,20 @@ from pathlib import Path
 import pytest
 
 from core.settings import Settings
-from tests.chaos import ChaosPlan, run_chaos
+from tests.chaos import ChaosPlan, ChaosReport, run_chaos
 
 
-def _check(report, capsys, plan: ChaosPlan) -> None:
+def _check(report: ChaosReport, capsys, plan: ChaosPlan) -> None:
     with capsys.disabled():
         print(f"\nchaos: {report.line()}")
     assert report.lost == 0
     assert report.distinct_duplicates == 0
-    assert report.kills_survived == plan.kills + (1 if plan.pair_kill else 0)
+    # Every kill planned was made, and each measured as survived: the killed consumer's restarted process
+    # answered ready and delivered messages of its own, and the run lost nothing.
+    assert report.kills == plan.kills + (1 if plan.pair_kill else 0)
+    assert len(report.comebacks) == report.kills
+    assert [c for c in report.comebacks if not c.came_back] == []
+    assert report.kills_survived == report.kills
     assert report.missing_dead_letters == 0 and report.unexpected_dead_letters == 0
     assert report.out_of_order == 0 and report.bad_windows == 0
     assert report.degraded_before_redis_restart == 0
@@ -53,4 +58,4 @@ def test_chaos_full(settings: Settings, tmp_path: Path, capsys) -> None:
     with capsys.disabled():
         report = run_chaos(_settings(settings, 6000), plan, tmp_path, log=print)
     _check(report, capsys, plan)
-    assert report.valid_in >= 5000 and plan.conversations >= 100 and report.kills_survived >= 10
+    assert report.valid_in >= 5000 and plan.conversations >= 100 and report.kills >= 10

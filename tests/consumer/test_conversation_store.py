@@ -352,3 +352,78 @@ def test_a_hop_window_is_degraded_only_when_its_own_turns_are_missing(client: re
         assert [t.turn for t in u.window] == [t for t in [*range(10), *range(10, 13)] if t <= n and t != 9][-6:]
         assert u.degraded(n, shape) == (first <= 9 < n)
     assert u is not None and shape.first(12) == 9 and u.degraded(12, shape)
+
+
+# -- the speaker hash stays bounded ---------------------------------------------------------------
+
+
+def _thread(store: ConversationStore, conv: str, speakers: list[str]) -> list:
+    return [_append(store, conv, StoredTurn(n, who, f"t{n}", f"m-{n}")) for n, who in enumerate(speakers)]
+
+
+def test_a_thread_of_many_commenters_keeps_its_speaker_hash_bounded_and_its_windows_labels(
+        client: redis.Redis, prefix: str) -> None:
+    """A thread where nearly every comment is a new commenter (the host every third): the speaker hash stays under
+    the bound, and every window is labelled exactly as a store that never forgets would label it."""
+    speakers = ["Host" if n % 3 == 0 else f"commenter-{n}" for n in range(600)]
+    bounded = ConversationStore(client, prefix=prefix, size=3, retain=5, ttl_s=600, max_speakers=16)
+    unbounded = ConversationStore(client, prefix=f"{prefix}-all", size=3, retain=5, ttl_s=600, max_speakers=10_000)
+    sizes = []
+    for n, who in enumerate(speakers):
+        [got] = bounded.append_many([("thread", StoredTurn(n, who, f"t{n}", f"m-{n}"))])
+        [ref] = unbounded.append_many([("thread", StoredTurn(n, who, f"t{n}", f"m-{n}"))])
+        assert got.window == ref.window  # same turns, same Speaker_k: prompts and cached prefixes unchanged
+        assert [t.as_prompt_turn() for t in got.window] == [t.as_prompt_turn() for t in ref.window]
+        sizes.append(client.hlen(bounded.speakers_key("thread")))
+    assert max(sizes) <= 16 + 1  # the bound, plus the field holding the next number
+    assert client.hlen(unbounded.speakers_key("thread")) == 401 + 1  # the host and 400 commenters, never trimmed
+    assert {t.speaker_id for t in bounded.get("thread") if t.speaker == "Host"} == {0}  # present all along
+    retained = {t.speaker for t in bounded.get("thread")}
+    numbers = client.hgetall(bounded.speakers_key("thread"))
+    assert retained <= {k.decode() for k in numbers}  # the retained turns' speakers are never forgotten
+    assert 0 < client.ttl(bounded.speakers_key("thread")) <= 600
+
+
+def test_a_forgotten_speaker_who_returns_gets_a_new_number_never_one_a_retained_turn_carries(
+        client: redis.Redis, prefix: str) -> None:
+    store = ConversationStore(client, prefix=prefix, size=3, retain=4, ttl_s=600, max_speakers=6)
+    updates = _thread(store, "t", ["Ann", *[f"c{n}" for n in range(1, 12)]])  # Ann (0) leaves the retained turns
+    assert updates[0].window[-1].speaker_id == 0
+    assert not client.hexists(store.speakers_key("t"), "Ann")  # forgotten once the hash outgrew 6
+    back = _append(store, "t", StoredTurn(12, "Ann", "I'm back", "m-12"))
+    window_ids = [t.speaker_id for t in back.window]
+    assert back.window[-1].speaker_id == 12 and len(set(window_ids)) == len(window_ids)  # next in line, no clash
+    # the retained speakers kept the numbers they were given on first appearance
+    assert {t.speaker: t.speaker_id for t in store.get("t")} == {"c9": 9, "c10": 10, "c11": 11, "Ann": 12}
+
+
+def test_speaker_numbers_are_rebuilt_from_the_turns_when_the_hash_alone_was_evicted(
+        client: redis.Redis, prefix: str) -> None:
+    store = _store(client, prefix, size=3, retain=5)
+    _thread(store, "c", ["Ann", "Bob", "Cy", "Bob"])
+    client.delete(store.speakers_key("c"))  # what maxmemory's eviction may do to one key of the three
+    again = _append(store, "c", StoredTurn(4, "Ann", "still here", "m-4"))
+    new = _append(store, "c", StoredTurn(5, "Dee", "hello", "m-5"))
+    assert again.window[-1].speaker_id == 0 and new.window[-1].speaker_id == 3  # Ann keeps 0, Dee after Cy (2)
+    assert {t.speaker: t.speaker_id for t in store.get("c")} == {"Ann": 0, "Bob": 1, "Cy": 2, "Dee": 3}
+
+
+def test_a_speaker_hash_written_before_the_counter_numbers_on_from_its_size(client: redis.Redis, prefix: str) -> None:
+    store = _store(client, prefix, size=3, retain=5)
+    client.hset(store.speakers_key("old"), mapping={"Ann": 0, "Bob": 1})  # an older version's hash: no counter
+    assert _append(store, "old", StoredTurn(7, "Bob", "hi", "m-7")).window[-1].speaker_id == 1
+    assert _append(store, "old", StoredTurn(8, "Cy", "hey", "m-8")).window[-1].speaker_id == 2
+
+
+def test_the_decode_cache_holds_at_most_its_bound_and_the_settings_reach_the_store(client, prefix) -> None:
+    from core.settings import Settings
+
+    store = ConversationStore(client, prefix=prefix, size=3, retain=5, ttl_s=600, decode_cache_turns=4)
+    for n in range(10):
+        _append(store, "c", _turn(n))
+    assert store._decode.cache_info().currsize == 4 and store._decode.cache_info().maxsize == 4
+    settings = Settings().with_overrides(redis={"key_prefix": prefix}, conversation={
+        "max_speakers": 7, "decode_cache_turns": 9, "retain_turns": 30, "ttl_s": 60})
+    configured = ConversationStore.configured(client, settings)
+    assert (configured.prefix, configured.size, configured.retain, configured.ttl_s) == (prefix, 23, 30, 60)
+    assert configured.max_speakers == 30 and configured._decode.cache_info().maxsize == 9  # never under retain

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from pathlib import Path
 
 from consumer.app import StreamApp
@@ -15,6 +14,7 @@ from model_store.registry import Registry
 from producer_sim.replay import interleave, to_messages
 from producer_sim.synthetic import synthetic_conversations
 from tests.kafka_helpers import produce_raw, read_all
+from tests.waiting import wait_for
 
 
 def test_promoted_adapter_is_used_between_batches(settings: Settings, own_hf_backend, lora_adapter: Path,
@@ -30,18 +30,21 @@ def test_promoted_adapter_is_used_between_batches(settings: Settings, own_hf_bac
     app.labeler.use(choose_adapter(settings))
     msgs = list(interleave(to_messages(synthetic_conversations(2), run_id="swap"), concurrency=2, seed=0))
     first, second = msgs[:3], msgs[3:6]
-    thread = threading.Thread(target=app.run, daemon=True)
+    thread = threading.Thread(target=app.run, name="stream-app", daemon=True)
     thread.start()
     try:
         produce_raw(settings, settings.kafka.input_topic, [(m.conversation_id.encode(), m.to_bytes()) for m in first])
-        deadline = time.monotonic() + 60
-        while app.stats.events < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: app.stats.events >= 3, timeout_s=60, what="the first 3 events", state=lambda: app.stats,
+                 thread=thread)
+        assert app.labeler.adapter == initial
         Registry(store).promote("swap-me")
-        time.sleep(0.5)  # > adapter_poll_s: the next loop iteration switches
+        # The loop looks at the registry every adapter_poll_s, between batches: wait for the switch itself, so
+        # that the second messages cannot reach a batch labelled before it.
+        wait_for(lambda: app.labeler.adapter == "swap-me", timeout_s=30, what="the switch to 'swap-me'",
+                 state=lambda: f"adapter now {app.labeler.adapter_key!r}", thread=thread)
         produce_raw(settings, settings.kafka.input_topic, [(m.conversation_id.encode(), m.to_bytes()) for m in second])
-        while app.stats.events < 6 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: app.stats.events >= 6, timeout_s=60, what="the 6 events", state=lambda: app.stats,
+                 thread=thread)
     finally:
         app.stop()
         thread.join(30)

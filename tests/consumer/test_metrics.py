@@ -85,7 +85,7 @@ def test_the_endpoint_serves_the_stream_metrics_and_probes(settings: Settings) -
     try:
         _wait(lambda: _get(base + "/readyz")[0] == 200, what="readiness")
         status, body = _get(base + "/readyz")
-        assert json.loads(body) == {"ready": True, "partitions": 4, "redis": "ok"}
+        assert json.loads(body) == {"ready": True, "partitions": 4, "redis": "ok", "down": []}
         # 62 records at 4 a batch, 0.15 s each: while they are worked off, the lag shows them.
         lags: list[float] = []
         _wait(lambda: lags.append(sum(v for (n, _), v in _samples(base).items() if n == "erc_consumer_lag"))

@@ -92,7 +92,8 @@ def test_a_batch_becomes_events_and_dead_letters_with_their_reasons() -> None:
     out = pipeline.process(batch, settings, _parts(settings))
     assert [(e.message_id, e.label) for e, _ in out.events] == [("a:0", "neutral"), ("a:1", "angry"),
                                                                 ("b:0", "surprise")]
-    assert [d.error_type for d in out.dead] == ["invalid_json", "schema"]
+    assert [(d.error_type, d.source_offset) for d in out.dead] == [("invalid_json", batch[2].record.offset),
+                                                                   ("schema", batch[4].record.offset)]
     assert out.alerts == [] and out.truncated == 0
     first = out.events[0][0]
     assert first.event_id == EmotionEvent.make_id(tenant=None, conversation_id="a", message_id="a:0", model="keyword", adapter=None) and first.window == 1
@@ -128,10 +129,12 @@ def test_a_stream_batch_is_labelled_in_micro_batches() -> None:
 
 def test_a_message_the_model_fails_on_is_dead_lettered_and_the_rest_labelled() -> None:
     settings = _settings()
-    out = pipeline.process([_msg("f", 0, "ok"), _msg("f", 1, "boom"), _msg("h", 0, "sad")], settings,
-                           _parts(settings))
+    batch = [_msg("f", 0, "ok"), _msg("f", 1, "boom"), _msg("h", 0, "sad")]
+    out = pipeline.process(batch, settings, _parts(settings))
     assert [(e.message_id, e.label) for e, _ in out.events] == [("f:0", "neutral"), ("h:0", "sad")]
-    assert [(d.error_type, d.source_offset) for d in out.dead] == [("inference", out.dead[0].source_offset)]
+    # The letter points at the record it came from (what replay-dlq and the DLQ's readers key on).
+    assert [(d.error_type, d.source_partition, d.source_offset) for d in out.dead] == [
+        ("inference", batch[1].record.partition, batch[1].record.offset)]
     assert "the model fell over" in out.dead[0].reason
 
 

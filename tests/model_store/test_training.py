@@ -1,4 +1,5 @@
-"""Real training runs on the embedded model: a two-step one, and one killed (SIGKILL) mid-run and resumed."""
+"""Real training runs on the embedded model: a two-step one stopped after its first step and resumed, and one
+killed (SIGKILL) mid-run and resumed."""
 
 import json
 import os
@@ -24,6 +25,10 @@ def _write_jsonl(path: Path, n: int) -> Path:
             f.write(json.dumps({"conversation_id": conv.conversation_id, "turns": [
                 {"speaker": u.speaker, "text": u.text, "label": u.label} for u in conv.utterances]}) + "\n")
     return path
+
+
+class _Stop(Exception):
+    """Raised from ``on_step`` to end a training run between two steps, its checkpoint on disk."""
 
 
 def test_examples_for_the_three_tasks() -> None:
@@ -77,16 +82,39 @@ def test_schedule_is_deterministic_and_mixes_impact_into_main_batches() -> None:
 
 
 def test_two_step_training_writes_an_adapter_with_metadata_and_resumes(tmp_path: Path) -> None:
+    """1 speaker step + 1 main step, stopped once the first step's checkpoint is on disk, then the same call
+    again: the second run starts at the checkpoint's step, does only the step left, and writes the adapter.
+    (In process, by an exception; the SIGKILL case, and that the result equals an uninterrupted run, are
+    ``test_a_run_killed_mid_way_...`` below.)"""
+    import torch
+
     data = _write_jsonl(tmp_path / "train.jsonl", 4)
     cfg = TrainConfig(name="tiny", dataset="jsonl", train_file=str(data), label_set="meld", speaker_steps=1,
                       steps=1, batch_size=2, impact_per_batch=1, max_tokens=160, checkpoint_every=1,
                       index_per_label=3, threads=1)
     out = tmp_path / "adapters" / "tiny"
-    path = train(cfg, store_dir=Settings().store.dir, out_dir=out, progress=False, command="test")
+    first: list[tuple[int, float]] = []
+
+    def stop_after_one(step: int, loss: float) -> None:
+        first.append((step, loss))
+        if step == 1:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(cfg, store_dir=Settings().store.dir, out_dir=out, progress=False, command="test", on_step=stop_after_one)
+    assert [s for s, _ in first] == [1] and not (out / "erc_meta.json").exists()
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 1 and state["losses"] == [first[0][1]]
+
+    resumed: list[int] = []
+    path = train(cfg, store_dir=Settings().store.dir, out_dir=out, progress=False, command="test",
+                 on_step=lambda step, loss: resumed.append(step))
+    assert resumed == [2]  # from the checkpoint's step to the end: step 1 is not redone
     assert (path / "adapter_model.safetensors").stat().st_size > 10_000
     meta = json.loads((path / "erc_meta.json").read_text())
     assert meta["label_set"] == "meld" and meta["window"] == 12 and meta["demonstrations"] is True
-    assert meta["train"]["steps"] == 2 and meta["train"]["loss_first"] > 0
+    assert meta["train"]["resumed_from"] == 1 and meta["train"]["steps"] == 2 == resumed[-1]
+    assert meta["train"]["loss_first"] == first[0][1] > 0  # the checkpoint's losses carried over
     assert len(meta["data_hash"]) == 16
     assert (path / "demos" / "items.json").exists()
     assert not (path / "checkpoint").exists()  # removed once the adapter is final
@@ -255,10 +283,6 @@ def test_blocks_with_dev_evaluation_publish_the_best_candidate(tmp_path: Path, m
     assert meta["calibration"]["prior"] != best["calibration"]["prior"]
     assert not (out / "candidates").exists() and not (out / "evals.jsonl").exists()
     assert load_file(out / "adapter_model.safetensors")  # the published weights load
-
-
-class _Stop(Exception):
-    pass
 
 
 def test_a_run_resumed_where_auto_resolves_to_another_dtype_records_where_it_changed(

@@ -4,15 +4,18 @@ alert arrives once per target it routes to, through failures, duplicate copies o
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
+from collections.abc import Callable
+
+from kafka import KafkaConsumer, TopicPartition
 
 from core.readers import read_dead_letters
 from core.records import Alert, AlertEvidence
 from core.settings import Settings
-from outputs.notify import Notifier, payload, routes
+from outputs.notify import Notifier, NotifyMetrics, payload, routes
 from tests.kafka_helpers import produce_raw
 from tests.outputs.webhook_receiver import Receiver
+from tests.waiting import wait_for
 
 
 def _alert(i: int, tenant: str, rule: str = "negative_streak") -> Alert:
@@ -38,18 +41,30 @@ def test_routes_and_payloads() -> None:
     assert payload(a, s.notify.targets[0])["alert_id"] == a.alert_id
 
 
-def _run(notifier: Notifier, until, timeout_s: float = 60.0) -> None:
-    thread = threading.Thread(target=notifier.run, daemon=True)
+def _run(notifier: Notifier, until: Callable[[], bool], what: str, state: Callable[[], object],
+         timeout_s: float = 60.0) -> None:
+    """Run ``notifier`` in a thread until ``until()`` holds, then stop and close it."""
+    thread = threading.Thread(target=notifier.run, name="notifier", daemon=True)
     thread.start()
-    deadline = time.monotonic() + timeout_s
     try:
-        while not until() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(until, timeout_s=timeout_s, what=what, state=state, thread=thread)
     finally:
         notifier.stop()
         thread.join(30)
         notifier.close()
-    assert until(), "timed out"
+
+
+def _committed(group: KafkaConsumer, settings: Settings) -> dict[int, int]:
+    """The committed offset of each alerts partition of ``group`` (a consumer in the notifier's group that does not
+    join it), 0 where nothing was committed: the notifier commits a poll's offsets only once each of its alerts was
+    delivered, skipped or dead-lettered."""
+    return {p: group.committed(TopicPartition(settings.kafka.alerts_topic, p)) or 0
+            for p in range(settings.kafka.partitions)}
+
+
+def _total(metrics: NotifyMetrics, name: str) -> float:
+    """A notifier counter summed over its labels (``erc_notify_delivered_total`` ...)."""
+    return sum(s.value for m in metrics.registry.collect() for s in m.samples if s.name == name)
 
 
 def test_each_alert_reaches_each_target_once_through_failures_copies_and_a_restart(settings: Settings) -> None:
@@ -71,20 +86,37 @@ def test_each_alert_reaches_each_target_once_through_failures_copies_and_a_resta
         # every alert, then copies of three of them (a redelivered batch of the consumer)
         items = [(a.conversation_id.encode(), a.to_bytes()) for a in [*acme[:3], *beta, *acme[3:], acme[0], beta[1],
                                                                        acme[4]]]
-        produce_raw(settings, settings.kafka.alerts_topic, items)
+        acked = produce_raw(settings, settings.kafka.alerts_topic, items)
+        ends = {p: max((md.offset + 1 for md in acked if md.partition == p), default=0)
+                for p in range(settings.kafka.partitions)}
+        group = KafkaConsumer(group_id=settings.notify.group_id, enable_auto_commit=False,
+                              **settings.kafka.client_options())
 
-        first = Notifier(settings)
-        # stopped part-way through, from the receiver itself: polling from here let it finish on a fast machine
-        rx.on_accept = lambda target, n: first.stop() if target == "slack" and n == 4 else None
-        _run(first, lambda: len(rx.received["slack"]) >= 4)
-        rx.on_accept = lambda target, n: None
-        delivered_before_restart = {k: len(v) for k, v in rx.received.items()}
-        second = Notifier(settings)
-        _run(second, lambda: len(rx.received["slack"]) == 10 and len(rx.received["supervisors"]) == 6
-             and len(rx.received["strict"]) == 2)
-        time.sleep(0.5)  # nothing more arrives
-        third = Notifier(settings)  # a second restart over committed offsets: nothing is sent again
-        _run(third, lambda: True, timeout_s=5)
+        def counts() -> str:
+            return (f"received {dict((k, len(v)) for k, v in rx.received.items())}, committed "
+                    f"{_committed(group, settings)} of {ends}")
+
+        try:
+            first = Notifier(settings)
+            # stopped part-way through, from the receiver itself: polling from here let it finish on a fast machine
+            rx.on_accept = lambda target, n: first.stop() if target == "slack" and n == 4 else None
+            _run(first, lambda: len(rx.received["slack"]) >= 4, "the first 4 slack deliveries", counts)
+            rx.on_accept = lambda target, n: None
+            delivered_before_restart = {k: len(v) for k, v in rx.received.items()}
+            # Until every alert, the copies at the topic's end included, was handled and committed: stopping at the
+            # expected counts instead could stop before the copies were read, and a resent copy would go unseen.
+            second = Notifier(settings)
+            _run(second, lambda: _committed(group, settings) == ends, "the restarted notifier to commit every alert",
+                 counts)
+            # A second restart over committed offsets: it joins, reads up to the end and has nothing to send or skip.
+            third = Notifier(settings)
+            _run(third, lambda: third.follower.assigned == settings.kafka.partitions and third.follower.last_lag == 0,
+                 "the third notifier to hold every partition and reach its end", counts, timeout_s=30)
+            assert _committed(group, settings) == ends
+        finally:
+            group.close(autocommit=False)
+        assert _total(third.metrics, "erc_notify_delivered_total") == 0
+        assert _total(third.metrics, "erc_notify_skipped_total") == 0  # nothing re-read: the offsets held
 
         ids = {k: Counter(key for key, _ in v) for k, v in rx.received.items()}
         assert ids["supervisors"] == Counter(a.alert_id for a in acme)  # acme only, each once
