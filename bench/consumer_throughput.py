@@ -230,7 +230,7 @@ def _count_output(settings: Settings, expected: int, timeout_s: float = 60.0) ->
 
 
 def _drop_redis_keys(settings: Settings) -> None:
-    from consumer.redis_client import connect
+    from core.redis_client import connect
 
     client = connect(settings.redis)
     try:

@@ -90,7 +90,7 @@ def _speakers_of_a_thread(client, settings: Settings, prefix: str, texts: list[s
 def measure(settings: Settings, *, conversations: int) -> dict[str, float]:
     from consumer.alerts import AlertEngine
     from consumer.conversation_store import ConversationStore, StoredTurn
-    from consumer.redis_client import connect
+    from core.redis_client import connect
 
     w, c = settings.window, settings.conversation
     client = connect(settings.redis)

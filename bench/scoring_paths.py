@@ -299,10 +299,17 @@ def matmul_peak_gflops(threads: int | None = None, size: int = 1536, repeats: in
     return round(2 * size**3 / best / 1e9, 1)
 
 
-def needed_flops_per_utterance(settings: Settings, items: Sequence[Item]) -> tuple[float, float]:
-    """(new tokens, FLOPs) per utterance: a prompt's tokens after the longest prefix it shares with the
-    previous prompt of its conversation, times the model's per-token cost (weights and attention), plus
-    one row of output logits."""
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token lists."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def needed_flops_per_utterance(settings: Settings, items: Sequence[Item],
+                               layout: str | None = None) -> tuple[float, float]:
+    """(new tokens, FLOPs) per utterance in ``layout`` (default: ``model.layout``): a prompt's tokens after the
+    longest prefix it shares with an earlier prompt (its conversation's previous one, or the prompt before it,
+    which holds the head every prompt shares: what the hf and vLLM prefix caches reuse), times the model's
+    per-token cost (weights and attention), plus one row of output logits."""
     from transformers import AutoConfig, AutoTokenizer
 
     from core.labels import get_label_set
@@ -314,21 +321,45 @@ def needed_flops_per_utterance(settings: Settings, items: Sequence[Item]) -> tup
     tok = AutoTokenizer.from_pretrained(base)
     builder = PromptBuilder.configured(settings, get_label_set(settings.model.label_set),
                                        lambda s: len(tok(s, add_special_tokens=False)["input_ids"]))
+    builder = builder.with_layout(layout or builder.layout)  # type: ignore[arg-type]
     h, layers, inter = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
     kv = h * cfg.num_key_value_heads // cfg.num_attention_heads
     per_token = 2 * layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
     last: dict[str, list[int]] = {}
+    previous: list[int] = []
     new_tokens = flops = 0.0
     for it in items:
         ids = tok(builder.emotion(list(it.turns)).text)["input_ids"]
-        prev = last.get(it.conversation_id, [])
-        shared = next((k for k, (a, b) in enumerate(zip(ids, prev)) if a != b), min(len(ids), len(prev)))
+        shared = max(_shared(ids, last.get(it.conversation_id, [])), _shared(ids, previous))
         new = len(ids) - shared
         new_tokens += new
         # attention: each new token attends to every earlier position (QK^T and AV: 4 * h FLOPs each, per layer)
         flops += per_token * new + 4 * layers * h * sum(range(shared + 1, len(ids) + 1)) + 2 * h * cfg.vocab_size
-        last[it.conversation_id] = ids
+        last[it.conversation_id] = previous = ids
     return new_tokens / len(items), flops / len(items)
+
+
+def layout_tokens(settings: Settings, items: Sequence[Item]) -> dict[str, dict[str, float]]:
+    """Per prompt layout: the new tokens an utterance needs (:func:`needed_flops_per_utterance`) against its own
+    line (``Speaker_k: "…"``, the least any layout must read), and their ratio."""
+    from transformers import AutoTokenizer
+
+    from model_store.base_models import resolve_base
+    from scoring.prompts import LAYOUTS, anonymise, render_text
+
+    tok = AutoTokenizer.from_pretrained(resolve_base(settings.model.base, settings.store.dir))
+    own = 0
+    for it in items:
+        turns = list(it.turns)
+        line = f'{anonymise(turns)[turns[-1].speaker]}: "{render_text(turns[-1].text, settings.window.max_turn_chars)}"'
+        own += len(tok(line, add_special_tokens=False)["input_ids"])
+    own_per = own / len(items)
+    out = {}
+    for layout in LAYOUTS:
+        new, _ = needed_flops_per_utterance(settings, items, layout)
+        out[layout] = {"needed_new_tokens_per_utterance": round(new, 1),
+                       "own_line_tokens_per_utterance": round(own_per, 1), "needed_vs_own_line": round(new / own_per, 2)}
+    return out
 
 
 # -- orchestration -------------------------------------------------------------------------------
@@ -400,7 +431,8 @@ def run_bench(settings: Settings, *, paths: Sequence[str] = PATHS, messages: int
         "machine": machine(), "messages": len(items), "source": source, "model": settings.model.base,
         "matmul_peak_gflops": peak, "matmul_peak_gflops_by_dtype": peaks,
         "needed_new_tokens_per_utterance": round(new_tokens, 1),
-        "needed_gflop_per_utterance": round(flops / 1e9, 3), "paths": results,
+        "needed_gflop_per_utterance": round(flops / 1e9, 3), "layouts": layout_tokens(settings, items),
+        "paths": results,
         "best_path": best["path"] if best else None,
     }
     if consumer_overhead:

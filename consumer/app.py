@@ -41,14 +41,16 @@ import structlog
 from kafka import KafkaConsumer
 from kafka.errors import KafkaConnectionError
 
-from consumer import pipeline, record_batches, redis_client
+from consumer import pipeline, record_batches
 from consumer.alerts import AlertEngine
 from consumer.checkpoint import Checkpoint
 from consumer.conversation_store import ConversationStore
 from consumer.delivery import DeliveryError, Emitter, FatalDeliveryError, make_emitter
-from consumer.metrics import ConsumerMetrics, HealthServer, StreamStats, start_http_server
+from consumer.metrics import ConsumerMetrics, StreamStats
 from consumer.partitions import Partitions, PollFailed
 from consumer.pipeline import REDIS_DOWN, Polled, RedisDown
+from core import redis_client
+from core.http_endpoint import HealthServer, start_http_server
 from core.records import Alert, ChatMessage, EmotionEvent
 from core.settings import Settings
 from model_store.loading import choose_adapter
@@ -121,7 +123,10 @@ class StreamApp:
             **k.client_options(),
         )
         self.partitions = Partitions(self.consumer, self.emitter, self.metrics)
-        self.consumer.subscribe([k.input_topic], listener=self.partitions)
+        if settings.tenancy.source == "topic":  # one topic per tenant: every topic the pattern matches, new ones too
+            self.consumer.subscribe(pattern=settings.tenancy.topic_pattern, listener=self.partitions)
+        else:
+            self.consumer.subscribe([k.input_topic], listener=self.partitions)
         self.checkpoint = Checkpoint(settings, self.emitter, self.consumer, self.alerts, self.metrics)
         self._kafka_delay = 0.0
         self._redis_failures = 0  # consecutive batches that failed on Redis

@@ -1,5 +1,5 @@
-"""The consumer's counters — its Prometheus metrics, the only ones it keeps — and the HTTP endpoint that serves
-them with liveness and readiness.
+"""The consumer's counters — its Prometheus metrics, the only ones it keeps — served with liveness and readiness
+by :mod:`core.http_endpoint`.
 
 Each :class:`~consumer.app.StreamApp` owns one :class:`ConsumerMetrics` on a registry of its own (several
 apps in one process, as in the tests, never mix their counts); :meth:`ConsumerMetrics.stats` reads them back
@@ -15,21 +15,17 @@ as a :class:`StreamStats` for summaries (the demo's, ``consume``'s exit line, th
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 from collections import Counter as Tally
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 
-from core.auth import bearer_ok
 
 if TYPE_CHECKING:
     from core.records import Alert, DeadLetter, EmotionEvent
@@ -43,7 +39,8 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 DEAD_LETTER_REASONS = ("invalid_json", "invalid_utf8", "schema", "too_large", "empty", "conflict", "duplicate_id",
-                       "inference", "processing", "unsupported_version", "undecodable_batch")
+                       "inference", "processing", "unsupported_version", "undecodable_batch", "tenant_missing",
+                       "tenant_mismatch")
 #: Parts whose outage pauses consumption (nobody's message's fault): see :mod:`consumer.app`.
 PARTS = ("redis", "backend", "output")
 ALERT_RULES = ("negative_streak", "shift_to_anger", "tenant_negative_rate")
@@ -236,83 +233,3 @@ class ConsumerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class HealthServer:
-    """A small threaded HTTP server for /metrics, /healthz and /readyz."""
-
-    def __init__(self, httpd: ThreadingHTTPServer, thread: threading.Thread) -> None:
-        self._httpd = httpd
-        self._thread = thread
-
-    @property
-    def port(self) -> int:
-        return self._httpd.server_address[1]
-
-    @property
-    def url(self) -> str:
-        host = self._httpd.server_address[0]
-        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"
-
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(5)
-
-
-def start_http_server(
-    metrics: ConsumerMetrics,
-    *,
-    host: str,
-    port: int,
-    liveness_timeout_s: float,
-    ready: Callable[[], tuple[bool, dict[str, object]]],
-    token: str | None = None,
-) -> HealthServer:
-    """Serve the endpoints in a daemon thread. ``ready()`` says whether the consumer is ready, and why; with a
-    ``token``, /metrics needs ``Authorization: Bearer <token>`` (401 otherwise)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                if token is not None and not bearer_ok(self.headers.get("Authorization"), token):
-                    self.send_response(401)
-                    self.send_header("WWW-Authenticate", 'Bearer realm="erc-stream"')
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                age = time.monotonic() - metrics.last_beat
-                ok = age <= liveness_timeout_s
-                self._json(200 if ok else 503, {"alive": ok, "loop_age_s": round(age, 3)})
-            elif path == "/readyz":
-                try:
-                    ok, detail = ready()
-                except Exception as e:  # noqa: BLE001 - a probe answers, it never raises
-                    ok, detail = False, {"error": repr(e)}
-                self._json(200 if ok else 503, {"ready": ok, **detail})
-            else:
-                self._send(404, b"not found\n", "text/plain")
-
-        def _json(self, code: int, body: dict[str, object]) -> None:
-            self._send(code, json.dumps(body).encode(), "application/json")
-
-        def _send(self, code: int, body: bytes, content_type: str) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - scrapes are not log lines
-            return
-
-    httpd = ThreadingHTTPServer((host, port), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
-    thread.start()
-    server = HealthServer(httpd, thread)
-    log.info("metrics endpoint", url=server.url, paths=["/metrics", "/healthz", "/readyz"])
-    return server

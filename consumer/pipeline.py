@@ -162,7 +162,8 @@ def decode_all(batch: Sequence[Polled], settings: Settings, dead: list[DeadLette
             continue
         try:
             decoded = decode(r.value, key=r.key, topic=r.topic, partition=r.partition, offset=r.offset,
-                             max_bytes=k.max_message_bytes, max_original_bytes=k.dlq_max_original_bytes)
+                             max_bytes=k.max_message_bytes, max_original_bytes=k.dlq_max_original_bytes,
+                             headers=r.headers, tenancy=settings.tenancy)
         except Exception as e:  # noqa: BLE001 - decode never raises by contract; if it does, this record only
             dead.append(failed(item, settings, "decode", e))
             continue

@@ -32,8 +32,10 @@ def _identity(*parts: str | None) -> str:
 
 def conversation_scope(tenant: str | None, conversation_id: str) -> str:
     """A conversation's identity across tenants (its state's key in Redis): two tenants' conversation "1" are
-    two conversations. Without a tenant, the conversation id itself."""
-    return conversation_id if tenant is None else f"t{len(tenant)}:{tenant}:{conversation_id}"
+    two conversations. ``t<len>:<tenant>:<id>`` with a tenant, ``n:<id>`` without: the first character tells the
+    two apart and the length delimits the tenant, so no conversation id of one tenant (or of none) can name another
+    tenant's conversation."""
+    return f"n:{conversation_id}" if tenant is None else f"t{len(tenant)}:{tenant}:{conversation_id}"
 
 
 def utcnow() -> datetime:
@@ -144,7 +146,8 @@ class DeadLetter(_Record):
     schema_version: Literal[1] = SCHEMA_VERSION
     error_type: str = Field(description="A short machine-readable class: invalid_json, invalid_utf8, schema, "
                             "unsupported_version, too_large, empty, conflict, duplicate_id, inference (the model), processing (any other failure of "
-                            "this message in the pipeline), undecodable_batch (a whole record batch that could not be "
+                            "this message in the pipeline), tenant_missing / tenant_mismatch (tenancy.source is topic or header and "
+                            "names no tenant, or another one than the message claims), undecodable_batch (a whole record batch that could not be "
                             "decoded: corrupt, unknown codec, or inflating past kafka.max_decompressed_batch_bytes; "
                             "no original); notify_refused (an alert a webhook refused for good: "
                             "source_topic is the alerts topic).")

@@ -2,7 +2,8 @@
 
 Every knob of erc-stream lives here, one frozen model per concern (in the spirit of vLLM's
 ``config/lora.py``): ``Settings().kafka``, ``.redis``, ``.window``, ``.conversation``, ``.batch``, ``.model``,
-``.vllm``, ``.store``, ``.data``, ``.services``, ``.delivery``, ``.metrics``, ``.alerts``, ``.export``.
+``.vllm``, ``.store``, ``.data``, ``.services``, ``.delivery``, ``.metrics``, ``.alerts``, ``.export``,
+``.tenancy``.
 Values come from, in order of precedence: keyword
 arguments, environment variables with the ``ERC_`` prefix and ``__`` as the nesting delimiter
 (``ERC_KAFKA__BOOTSTRAP_SERVERS=host:9092``, ``ERC_MODEL__BACKEND=null``), then the defaults below.
@@ -11,11 +12,13 @@ A renamed setting's old name is still read, with a DeprecationWarning (CHANGELOG
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -366,6 +369,39 @@ class DataSettings(_Section):
     """Folder holding meld/ and emorynlp/ (and iemocap/), read in place."""
 
 
+class TenancySettings(_Section):
+    """Where a message's tenant comes from. The tenant picks the adapter and label set, the alert settings, the
+    state's scope in Redis and who sees the events: in a multi-tenant deployment it must come from a source the
+    tenant cannot forge (README, "Tenants")."""
+
+    source: Literal["message", "topic", "header"] = Field(
+        "message",
+        description="message: the message's own `tenant` field (one producer, or producers that are trusted). topic: "
+        "the input topic's name (`topic_pattern`; one topic per tenant, each tenant's producer allowed to write only "
+        "its topic by the broker's ACLs; the consumer subscribes to every topic the pattern matches). header: the "
+        "record header `header`, set by a trusted gateway. With topic or header, a message whose own `tenant` "
+        "disagrees is dead-lettered (`tenant_mismatch`), one without a tenant gets the trusted one, and a record "
+        "without the header is dead-lettered (`tenant_missing`).",
+    )
+    topic_pattern: str = Field(
+        r"^chat\.messages\.(?P<tenant>[A-Za-z0-9_-]{1,64})$",
+        description="source=topic: a regular expression the input topics' names match in full, with a group named "
+        "`tenant` (the output, alert and dead-letter topics must not match it).",
+    )
+    header: str = Field("x-erc-tenant", min_length=1, description="source=header: the record header holding the "
+                        "tenant (UTF-8), set by a gateway that authenticated the producer.")
+
+    @model_validator(mode="after")
+    def _pattern_names_a_tenant(self) -> "TenancySettings":
+        try:
+            pattern = re.compile(self.topic_pattern)
+        except re.error as e:
+            raise ValueError(f"tenancy.topic_pattern is not a regular expression: {e}") from e
+        if "tenant" not in pattern.groupindex:
+            raise ValueError("tenancy.topic_pattern needs a group named tenant: (?P<tenant>...)")
+        return self
+
+
 class DeliverySettings(_Section):
     """How events, dead letters and consumed offsets reach Kafka (see README, "Operations")."""
 
@@ -507,8 +543,28 @@ class AlertSettings(_Section):
         return AlertSettings.model_validate({**self.model_dump(exclude={"tenants"}), **override})
 
 
+class DashboardToken(BaseModel):
+    """A dashboard token that sees only some tenants (``dashboard.tokens``): issued to one tenant's supervisors."""
+
+    # A validation error must not print the secret it was given.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    token: SecretStr = Field(description="The secret a request carries, as the admin token is carried (16 characters "
+                             "or more).")
+    tenants: tuple[str, ...] = Field(min_length=1, description="The tenants whose conversations, alerts and rates it "
+                                     "sees (events without a tenant are for the admin token only).")
+
+    @model_validator(mode="after")
+    def _long_enough(self) -> "DashboardToken":
+        if len(self.token.get_secret_value()) < 16:
+            raise ValueError("dashboard.tokens: a token's secret needs 16 characters or more")
+        return self
+
+
 class DashboardSettings(_Section):
     """`erc-stream dashboard`: the live view for supervisors (conversations by risk, timelines, alerts, health)."""
+
+    model_config = ConfigDict(hide_input_in_errors=True)  # merged with _Section's: errors never echo the tokens
 
     host: str = Field("127.0.0.1", description="Address the web page listens on.")
     port: int = Field(8090, ge=0, le=65535, description="Its port (0 = any free port, printed at start).")
@@ -525,19 +581,86 @@ class DashboardSettings(_Section):
     timeline_turns: int = Field(200, ge=1, description="Turns of a conversation's timeline kept.")
     recent_turns: int = Field(10, ge=1, description="A conversation's risk: its negative share over its last N turns, "
                               "after its current negative streak.")
+    tokens: dict[str, DashboardToken] = Field(
+        default_factory=dict, description="Tenant-scoped tokens, JSON: name -> `{\"token\": \"<secret>\", "
+        "\"tenants\": [\"acme\"]}`. A page opened with one sees only those tenants' conversations, alerts, rates and "
+        "counters (another tenant's conversation answers 404). `token` stays the admin token, which sees every tenant.",
+    )
+    cookie_max_age_s: int = Field(43_200, ge=60, description="How long the page's login cookie lasts (then open "
+                                  "`/?token=` again).")
+    cookie_secure: bool = Field(False, description="Mark the cookie `Secure` also when the page is reached over plain "
+                                "HTTP (a proxy that terminates TLS without sending `X-Forwarded-Proto`); over HTTPS it "
+                                "always is.")
+    text_chars: int = Field(280, ge=1, description="Message texts are kept and shown cut to this many characters "
+                            "(with show_texts).")
+    max_tenants: int = Field(500, ge=1, description="Tenants whose rates and counters are kept in memory (the least "
+                             "recently active leave).")
+    max_streams: int = Field(32, ge=1, description="Live pages (event streams) served at a time; one more is answered "
+                             "503 until one closes.")
+
+    @model_validator(mode="after")
+    def _tokens_differ(self) -> "DashboardSettings":
+        secrets = [t.token.get_secret_value() for t in self.tokens.values()]
+        if self.token is not None:
+            secrets.append(self.token.get_secret_value())
+        if len(set(secrets)) != len(secrets):
+            raise ValueError("dashboard.tokens: every token needs its own secret (and none may be dashboard.token)")
+        return self
+
+
+class _Masked:
+    """An invalid target input, kept out of error messages: pydantic prints a bad input's repr, and that message
+    reaches a terminal or a log, where a webhook URL (Slack's carries its credential in the path) or a token must
+    not. Only the input's type is kept (the value fails validation anyway)."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, value: object) -> None:
+        self.kind = type(value).__name__
+
+    def __repr__(self) -> str:
+        return f"<{self.kind}, masked>"
+
+
+def _mask(value: Any) -> Any:
+    if value is None or isinstance(value, (SecretStr, _Masked)):
+        return value
+    return SecretStr(value) if isinstance(value, str) else _Masked(value)
 
 
 class NotifyTarget(BaseModel):
-    """One webhook ``erc-stream notify`` delivers alerts to."""
+    """One webhook ``erc-stream notify`` delivers alerts to. ``url`` and ``token`` are secrets (a Slack webhook URL
+    is its own credential): masked in ``erc-stream config``, in validation errors and in logs, which name a target
+    by its ``name``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+    #: Fields an error may show as given; every other value of a target (url, token, a misspelt key) is masked first.
+    _PUBLIC: ClassVar[frozenset[str]] = frozenset({"name", "kind", "tenants", "rules"})
 
-    name: str = Field(description="Identifies the target in dedupe state, metrics and dead letters.")
-    url: str = Field(description="Where alerts are POSTed.")
+    name: str = Field(min_length=1, description="Identifies the target in dedupe state, metrics, dead letters and "
+                      "logs (unique among the targets).")
+    url: SecretStr = Field(description="Where alerts are POSTed (http or https); a secret, never printed.")
     kind: Literal["json", "slack"] = Field("json", description="json: the alert record; slack: `{\"text\": ...}`.")
     tenants: tuple[str, ...] | None = Field(None, description="Only these tenants' alerts (None: every tenant).")
     rules: tuple[str, ...] | None = Field(None, description="Only these rules' alerts (None: every rule).")
     token: SecretStr | None = Field(None, description="Sent as `Authorization: Bearer <token>` when set.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mask_inputs(cls, data: Any) -> Any:
+        """Secrets wrapped before validation: whatever fails, its error prints ``SecretStr('**********')``."""
+        if isinstance(data, (BaseModel, _Masked)):
+            return data
+        if not isinstance(data, dict):
+            return _Masked(data)
+        return {key: value if key in cls._PUBLIC else _mask(value) for key, value in data.items()}
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: SecretStr) -> SecretStr:
+        if not url.get_secret_value().lower().startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return url
 
 
 class NotifySettings(_Section):
@@ -545,19 +668,56 @@ class NotifySettings(_Section):
 
     targets: tuple[NotifyTarget, ...] = Field((), description="JSON list of targets, e.g. `[{\"name\": \"sup\", "
                                               "\"url\": \"https://hooks.example/x\", \"kind\": \"slack\", "
-                                              "\"tenants\": [\"acme\"]}]`.")
-    group_id: str = Field("erc-stream-notify", description="The notifier's consumer group (offsets are committed after "
-                          "every alert of a batch reached every target it routes to, or was dead-lettered).")
-    attempts: int = Field(6, ge=1, description="Tries per alert and target before it is dead-lettered (a 4xx other "
-                          "than 408/429 is final at once).")
+                                              "\"tenants\": [\"acme\"]}]`. URLs and tokens are secrets: masked "
+                                              "in `erc-stream config` and in errors.")
+    group_id: str = Field("erc-stream-notify", description="The notifier's consumer group (its offsets are committed "
+                          "up to the first alert not yet delivered, folded into a delivered summary, or "
+                          "dead-lettered for every target it routes to).")
+    group_wait_s: float = Field(1.0, ge=0, description="How long the first alert of a quiet (tenant, rule) group "
+                                "waits for others before it is sent (alone, or as a summary of what came meanwhile).")
+    group_interval_s: float = Field(60.0, ge=0, description="After a group's notification, its further alerts wait "
+                                    "until this long has passed and go out as one summary: a storm makes one "
+                                    "notification per (tenant, rule) and interval, not one per alert. 0: no "
+                                    "grouping, every alert on its own.")
+    summary_max_alerts: int = Field(500, ge=2, description="Most alerts one summary folds (it lists all their ids); a "
+                                    "group holding this many is sent at once, without waiting for its interval.")
+    summary_list: int = Field(10, ge=0, description="Alerts a summary shows in detail (id, conversation, summary "
+                              "line); it counts the others.")
+    backlog_max: int = Field(10_000, ge=1, description="Alerts one target may hold undelivered (grouped, queued or "
+                             "being retried). A full target sends its groups at once; while it is delivering, the "
+                             "notifier waits for room (about one request); while its last try failed, an alert for "
+                             "it is dead-lettered for that target at once (`backlog full`), so a dead target "
+                             "neither holds up the others nor grows memory.")
+    attempts: int = Field(6, ge=1, description="Tries per notification and target before its alerts are "
+                          "dead-lettered (a 4xx other than 408/425/429 is final at once).")
     backoff_s: float = Field(0.5, gt=0, description="First retry delay; doubles per try, up to backoff_max_s.")
-    backoff_max_s: float = Field(30.0, gt=0, description="Longest delay between two tries.")
-    timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of one delivery.")
-    sent_ttl_s: int = Field(7 * 86_400, ge=1, description="How long an (alert, target) is remembered as delivered.")
+    backoff_max_s: float = Field(30.0, gt=0, description="Longest delay between two tries; a `Retry-After` (seconds "
+                                 "or HTTP date) on 429/503 is honoured up to this.")
+    timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of one delivery (connect, send, each read; an "
+                             "error body is read for at most this long and 4 KiB).")
+    sent_ttl_s: int = Field(7 * 86_400, ge=1, description="How long an (alert, target), or a summary, is remembered "
+                            "as delivered.")
     start_lookback_s: float = Field(3_600.0, gt=0, description="A notifier group with no committed offset yet starts "
                                     "this far back on the alerts topic (a new deployment does not page people "
                                     "about last week's alerts); afterwards it resumes from its offsets.")
     metrics_port: int = Field(9402, ge=0, le=65535, description="Port of the notifier's /metrics (0 = any free port).")
+
+    @field_validator("targets", mode="wrap")
+    @classmethod
+    def _targets(cls, targets: Any, handler: Any) -> tuple[NotifyTarget, ...]:
+        """Targets validated from masked input (an error prints it), with unique names (each names its own dedupe
+        state, queue and metrics)."""
+        masked = ([NotifyTarget._mask_inputs(t) for t in targets] if isinstance(targets, (list, tuple))
+                  else _Masked(targets))
+        valid = handler(masked)
+        names = [t.name for t in valid]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValidationError.from_exception_data("targets", [{
+                "type": PydanticCustomError("unique_names", "target names must be unique: {names}",
+                                            {"names": ", ".join(twice)}),
+                "loc": (), "input": masked}])
+        return valid
 
 
 class ExportSettings(_Section):
@@ -587,8 +747,10 @@ class ServicesSettings(_Section):
 class Settings(BaseSettings):
     """All of erc-stream's configuration. Frozen: build a new one to change anything."""
 
+    # hide_input_in_errors: a validation error names the setting and what is wrong with it, never the value it was
+    # given (a token, a password, a webhook URL); nested models' own flag does not apply when validated from here.
     model_config = SettingsConfigDict(
-        env_prefix="ERC_", env_nested_delimiter="__", frozen=True, extra="ignore"
+        env_prefix="ERC_", env_nested_delimiter="__", frozen=True, extra="ignore", hide_input_in_errors=True
     )
 
     kafka: KafkaSettings = KafkaSettings()
@@ -607,6 +769,7 @@ class Settings(BaseSettings):
     dashboard: DashboardSettings = DashboardSettings()
     notify: NotifySettings = NotifySettings()
     export: ExportSettings = ExportSettings()
+    tenancy: TenancySettings = TenancySettings()
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR.")
     log_json: bool = Field(False, description="JSON log lines (production) instead of a console rendering.")
     log_texts: bool = Field(

@@ -4,11 +4,21 @@ Layout (Hive style, read by pyarrow, DuckDB, Spark, Athena, …)::
 
     OUT/date=2026-01-05/tenant=acme/part-20260105T090000-1a2b3c4d.parquet
     OUT/date=2026-01-05/tenant=__none__/part-….csv
+    OUT/date=2026-01-05/tenant=~sha256-9f86d081884c7d659a2feaa0c55ad015/part-….parquet
 
 ``date`` is the UTC day of ``emitted_at``; ``tenant`` is URL-encoded (``__none__`` for events without
-one). Parquet files leave ``date`` and ``tenant`` to the path (the Hive convention; read them with
-:func:`read_dataset`, which types both as strings); CSV files repeat them as columns, because most tools
-that read a folder of CSV files ignore the path.
+one) — unless that would make a folder name some file system refuses or that could be mistaken for another
+tenant's (longer than :data:`TENANT_DIR_MAX` bytes encoded, empty, ending in a dot, ``__none__`` itself, or
+starting with :data:`HASHED`): then it is :data:`HASHED` and 32 hex digits of the name's SHA-256, the same on
+every run. Whatever the folder, every row carries the tenant's real name in its ``tenant_name`` column (what a
+BI tool should group by; null for events without one). Parquet files leave ``date`` and ``tenant`` to the
+path (the Hive convention; read them with :func:`read_dataset`, which types both as strings and takes the
+tenant from ``tenant_name``); CSV files repeat them as columns, because most tools that read a folder of CSV
+files ignore the path.
+
+CSV cells are safe to open in a spreadsheet: a string cell starting with ``=``, ``+``, ``-``, ``@``, a tab or
+a carriage return — which a spreadsheet would run as a formula — gets a leading ``'`` (OWASP's advice), and
+so does one starting with ``'`` (so that the quote comes off again unambiguously: :func:`read_dataset` does).
 
 Resumable: the exporter reads ``chat.emotions`` under its own consumer group (``export.group_id``) and
 commits the offsets only after the files holding those events are durably written (written to a hidden
@@ -23,6 +33,7 @@ no rebalance wait).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -33,9 +44,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -73,12 +85,50 @@ SCHEMA = pa.schema([
     ("window_degraded", pa.bool_()),
     ("source_partition", pa.int32()),  # where the event is on chat.emotions (lineage)
     ("source_offset", pa.int64()),
+    ("tenant_name", pa.string()),  # the real name, whatever its folder's (files of earlier versions lack it)
 ])
 PARTITIONING = pa.schema([("date", pa.string()), ("tenant", pa.string())])
+#: Longest URL-encoded tenant used as its folder's value, in bytes: well under the 255 of most file systems (and
+#: the 143 of eCryptfs), with room for ``tenant=``.
+TENANT_DIR_MAX = 120
+#: The folder value of a tenant that cannot be its own (``~`` is never escaped by URL-encoding, so a tenant whose
+#: encoding starts with this is hashed too: the two kinds never meet).
+HASHED = "~sha256-"
+#: What a spreadsheet would start a formula with (OWASP, "CSV injection"), and the quote that neutralises it.
+FORMULA_START = r"^([=+\-@\t\r'])"
+
+
+def tenant_value(tenant: str | None) -> str:
+    """The folder value of ``tenant`` (``tenant=<this>``): URL-encoded, or a stable hash where that cannot be."""
+    if tenant is None:
+        return NO_TENANT
+    encoded = quote(tenant, safe="", errors="surrogatepass")
+    if (len(encoded) > TENANT_DIR_MAX or encoded in ("", NO_TENANT) or encoded.endswith(".")
+            or encoded.startswith(HASHED)):
+        return HASHED + hashlib.sha256(tenant.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return encoded
 
 
 def tenant_dir(tenant: str | None) -> str:
-    return "tenant=" + (quote(tenant, safe="") if tenant is not None else NO_TENANT)
+    return "tenant=" + tenant_value(tenant)
+
+
+def neutralise(table: pa.Table) -> pa.Table:
+    """Every string cell a spreadsheet would run as a formula (or that starts with a quote) gets a leading ``'``."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_string(f.type):
+            table = table.set_column(i, f.name, pc.replace_substring_regex(
+                table.column(i), pattern=FORMULA_START, replacement=r"'\1"))
+    return table
+
+
+def _restore(table: pa.Table) -> pa.Table:
+    """:func:`neutralise` undone: the one leading quote it added comes off every string cell."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_string(f.type):
+            table = table.set_column(i, f.name, pc.replace_substring_regex(
+                table.column(i), pattern="^'", replacement="", max_replacements=1))
+    return table
 
 
 def _row(event: EmotionEvent, partition: int, offset: int) -> dict[str, object]:
@@ -90,7 +140,7 @@ def _row(event: EmotionEvent, partition: int, offset: int) -> dict[str, object]:
         "label_set": event.label_set, "model": event.model, "adapter": event.adapter, "window": event.window,
         "latency_ms": event.latency_ms, "emitted_at": event.emitted_at.astimezone(UTC),
         "gold_label": event.gold_label, "window_degraded": event.window_degraded,
-        "source_partition": partition, "source_offset": offset,
+        "source_partition": partition, "source_offset": offset, "tenant_name": event.tenant,
     }
 
 
@@ -116,7 +166,7 @@ def _write_file(directory: Path, table: pa.Table, fmt: Format, date: str, tenant
                                           pa.string()))
         table = table.append_column("date", pa.array([date] * n, pa.string()))
         table = table.append_column("tenant", pa.array([tenant] * n, pa.string()))
-        pacsv.write_csv(table, tmp)
+        pacsv.write_csv(neutralise(table), tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     final = directory / name
@@ -134,8 +184,8 @@ def data_files(root: Path) -> list[Path]:
 
 
 def read_dataset(root: Path) -> pa.Table:
-    """An exported dataset as one table with ``date`` and ``tenant`` columns (strings, tenant decoded,
-    None for events without a tenant), whichever the format."""
+    """An exported dataset as one table with ``date`` and ``tenant`` columns (strings; the tenant's real name,
+    None for events without one), whichever the format, CSV cells as they were before :func:`neutralise`."""
     files = data_files(root)
     parquet = [f for f in files if f.suffix == ".parquet"]
     csv = [f for f in files if f.suffix == ".csv"]
@@ -149,13 +199,19 @@ def read_dataset(root: Path) -> pa.Table:
     for f in csv:
         types = {**{name: SCHEMA.field(name).type for name in SCHEMA.names if name != "emitted_at"},
                  "emitted_at": pa.timestamp("us", tz="UTC"), "date": pa.string(), "tenant": pa.string()}
-        tables.append(pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types=types,
-                                                                              strings_can_be_null=True)))
+        table = _restore(pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types=types,
+                                                                                 strings_can_be_null=True)))
+        if "tenant_name" not in table.column_names:  # written by an earlier version
+            table = table.append_column("tenant_name", pa.nulls(table.num_rows, pa.string()))
+        tables.append(table)
     if not tables:
         return SCHEMA.empty_table().append_column("date", pa.array([], pa.string())).append_column(
             "tenant", pa.array([], pa.string()))
     table = pa.concat_tables([t.select(SCHEMA.names + ["date", "tenant"]) for t in tables])
-    tenants = [None if t in (None, NO_TENANT) else unquote(t) for t in table.column("tenant").to_pylist()]
+    # the real name; files of earlier versions have none: their folder's (decoded) or CSV column's value
+    tenants = [name if name is not None else None if folder in (None, NO_TENANT) else folder
+               for name, folder in zip(table.column("tenant_name").to_pylist(), table.column("tenant").to_pylist(),
+                                       strict=True)]
     return table.set_column(table.schema.get_field_index("tenant"), "tenant", pa.array(tenants, pa.string()))
 
 
@@ -164,8 +220,8 @@ def existing_event_ids(root: Path) -> Iterator[str]:
         if f.suffix == ".parquet":
             column = pq.read_table(f, columns=["event_id"]).column("event_id")
         else:
-            column = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(include_columns=["event_id"])).column(
-                "event_id")
+            column = _restore(pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(
+                include_columns=["event_id"], column_types={"event_id": pa.string()}))).column("event_id")
         yield from column.to_pylist()
 
 

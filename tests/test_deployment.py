@@ -38,7 +38,8 @@ _spec.loader.exec_module(vc)
 
 #: The variables the files require (`${X:?message}`: compose refuses to start without them).
 REQUIRED = {"ERC_METRICS__TOKEN", "ERC_DASHBOARD__TOKEN", "GRAFANA_ADMIN_PASSWORD"}
-REQUIRED_SECURE = REQUIRED | {"ERC_KAFKA__SASL_PASSWORD", "ERC_KAFKA_ADMIN_PASSWORD", "ERC_REDIS_PASSWORD"}
+REQUIRED_SECURE = REQUIRED | {"ERC_KAFKA_ADMIN_PASSWORD", "ERC_REDIS_PASSWORD"} | {
+    f"ERC_KAFKA_{p}_PASSWORD" for p in ("CONSUMER", "PRODUCER", "EXPORTER", "DASHBOARD", "NOTIFIER")}
 #: The notifier's metrics (issue #18), which the dashboard and the notifier's scrape job rely on.
 NOTIFIER_METRICS = {"erc_notify_delivered", "erc_notify_failures", "erc_notify_dead_letters",
                     "erc_notify_delivery_seconds"}
@@ -293,6 +294,43 @@ def test_grafana_is_provisioned_with_the_metrics_that_exist(compose: dict, raw: 
     assert any("histogram_quantile(0.95" in e and "erc_end_to_end_latency_seconds_bucket" in e for e in exprs)
 
 
+#: Each erc-stream service's Kafka principal in the secure deployment.
+PRINCIPALS = {"consumer-gpu": "consumer", "consumer-cpu": "consumer", "producer-sim": "producer",
+              "exporter": "exporter", "dashboard": "dashboard", "notifier": "notifier"}
+
+
+def _acls(command: str) -> dict[str, list[str]]:
+    """The topics job's ``acl`` lines, per principal."""
+    out: dict[str, list[str]] = {}
+    for line in command.splitlines():
+        m = re.match(r"\s*acl --allow-principal User:(\w+) (.*)", line)
+        if m:
+            out.setdefault(m.group(1), []).append(m.group(2))
+    return out
+
+
+def test_secure_override_grants_each_principal_only_what_it_needs(secure: dict) -> None:
+    services = _services(secure)
+    kafka = services["kafka"]["environment"]
+    assert kafka["KAFKA_AUTHORIZER_CLASS_NAME"].endswith("StandardAuthorizer")
+    assert kafka["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+    assert set(kafka["KAFKA_SUPER_USERS"].split(";")) == {"User:admin", "User:ANONYMOUS"}
+    acls = _acls(services["topics"]["command"][0])
+    assert set(acls) == set(PRINCIPALS.values())
+    everything = " ".join(" ".join(lines) for lines in acls.values())
+    for operation in ("Delete", "Alter", "Create", "All", "AlterConfigs", "ClusterAction"):
+        assert f"--operation {operation} " not in everything + " ", operation  # nobody may change topics
+    def ops(principal: str, resource: str) -> set[str]:
+        return {op for line in acls[principal] if resource in line for op in re.findall(r"--operation (\w+)", line)}
+    assert ops("consumer", "--topic $ERC_KAFKA__INPUT_TOPIC") == {"Read", "Describe"}
+    assert ops("consumer", "--topic $t") == {"Write", "Describe"}  # the three output topics
+    assert ops("dashboard", "--topic $t") == {"Read", "Describe"} and "Write" not in " ".join(acls["dashboard"])
+    assert "Write" not in " ".join(acls["exporter"])
+    assert ops("notifier", "--topic $ERC_KAFKA__DLQ_TOPIC") == {"Write", "Describe"}
+    assert ops("producer", "--topic $ERC_KAFKA__INPUT_TOPIC") == {"Write", "Describe"}
+    assert "Read" not in " ".join(acls["producer"])
+
+
 def test_secure_override_sets_sasl_ssl_and_a_redis_password(compose: dict, secure: dict, raw_secure: dict) -> None:
     services, raw_services = _services(secure), raw_secure["services"]
     assert set(services) == set(_services(compose)) | {"certs"}
@@ -319,7 +357,9 @@ def test_secure_override_sets_sasl_ssl_and_a_redis_password(compose: dict, secur
     assert services["topics"]["environment"]["TOPICS_COMMAND_CONFIG"] == "/etc/kafka/secrets/client.properties"
     assert "kafka-secrets:/etc/kafka/secrets:ro" in services["topics"]["volumes"]
     assert _required(raw_services["certs"]["environment"]["KAFKA_ADMIN_PASSWORD"], "ERC_KAFKA_ADMIN_PASSWORD")
-    assert _required(raw_services["certs"]["environment"]["KAFKA_CLIENT_PASSWORD"], "ERC_KAFKA__SASL_PASSWORD")
+    for principal in PRINCIPALS.values():
+        assert _required(raw_services["certs"]["environment"][f"KAFKA_PASSWORD_{principal.upper()}"],
+                         f"ERC_KAFKA_{principal.upper()}_PASSWORD")
     # Redis: requirepass from ERC_REDIS_PASSWORD, through a file the config includes; AOF kept.
     redis = services["redis"]
     assert _required(raw_services["redis"]["environment"]["REDIS_PASSWORD"], "ERC_REDIS_PASSWORD")
@@ -341,8 +381,9 @@ def test_secure_override_sets_sasl_ssl_and_a_redis_password(compose: dict, secur
         env, raw_env = service["environment"], raw_services[name]["environment"]
         assert env["ERC_KAFKA__SECURITY_PROTOCOL"] == "SASL_SSL", name
         assert env["ERC_KAFKA__SASL_MECHANISM"] in kafka["KAFKA_SASL_ENABLED_MECHANISMS"].split(",")
-        assert env["ERC_KAFKA__SASL_USERNAME"] and env["ERC_KAFKA__SSL_CHECK_HOSTNAME"] == "true"
-        assert _required(raw_env["ERC_KAFKA__SASL_PASSWORD"], "ERC_KAFKA__SASL_PASSWORD")
+        principal = PRINCIPALS[name]  # each service authenticates as its own principal, with its own password
+        assert env["ERC_KAFKA__SASL_USERNAME"] == principal and env["ERC_KAFKA__SSL_CHECK_HOSTNAME"] == "true"
+        assert _required(raw_env["ERC_KAFKA__SASL_PASSWORD"], f"ERC_KAFKA_{principal.upper()}_PASSWORD")
         assert _required(raw_env["ERC_REDIS__PASSWORD"], "ERC_REDIS_PASSWORD")
         assert "kafka-ca:/certs:ro" in service["volumes"] and env["ERC_KAFKA__SSL_CAFILE"] == "/certs/ca.crt"
         assert env["ERC_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:9092"
@@ -354,7 +395,8 @@ def test_secure_override_sets_sasl_ssl_and_a_redis_password(compose: dict, secur
 
 @pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("sh") is None, reason="needs openssl and sh")
 def test_make_certs_writes_what_the_broker_reads(tmp_path: Path) -> None:
-    env = {"PATH": os.environ["PATH"], "KAFKA_ADMIN_PASSWORD": "a" * 32, "KAFKA_CLIENT_PASSWORD": "b" * 32,
+    env = {"PATH": os.environ["PATH"], "KAFKA_ADMIN_PASSWORD": "a" * 32,
+           **{f"KAFKA_PASSWORD_{p.upper()}": p[0] * 32 for p in set(PRINCIPALS.values())},
            "SECRETS_DIR": str(tmp_path / "kafka"), "CA_DIR": str(tmp_path / "ca"), "KAFKA_UID": str(os.getuid()),
            "KAFKA_GID": str(os.getgid())}
     script = str(DEPLOY / "secure" / "make-certs.sh")
@@ -373,13 +415,14 @@ def test_make_certs_writes_what_the_broker_reads(tmp_path: Path) -> None:
                           capture_output=True, text=True).stdout
     assert "DNS:kafka" in sans and "DNS:localhost" in sans
     jaas = (secrets / "kafka_server_jaas.conf").read_text()
-    assert f'user_erc="{"b" * 32}"' in jaas and f'user_admin="{"a" * 32}"' in jaas
+    assert f'user_admin="{"a" * 32}"' in jaas
+    assert all(f'user_{p}="{p[0] * 32}"' in jaas for p in PRINCIPALS.values())
     # A second run keeps the certificate (and the clients' CA).
     before = (secrets / "kafka.crt").read_bytes()
     assert subprocess.run(["sh", script], env=env, capture_output=True, timeout=60).returncode == 0
     assert (secrets / "kafka.crt").read_bytes() == before
     # A password that would break the JAAS file is refused.
-    bad = subprocess.run(["sh", script], env={**env, "KAFKA_CLIENT_PASSWORD": 'x"y'}, capture_output=True, text=True)
+    bad = subprocess.run(["sh", script], env={**env, "KAFKA_PASSWORD_NOTIFIER": 'x"y'}, capture_output=True, text=True)
     assert bad.returncode != 0 and "double quote" in bad.stderr
 
 

@@ -6,7 +6,10 @@
 #   kafka.keystore.p12     the broker's key and certificate chain (PKCS#12), SANs from KAFKA_HOSTNAMES
 #   keystore-password      its random password (the apache/kafka image reads it from this file)
 #   ca.crt                 the CA (the admin tools' PEM truststore)
-#   kafka_server_jaas.conf the SASL/PLAIN users: admin (KAFKA_ADMIN_PASSWORD), KAFKA_CLIENT_USER (KAFKA_CLIENT_PASSWORD)
+#   kafka_server_jaas.conf the SASL/PLAIN users: admin (KAFKA_ADMIN_PASSWORD) and one principal per erc-stream
+#                          service, each with its own password: consumer, producer, exporter, dashboard, notifier
+#                          (KAFKA_PASSWORD_CONSUMER, ...; the ACLs that docker-compose.secure.yml's topics job
+#                          grants say what each may do)
 #   client.properties      the admin client's settings (topics job, health check)
 # and in CA_DIR (the volume kafka-ca, read-only in the erc-stream services): ca.crt, world-readable.
 # The CA's key is thrown away once the broker's certificate is signed; both are made again when the certificate
@@ -14,14 +17,15 @@
 # are rewritten on every run, so changed passwords apply at the next start.
 #
 # Run it by hand (e.g. to check it):
-#   KAFKA_ADMIN_PASSWORD=$(openssl rand -hex 32) KAFKA_CLIENT_PASSWORD=$(openssl rand -hex 32) \
+#   KAFKA_ADMIN_PASSWORD=$(openssl rand -hex 32) KAFKA_PASSWORD_CONSUMER=$(openssl rand -hex 32) ... \
 #     SECRETS_DIR=/tmp/s/kafka CA_DIR=/tmp/s/ca KAFKA_UID=$(id -u) sh deploy/secure/make-certs.sh
 set -eu
 
 SECRETS_DIR=${SECRETS_DIR:-/secrets/kafka}
 CA_DIR=${CA_DIR:-/secrets/ca}
 KAFKA_HOSTNAMES=${KAFKA_HOSTNAMES:-kafka,localhost}
-KAFKA_CLIENT_USER=${KAFKA_CLIENT_USER:-erc}
+#: The services' principals; each one's password is in KAFKA_PASSWORD_<NAME, upper case>.
+KAFKA_USERS="consumer producer exporter dashboard notifier"
 KAFKA_UID=${KAFKA_UID:-1000}  # appuser in the apache/kafka image
 KAFKA_GID=${KAFKA_GID:-$KAFKA_UID}
 CERT_DAYS=${CERT_DAYS:-825}
@@ -39,11 +43,17 @@ check_password() {
   esac
   case "$2" in *"$NL"*) fail "$1 contains a newline" ;; esac
 }
+password_of() {  # the password of principal $1 (KAFKA_PASSWORD_CONSUMER for consumer, ...)
+  eval "printf '%s' \"\${KAFKA_PASSWORD_$(echo "$1" | tr '[:lower:]' '[:upper:]'):-}\""
+}
 check_password KAFKA_ADMIN_PASSWORD "${KAFKA_ADMIN_PASSWORD:-}"
-check_password KAFKA_CLIENT_PASSWORD "${KAFKA_CLIENT_PASSWORD:-}"
-case "$KAFKA_CLIENT_USER" in
-  "" | admin | *[!A-Za-z0-9_.-]*) fail "KAFKA_CLIENT_USER must be a name of letters, digits, _ . - other than admin" ;;
-esac
+users=""
+for user in $KAFKA_USERS; do
+  password=$(password_of "$user")
+  check_password "KAFKA_PASSWORD_$(echo "$user" | tr '[:lower:]' '[:upper:]')" "$password"
+  users="$users
+  user_$user=\"$password\""
+done
 
 umask 077
 mkdir -p "$SECRETS_DIR" "$CA_DIR"
@@ -83,8 +93,7 @@ KafkaServer {
   org.apache.kafka.common.security.plain.PlainLoginModule required
   username="admin"
   password="$KAFKA_ADMIN_PASSWORD"
-  user_admin="$KAFKA_ADMIN_PASSWORD"
-  user_$KAFKA_CLIENT_USER="$KAFKA_CLIENT_PASSWORD";
+  user_admin="$KAFKA_ADMIN_PASSWORD"$users;
 };
 EOF
 

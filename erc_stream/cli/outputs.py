@@ -136,7 +136,8 @@ if __name__ == "__main__":
 @main.command()
 @click.option("--port", type=int, default=None, help="Default: ERC_DASHBOARD__PORT.")
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None, hidden=True,
-              help="Write the page's URL (with its token) here once it listens (tests, the demo).")
+              help="Write the page's URL here once it listens (tests, the demo); with its token only when "
+                   "the token was made at start.")
 @click.pass_context
 def dashboard(ctx, port, ready_file):
     """The live view for supervisors: conversations by risk, timelines, alerts, negative rates, the stream's health."""
@@ -165,7 +166,8 @@ def dashboard(ctx, port, ready_file):
 @click.option("--idle-exit", type=float, default=None, hidden=True, help="Stop after this many idle seconds (tests).")
 @click.pass_context
 def notify(ctx, idle_exit):
-    """Forward alerts to webhooks (ERC_NOTIFY__TARGETS): per-tenant routing, retries, each alert once per target."""
+    """Forward alerts to webhooks (ERC_NOTIFY__TARGETS): per-tenant routing, storms grouped into summaries, each
+    target on its own, retries, each alert once per target."""
     import signal
 
     from outputs.notify import Notifier

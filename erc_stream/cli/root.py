@@ -29,13 +29,16 @@ def main(ctx: click.Context, log_level: str | None) -> None:
     below override them for one run.
     """
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from core.logs import configure
 
     try:
         settings = Settings()
-    except ValidationError as e:  # a bad ERC_* variable: say which, not a traceback
+    except ValidationError as e:  # a bad ERC_* variable: say which, not a traceback (secrets are masked in it)
         raise click.ClickException(f"invalid configuration (ERC_* environment): {e}") from e
+    except SettingsError as e:  # a variable that is not valid JSON: its name only (the value may hold a secret)
+        raise click.ClickException(f"invalid configuration (ERC_* environment): {e}") from None
     if log_level:
         settings = settings.model_copy(update={"log_level": log_level})
     configure(settings.log_level, settings.log_json)

@@ -84,3 +84,15 @@ def test_a_small_bench_measures_naive_and_batched_paths_on_the_same_messages(syn
     assert hf["speedup_vs_naive"] == pytest.approx(hf["utterances_per_s"] / naive["utterances_per_s"], rel=0.01)
     # On 4 messages the fraction is noisy (timings of a few hundred ms on a shared 2-core VM): a sanity bound.
     assert result["matmul_peak_gflops"] > 0 and 0 < hf["fraction_of_peak"] < 2
+
+
+def test_the_stream_layout_needs_little_more_than_each_turn_s_own_line(synthetic_settings: Settings) -> None:
+    from bench.scoring_paths import layout_tokens
+
+    items, _ = stream_items(synthetic_settings, 40, open_conversations=2)
+    layouts = layout_tokens(synthetic_settings, items)
+    stream, paper = layouts["stream"], layouts["instructerc"]
+    assert stream["own_line_tokens_per_utterance"] == paper["own_line_tokens_per_utterance"] > 0
+    # the paper's statement quotes the target again after the history; the stream layout adds a marker and a newline
+    assert stream["needed_new_tokens_per_utterance"] < paper["needed_new_tokens_per_utterance"]
+    assert stream["needed_vs_own_line"] <= 1.3 < paper["needed_vs_own_line"]

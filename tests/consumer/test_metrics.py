@@ -216,7 +216,8 @@ def test_a_taken_metrics_port_stops_the_consumer_with_a_clear_message(settings: 
 
 
 def test_metrics_with_a_token_refuse_requests_without_it() -> None:
-    from consumer.metrics import ConsumerMetrics, start_http_server
+    from consumer.metrics import ConsumerMetrics
+    from core.http_endpoint import start_http_server
 
     server = start_http_server(ConsumerMetrics(), host="127.0.0.1", port=0, liveness_timeout_s=60,
                                ready=lambda: (True, {}), token="s3cret")

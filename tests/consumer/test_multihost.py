@@ -38,7 +38,7 @@ import pytest
 from redis.cluster import RedisCluster
 
 from consumer.conversation_store import ConversationStore
-from core.records import EmotionEvent
+from core.records import EmotionEvent, conversation_scope
 from core.settings import (
     BatchSettings,
     KafkaSettings,
@@ -219,10 +219,10 @@ def test_three_hosts_share_the_stream_and_one_leaves_and_returns(
                             retain=settings.conversation.retain_turns, ttl_s=settings.conversation.ttl_s)
         retained = min(TURNS, settings.conversation.retain_turns)
         for conv in turns:
-            stored = store.get(conv)
+            stored = store.get(conversation_scope(None, conv))
             assert [t.turn for t in stored] == list(range(TURNS - retained, TURNS)), conv
             assert [t.message_id for t in stored] == [f"{conv}:t{t}" for t in range(TURNS - retained, TURNS)]
-        owners = Counter(client.get_node_from_key(store.key(conv)).name for conv in turns)
+        owners = Counter(client.get_node_from_key(store.key(conversation_scope(None, conv))).name for conv in turns)
     finally:
         client.close()
     assert len(owners) == 3, owners

@@ -18,7 +18,7 @@ import redis
 from consumer import pipeline
 from consumer.conversation_store import StoredTurn, TurnUpdate
 from consumer.pipeline import Parts, Polled, RedisDown
-from core.records import Alert, ChatMessage, EmotionEvent
+from core.records import Alert, ChatMessage, EmotionEvent, conversation_scope
 from core.settings import Settings
 from model_store.loading import choose_adapter
 from scoring.routes import Routes
@@ -75,7 +75,8 @@ _offsets = iter(range(10**6))
 
 
 def _record(value: bytes, key: bytes | None = b"k") -> Polled:
-    return Polled(SimpleNamespace(topic="chat.messages", partition=0, offset=next(_offsets), key=key, value=value),
+    return Polled(SimpleNamespace(topic="chat.messages", partition=0, offset=next(_offsets), key=key, value=value,
+                                  headers=[]),
                   received=0.0)
 
 
@@ -143,7 +144,7 @@ def test_texts_are_cut_to_the_token_budget_before_they_are_stored() -> None:
     memory = MemoryTurns(3)
     out = pipeline.process([_msg("t", 0, "word " * 100)], settings, _parts(settings, conversations=memory))
     assert out.truncated == 1 and len(out.events) == 1
-    assert len(memory.turns["t"][0].text) < 100
+    assert len(memory.turns[conversation_scope(None, "t")][0].text) < 100
 
 
 class _Down:

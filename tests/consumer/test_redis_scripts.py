@@ -99,7 +99,7 @@ def test_on_a_cluster_a_moved_slot_is_followed(redis_cluster_url: str) -> None:
 def test_connect_makes_a_standalone_client_by_default_and_a_cluster_client_when_asked(
     redis_url: str, redis_cluster_url: str
 ) -> None:
-    from consumer.redis_client import connect
+    from core.redis_client import connect
     from core.settings import RedisSettings
 
     standalone = connect(RedisSettings(url=redis_url))

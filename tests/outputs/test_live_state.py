@@ -67,3 +67,45 @@ def test_the_least_recent_conversations_leave_first() -> None:
             state.add_event(_event(f"c{i}", t, "neutral"))
     assert sorted(c["conversation_id"] for c in state.snapshot()["conversations"]) == ["c2", "c3", "c4"]
     assert [t["turn"] for t in state.conversation("acme", "c4")["turns"]] == [1, 2]
+
+
+def test_texts_are_cut_and_tenants_are_capped_least_recent_first() -> None:
+    state = LiveState(Settings().with_overrides(dashboard={"show_texts": True, "text_chars": 10, "max_tenants": 2}))
+    state.add_message(ChatMessage(message_id="c:0", conversation_id="c", turn=0, speaker="Dana", text="x" * 5000,
+                                  sent_at=NOW, tenant="acme"))
+    state.add_event(_event("c", 0, "angry"))
+    text = state.conversation("acme", "c")["turns"][0]["text"]
+    assert text == "x" * 9 + "…" and len(text) == 10
+    for tenant in ("t1", "t2", "acme", "t3"):  # acme active again after t1: t1 and t2 leave
+        state.add_event(_event(f"conv-{tenant}", 0, "angry", tenant=tenant))
+    assert set(state.snapshot()["negative_rate"]) == {"acme", "t3"}
+    assert state.snapshot(allowed={"t1"})["health"]["events"] == 0  # its counters left with it
+
+
+def test_a_scope_limits_every_part_of_a_snapshot() -> None:
+    state = LiveState(Settings())
+    state.add_event(_event("a", 0, "angry"))
+    state.add_event(_event("b", 0, "angry", tenant="beta").model_copy(update={"adapter": "beta-lora"}))
+    state.add_event(_event("n", 0, "angry", tenant=None))
+    snap = state.snapshot(allowed={"acme"})
+    assert [c["conversation_id"] for c in snap["conversations"]] == ["a"] and snap["tenants"] == ["acme"]
+    assert snap["health"]["adapters"] == {"smollm2-135m/meld-smollm2-lora": "abc123"}  # not beta's adapter
+    assert snap["health"]["events"] == 1 and snap["health"]["events_per_s"] == 0.1
+    assert state.conversation("beta", "b", allowed={"acme"}) is None
+    assert state.conversation(None, "n", allowed={"acme"}) is None
+    assert state.conversation(None, "n")["tenant"] is None  # the admin's scope: everything
+    assert len(state.snapshot()["health"]["adapters"]) == 2
+
+
+def test_a_timeline_is_read_incrementally_and_trimmed_by_what_it_keeps() -> None:
+    state = LiveState(Settings().with_overrides(dashboard={"timeline_turns": 3}))
+    for t in range(2):
+        state.add_event(_event("c", t, "neutral"))
+    first = state.conversation("acme", "c")
+    state.add_event(_event("other", 0, "angry"))  # another conversation's change: not in c's answer
+    assert state.conversation("acme", "c", after=first["seq"])["turns"] == []
+    for t in range(2, 5):
+        state.add_event(_event("c", t, "angry"))
+    later = state.conversation("acme", "c", after=first["seq"])
+    assert [t["turn"] for t in later["turns"]] == [2, 3, 4] and later["kept"] == 3
+    assert later["seq"] > first["seq"] and state.snapshot()["conversations"][0]["seq"] == later["seq"]

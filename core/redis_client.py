@@ -1,4 +1,5 @@
-"""The stream's Redis client: standalone ``redis.Redis`` or, with ``redis.cluster`` on, ``RedisCluster``.
+"""The Redis client of every erc-stream process (the consumer, the notifier): standalone ``redis.Redis`` or, with
+``redis.cluster`` on, ``RedisCluster``.
 
 Both expose what the stream uses (``register_script``, non-transactional ``pipeline``, ``zrange``,
 ``ping``, ``close``); the Lua calls go through :func:`consumer.redis_scripts.run_scripts`, which
