@@ -54,6 +54,11 @@ NAME[meld32]=meld-smollm2-lora-fp32
 ARGS[meld32]="--dataset meld --epochs 2 --eval-every 616 ${RECIPE/--dtype auto/--dtype float32}"; EVAL[meld32]="--dataset meld"
 # The streaming-native prompt layout (--layout stream: one line per turn, the label read at its marker) on the
 # shipped recipe and budget, compared with the shipped (InstructERC layout) adapters on all of dev.
+# Compared with the shipped adapter utterance by utterance (paired bootstrap standard error of the difference):
+#   ERC_MODEL__THREADS=2 erc-stream models eval --dataset meld --adapter meld-smollm2-lora --no-zero-shot \
+#     --predictions docs/runs/meld-smollm2-lora-predictions.jsonl --json > /dev/null
+#   python -m bench.compare_predictions docs/runs/meld-smollm2-lora-predictions.jsonl \
+#     docs/runs/meld-smollm2-lora-stream-predictions.jsonl --json > docs/runs/meld-stream-vs-instructerc.json
 NAME[meldstream]=meld-smollm2-lora-stream
 ARGS[meldstream]="--dataset meld --epochs 2 --eval-every 616 --layout stream $RECIPE";  EVAL[meldstream]="--dataset meld"
 NAME[emorynlpstream]=emorynlp-smollm2-lora-stream
@@ -219,7 +224,7 @@ run() {
     echo "== eval $name $(date -u +%FT%TZ)"
     # shellcheck disable=SC2086
     ERC_MODEL__THREADS=$THREADS "$ERC" models eval ${EVAL[$job]} --adapter "$name" --no-zero-shot \
-      --confusion "$OUT/$name-confusion.png" --json > "$OUT/$name.json.tmp"
+      --confusion "$OUT/$name-confusion.png" --predictions "$OUT/$name-predictions.jsonl" --json > "$OUT/$name.json.tmp"
     report "$name" "$OUT/$name.json.tmp"
     scripted "$name" "$(.venv/bin/python -c 'import json, sys; r = json.load(open(sys.argv[1]))  # several: by dataset
 print(r.get("label_set") or next(v for v in r.values() if isinstance(v, dict) and "label_set" in v)["label_set"])' \

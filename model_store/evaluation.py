@@ -6,6 +6,8 @@ baseline on the same items and a confusion-matrix PNG.
 
 from __future__ import annotations
 
+import json
+
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -98,8 +100,11 @@ def evaluate(
     limit: int | None = None,
     confusion: Path | None = None,
     progress: bool = False,
+    predictions: Path | None = None,
 ) -> EvalReport:
-    """Label every utterance of ``conversations`` (at most ``limit``) and score against the gold labels."""
+    """Label every utterance of ``conversations`` (at most ``limit``) and score against the gold labels; with
+    ``predictions``, write each one's (conversation, index, gold, predicted label) there as JSON lines, so that
+    two runs can be compared utterance by utterance (``python -m bench.compare_predictions``)."""
     from rich.progress import Progress
 
     label_set = label_set or get_label_set(settings.model.label_set)
@@ -113,6 +118,7 @@ def evaluate(
     # Batches of similar length waste less compute on padding; the metrics do not depend on order.
     items.sort(key=lambda t: sum(len(turn.text) for turn in t.window(span)))
     gold, pred, failed = [], [], 0
+    rows: list[dict] = []
     started = time.monotonic()
     with Progress(disable=not progress) as bar:
         task = bar.add_task("evaluating", total=len(items))
@@ -124,8 +130,14 @@ def evaluate(
                     continue
                 gold.append(t.label)
                 pred.append(result.label)
+                rows.append({"conversation": t.conversation.conversation_id, "index": t.index, "gold": t.label,
+                             "pred": result.label})
             bar.advance(task, len(chunk))
     m = metrics(gold, pred, label_set.labels)
+    if predictions is not None:
+        predictions.parent.mkdir(parents=True, exist_ok=True)
+        predictions.write_text("".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: (r["conversation"],
+                                                                                               r["index"]))))
     png = None
     if confusion is not None:
         png = str(confusion_png(gold, pred, label_set.labels, confusion,

@@ -21,7 +21,7 @@ def run_eval(
     settings: Settings, *, dataset: str, file: Path | None, split: str = "dev", adapter: str | None = None,
     dialogues: int | None = None, limit: int | None = None, window: int | None = None, demonstrations: bool = True,
     zero_shot: bool = True, confusion: Path | None = None, batch_size: int = 16, progress: bool = False,
-    calibrated: bool = True, conversations: Sequence[Conversation] | None = None,
+    calibrated: bool = True, conversations: Sequence[Conversation] | None = None, predictions: Path | None = None,
 ) -> dict:
     """``dataset``'s ``split`` (or ``file``) scored through the serving path; ``conversations`` instead of a
     file: those (their ``dataset`` names them in the report and the adapter's recorded evaluations)."""
@@ -42,7 +42,7 @@ def run_eval(
     common = dict(dataset=dataset, file=source, label_set=label_set, window=window, batch_size=batch_size,
                   limit=limit, progress=progress)
     report = evaluate(settings, backend, choice, conversations, use_demonstrations=demonstrations,
-                      confusion=confusion, **common).as_dict()
+                      confusion=confusion, predictions=predictions, **common).as_dict()
     report["baselines"] = {"majority_weighted_f1": report["majority_weighted_f1"]}
     if zero_shot and choice.ref is not None:
         key = hashlib.sha256(json.dumps([backend.model_id, source_hash, dialogues, limit, label_set.name,

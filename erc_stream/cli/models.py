@@ -140,9 +140,12 @@ def models_train(ctx, datasets, files, label_set, mix, full, name, base, window,
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (several datasets: keyed by dataset).")
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default=None,
               help="Inference backend (default: ERC_MODEL__BACKEND or hf).")
+@click.option("--predictions", type=click.Path(path_type=Path), default=None,
+              help="Write each utterance's gold and predicted label here (JSON lines; several datasets: one file each, "
+                   "the dataset in its name), for `python -m bench.compare_predictions`.")
 @click.pass_context
 def models_eval(ctx, datasets, file_, split, label_set, adapter, base, dialogues, limit, window, hop, no_demonstrations,
-                no_calibration, zero_shot, confusion, batch_size, as_json, backend=None):
+                no_calibration, zero_shot, confusion, batch_size, as_json, backend=None, predictions=None):
     """Weighted F1 (all classes), accuracy and per-label F1 through the serving path."""
     import json
 
@@ -169,11 +172,14 @@ def models_eval(ctx, datasets, file_, split, label_set, adapter, base, dialogues
             s = s.with_overrides(model={"label_set": dataset})
         png = confusion.with_name(f"{confusion.stem}-{dataset}{confusion.suffix}") if confusion and len(datasets) > 1 \
             else confusion
+        preds = predictions.with_name(f"{predictions.stem}-{dataset}{predictions.suffix}") \
+            if predictions and len(datasets) > 1 else predictions
         results[dataset] = run_eval(s, dataset=dataset, file=file_, split=split, adapter=adapter, dialogues=dialogues,
                                     limit=limit, window=window, demonstrations=not no_demonstrations,
                                     zero_shot=zero_shot, confusion=png, batch_size=batch_size,
                                     progress=not as_json, calibrated=not no_calibration,
-                                    conversations=scripted_conversations() if dataset == SCRIPTED else None)
+                                    conversations=scripted_conversations() if dataset == SCRIPTED else None,
+                                    predictions=preds)
     if as_json:
         click.echo(json.dumps(results[datasets[0]] if len(datasets) == 1 else results))
     else:
