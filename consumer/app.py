@@ -300,9 +300,7 @@ class StreamApp:
         gone = self.partitions.revoked_since(self.partitions.batch_mark)
         if not gone:
             return False
-        lost = {(tp.topic, tp.partition) for tp in gone}
-        held = [item for item in batch if (item.record.topic, item.record.partition) not in lost]
-        self.metrics.revoked_records.inc(len(batch) - len(held))
+        held = self.partitions.without(batch, gone)
         log.info("rebalance while a batch was processed: not delivered", records=len(batch), still_held=len(held))
         self.partitions.rewind(held)
         return True

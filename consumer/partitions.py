@@ -171,13 +171,18 @@ class Partitions(AsyncConsumerRebalanceListener):
         """``batch`` without the records of partitions revoked since they were taken."""
         gone = self.revoked_since(self.batch_mark)
         self.batch_mark = self.mark()
+        kept = self.without(batch, gone)
+        if len(kept) < len(batch):
+            log.info("rebalance during a batch: records of revoked partitions dropped", dropped=len(batch) - len(kept),
+                     partitions=_names(gone))
+        return kept
+
+    def without(self, batch: list[Polled], gone: set[TopicPartition]) -> list[Polled]:
+        """``batch`` without the records of ``gone`` partitions (counted in ``erc_revoked_records_total``)."""
         if not gone:
             return batch
         kept = [item for item in batch if _tp(item) not in gone]
-        if len(kept) < len(batch):
-            self.metrics.revoked_records.inc(len(batch) - len(kept))
-            log.info("rebalance during a batch: records of revoked partitions dropped", dropped=len(batch) - len(kept),
-                     partitions=_names(gone))
+        self.metrics.revoked_records.inc(len(batch) - len(kept))
         return kept
 
     def _skip(self, e: UndecodableBatch) -> dict[TopicPartition, list]:
