@@ -60,6 +60,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "naive-bf16": ("naive", {"model": {"dtype": "bfloat16"}}),  # every ratio at one dtype (bf16 CPUs)
     "hf-no-prefix-cache": ("hf", {"model": {"prefix_cache_mb": 0}}),
     "hf-merged": ("hf", {"model": {"merge_adapter": True}}),
+    # bf16 with the adapter folded into the weights (no LoRA matmuls), then also in micro-batches of 64: fewer,
+    # larger forward passes, where bf16's fast matmuls leave the per-pass overhead as the cost.
+    "hf-bf16-merged": ("hf", {"model": {"dtype": "bfloat16", "merge_adapter": True}}),
+    "hf-bf16-merged-b64": ("hf", {"model": {"dtype": "bfloat16", "merge_adapter": True},
+                                  "batch": {"micro_batch_size": 64}}),
 }
 
 
@@ -209,8 +214,8 @@ def run_path(path: str, settings: Settings, messages: int, rate: float | None) -
         max_size = settings.batch.micro_batch_size
     else:
         engine, overrides = VARIANTS.get(path, (path, {}))
-        backend = load_backend(settings.with_overrides(**{**overrides,
-                                                          "model": {**overrides.get("model", {}), "backend": engine}}))
+        settings = settings.with_overrides(**{**overrides, "model": {**overrides.get("model", {}), "backend": engine}})
+        backend = load_backend(settings)
         max_size = settings.batch.micro_batch_size
     load_s = time.monotonic() - started
     label_set = get_label_set(settings.model.label_set)
@@ -392,8 +397,13 @@ def run_bench(settings: Settings, *, paths: Sequence[str] = PATHS, messages: int
     """All paths, the machine's limit and the ratios to the naive loop, as one JSON-able dict."""
     started = time.monotonic()
     items, source = stream_items(settings, messages)
-    new_tokens, flops = needed_flops_per_utterance(settings, items)
+    from model_store.loading import choose_adapter
     from scoring.hardware import fast_bf16
+
+    # What the paths serve: the adapter's own layout (Labeler.use), the configured one without an adapter.
+    choice = choose_adapter(settings)
+    layout = (choice.layout or "instructerc") if choice.ref is not None else settings.model.layout
+    new_tokens, flops = needed_flops_per_utterance(settings, items, layout)
 
     # The limit of a path is the peak in its own dtype; bf16 only where the CPU runs it natively.
     peaks = {"float32": matmul_peak_gflops(settings.model.threads)}
@@ -401,7 +411,7 @@ def run_bench(settings: Settings, *, paths: Sequence[str] = PATHS, messages: int
         peaks["bfloat16"] = matmul_peak_gflops(settings.model.threads, dtype="bfloat16")
     peak = peaks["float32"]
     log(f"{len(items)} messages from {source}; {new_tokens:.0f} new tokens and {flops / 1e9:.1f} GFLOP needed per "
-        f"utterance; matmul peak {peaks} GFLOP/s")
+        f"utterance ({layout} layout, adapter {choice.name or 'none'}); matmul peak {peaks} GFLOP/s")
     results: dict[str, dict] = {}
     for path in paths:
         log(f"path {path}…")
@@ -430,7 +440,7 @@ def run_bench(settings: Settings, *, paths: Sequence[str] = PATHS, messages: int
     report = {
         "machine": machine(), "messages": len(items), "source": source, "model": settings.model.base,
         "matmul_peak_gflops": peak, "matmul_peak_gflops_by_dtype": peaks,
-        "needed_new_tokens_per_utterance": round(new_tokens, 1),
+        "layout": layout, "needed_new_tokens_per_utterance": round(new_tokens, 1),
         "needed_gflop_per_utterance": round(flops / 1e9, 3), "layouts": layout_tokens(settings, items),
         "paths": results,
         "best_path": best["path"] if best else None,

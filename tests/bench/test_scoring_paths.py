@@ -66,10 +66,14 @@ def test_needed_tokens_count_only_what_a_turn_does_not_share(synthetic_settings:
 
 @pytest.mark.slow
 def test_a_small_bench_measures_naive_and_batched_paths_on_the_same_messages(synthetic_settings: Settings) -> None:
-    result = run_bench(synthetic_settings, paths=["naive", "hf", "hf-bf16"], messages=4, consumer_overhead=False,
-                       log=lambda *_: None)
-    naive, hf, bf16 = result["paths"]["naive"], result["paths"]["hf"], result["paths"]["hf-bf16"]
+    result = run_bench(synthetic_settings, paths=["naive", "hf", "hf-bf16-merged-b64"], messages=4,
+                       consumer_overhead=False, log=lambda *_: None)
+    naive, hf, bf16 = result["paths"]["naive"], result["paths"]["hf"], result["paths"]["hf-bf16-merged-b64"]
     assert (naive["dtype"], hf["dtype"], bf16["dtype"]) == ("float32", "float32", "bfloat16")
+    assert bf16["max_batch"] == 64 and hf["max_batch"] == synthetic_settings.batch.micro_batch_size  # its own batch
+    from model_store.loading import choose_adapter
+
+    assert result["layout"] == choose_adapter(synthetic_settings).layout  # "needed" counts the served layout
     # each path is measured against the peak in its own dtype (bf16 only where the CPU has it natively)
     assert set(result["matmul_peak_gflops_by_dtype"]) == {"float32"} | ({"bfloat16"} if fast_bf16() else set())
     for r in (naive, hf, bf16):
