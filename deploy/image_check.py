@@ -48,7 +48,7 @@ WRITABLE = ("/tmp", "/var/lib/erc-stream/store")
 #: Modules that import an optional extra the CPU image does not install (the vLLM backend).
 OPTIONAL_IMPORTS = {"vllm"}
 IMPORT_ALL = f"""
-import importlib, pkgutil, sys, pathlib
+import importlib, pkgutil, sys
 from importlib.metadata import files
 top = sorted({{str(f).split('/')[0] for f in files('erc-stream') if str(f).endswith('.py')}})
 failed = []
