@@ -59,6 +59,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "hf-bf16": ("hf", {"model": {"dtype": "bfloat16"}}),
     "naive-bf16": ("naive", {"model": {"dtype": "bfloat16"}}),  # every ratio at one dtype (bf16 CPUs)
     "hf-no-prefix-cache": ("hf", {"model": {"prefix_cache_mb": 0}}),
+    # padded forward passes of rows of similar lengths instead of one packed sequence of new tokens
+    "hf-padded": ("hf", {"model": {"packed_forward": False}}),
+    "hf-bf16-padded": ("hf", {"model": {"dtype": "bfloat16", "packed_forward": False}}),
     "hf-merged": ("hf", {"model": {"merge_adapter": True}}),
     # bf16 with the adapter folded into the weights (no LoRA matmuls), then also in micro-batches of 64: fewer,
     # larger forward passes, where bf16's fast matmuls leave the per-pass overhead as the cost.

@@ -312,6 +312,11 @@ class ModelSettings(_Section):
         False, description="hf backend: fold the adapter in use into the weights (no LoRA matmuls per token). "
         "A batch for another adapter, or none, unmerges and merges again: for one-adapter consumers.",
     )
+    packed_forward: bool = Field(
+        True, description="hf backend: run a micro-batch as one sequence of its prompts' new tokens (no padding; "
+        "attention row by row against each prompt's cached prefix). Llama-family models; others always take padded "
+        "forward passes, as they do with false.",
+    )
     max_prompt_tokens: int = Field(
         384, ge=64, description="History is cut from the left past this; instruction, label statement and target stay."
     )

@@ -55,4 +55,5 @@ def load_backend(settings: Settings, model: ModelSettings | None = None) -> Back
     return HFBackend(
         base_dir, model_id=Path(model.base).name, device=model.device, dtype=model.dtype, threads=model.threads,
         prefix_cache_mb=model.prefix_cache_mb, merge_adapter=model.merge_adapter,
+        packed=model.packed_forward,
     )

@@ -24,6 +24,8 @@ import torch
 
 from scoring.backends.base import ScoreRequest, TokenCounter
 from scoring.backends.choices import ChoicePlan
+from scoring.backends.packed import PackedRow, packed_forward
+from scoring.backends.packed import supports as supports_packed
 from scoring.backends.prefix_cache import MISS, Hit, PrefixCache, prefix_hashes
 
 log = structlog.get_logger(__name__)
@@ -42,6 +44,7 @@ class HFBackend:
         threads: int | None = None,
         prefix_cache_mb: int = 0,
         merge_adapter: bool = False,
+        packed: bool = True,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,6 +81,9 @@ class HFBackend:
         #: merge/unmerge whenever a batch needs another adapter (or none). For a consumer serving one adapter.
         self.merge_adapter = merge_adapter
         self._merged: str | None = None
+        #: Run each wave of rows as one sequence of their new tokens (:mod:`scoring.backends.packed`), where the
+        #: model's layers allow it; else padded forward passes of rows of similar lengths.
+        self.packed = packed and supports_packed(self.model)
 
     # -- Backend interface ---------------------------------------------------------------
 
@@ -162,8 +168,18 @@ class HFBackend:
             hashes: list[tuple[int, ...]] = [()] * len(rows)
         else:
             hashes = [prefix_hashes(namespace, r) for r in rows]
-            waves = self._waves(rows, hashes, namespace)
+            # A wave is one more forward pass: worth waiting for when it saves the padded path more than a
+            # short line; the packed path's passes cost little more than the tokens they hold.
+            waves = self._waves(rows, hashes, namespace, margin=4 if self.packed else 16)
         for wave, hits in waves:  # a generator: each wave's lookups see the previous wave's entries
+            if self.packed:
+                for group in token_chunks([len(rows[i]) - h.tokens for i, h in zip(wave, hits)], self.max_packed_tokens):
+                    idx = [wave[g] for g in group]
+                    logprobs = self._forward_packed([rows[i] for i in idx], [hits[g] for g in group],
+                                                    [hashes[i] for i in idx], namespace, adapter)
+                    for i, lp in zip(idx, logprobs):
+                        out[i] = lp
+                continue
             for group in forward_groups([len(rows[i]) - h.tokens for i, h in zip(wave, hits)]):
                 idx = [wave[g] for g in group]
                 logprobs = self._forward([rows[i] for i in idx], [hits[g] for g in group], [hashes[i] for i in idx],
@@ -191,6 +207,22 @@ class HFBackend:
                     hits.append(hit)
             yield wave, hits
             pending = later
+
+    #: The most new tokens one packed forward holds (its activations: ~10 x tokens x hidden size floats at once).
+    max_packed_tokens = 8192
+
+    def _forward_packed(self, rows, hits: Sequence[Hit], hashes, namespace: str, adapter: str | None) -> torch.Tensor:
+        """One packed forward over ``rows`` (:func:`scoring.backends.packed.packed_forward`), each computing only
+        its tokens after its cached prefix; every row's keys and values then go into the prefix cache."""
+        packed = [PackedRow(r[h.tokens:], h.tokens, h.entry.kv if h.entry is not None else None)
+                  for r, h in zip(rows, hits)]
+        self.tokens.add(computed=sum(len(p.new) for p in packed))
+        with torch.inference_mode(), self._adapter(adapter):
+            logprobs, kv = packed_forward(self.model, packed)
+        if self.prefix_cache is not None:
+            for r, h, hs, row_kv in zip(rows, hits, hashes, kv):
+                self.prefix_cache.put(namespace, r, row_kv, continues=h, hashes=hs)
+        return logprobs
 
     def _forward(self, rows, hits: Sequence[Hit], hashes, namespace: str, adapter: str | None) -> torch.Tensor:
         """One padded forward pass over ``rows``, each computing only its tokens after its cached prefix."""
@@ -323,6 +355,19 @@ def forward_groups(lengths: Sequence[int], overhead: int = 16) -> list[list[int]
         groups.append(order[cut[j]:j])
         j = cut[j]
     return groups[::-1]
+
+
+def token_chunks(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive runs of rows of ``lengths`` tokens, each at most ``budget`` tokens (a longer row alone)."""
+    chunks: list[list[int]] = [[]]
+    total = 0
+    for i, n in enumerate(lengths):
+        if chunks[-1] and total + n > budget:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(i)
+        total += n
+    return chunks if chunks[-1] else []
 
 
 def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -14,11 +14,13 @@ stay reachable through their own tails. Entries are evicted least recently used 
 
 An entry that a newer prompt *continued* (its conversation's previous turn) goes to the front of the
 eviction order: the newer entry holds everything of it that a later turn can share, and keeping both under
-pressure would halve what the budget holds. Continued means the newer prompt shares more of the entry than
-any other prompt has: each entry remembers the longest prefix it has in common with another one
-(``shared``), so the first turn of a new conversation, which shares only the instruction with it, leaves it
-in place. (The very first pair of entries cannot tell the two apart; a demoted entry is only evicted first,
-never dropped while the budget has room.)
+pressure would halve what the budget holds. Continued means the newer prompt holds the whole entry (the
+stream layout: a turn's prompt is the previous one plus a line), or shares more of it than any other prompt
+has by ``continuation_margin`` tokens (the InstructERC layout, whose tail after the history is the turn's own):
+each entry remembers the longest prefix it has in common with another one (``shared``), and the margin keeps
+the first turn of another conversation, which shares the instruction and often the opening ``Speaker_0: "``
+with it, from demoting a conversation's only entry. (The very first pair of entries cannot tell the two apart;
+a demoted entry is only evicted first, never dropped while the budget has room.)
 
 Reuse is exact up to floating-point summation order: the cached keys were computed at the same positions
 with the same weights, and the new tokens attend to them as they would to recomputed ones.
@@ -72,8 +74,9 @@ def prefix_hashes(namespace: str, ids: Sequence[int]) -> tuple[int, ...]:
 class PrefixCache:
     """KV of scored prompts under a byte budget, keyed by every prefix of their tokens."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, continuation_margin: int = 8) -> None:
         self.max_bytes = max_bytes
+        self.continuation_margin = continuation_margin
         self.nbytes = 0
         self.hits = 0
         self.lookups = 0
@@ -101,10 +104,12 @@ class PrefixCache:
         """Keep ``kv`` (per layer, [kv_heads, len(ids), head_dim]) as the KV of ``ids``.
 
         ``continues`` is the lookup that found this prompt's past: its entry is evicted first from now on when
-        this prompt continued it (shares more of it than any other prompt has)."""
+        this prompt continued it (holds it whole, or shares more of it than any other prompt has)."""
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
         entry = continues.entry
-        if entry is not None and continues.tokens > entry.shared and entry.key in self._entries:
+        if (entry is not None and entry.key in self._entries
+                and (continues.tokens == len(entry.ids)
+                     or continues.tokens > entry.shared + self.continuation_margin)):
             self._entries.move_to_end(entry.key, last=False)
         if nbytes > self.max_bytes:
             return

@@ -73,7 +73,7 @@ def test_the_least_recently_used_entries_leave_first_within_the_budget() -> None
 
 def test_a_continued_prompt_sends_the_entry_it_continued_to_the_front_of_eviction() -> None:
     """A conversation's next turn holds everything of the previous one that a later turn can share."""
-    cache = PrefixCache(_bytes(10))
+    cache = PrefixCache(_bytes(10), continuation_margin=0)
     cache.put("", [7, 7, 7], _kv([7, 7, 7]))
     cache.put("", [1, 2, 3, 50], _kv([1, 2, 3, 50]))
     hit = cache.lookup("", [1, 2, 3, 4, 60])
@@ -85,12 +85,29 @@ def test_a_continued_prompt_sends_the_entry_it_continued_to_the_front_of_evictio
     assert cache.lookup("", [1, 2, 3, 50, 7]).tokens == 3  # the continued turn's own tail is gone
 
 
+def test_a_prompt_holding_an_entry_whole_continues_it_and_a_chance_opening_does_not() -> None:
+    """Stream layout: the next turn is the previous prompt plus a line (held whole: a continuation, however
+    short the line). Another conversation opening with the same few tokens after the head is not one."""
+    head = [1, 2, 3, 4]
+    a1, b1 = head + [5, 6, 10, 11], head + [5, 6, 20, 21]  # both open with `Speaker_0: "` (5, 6)
+    cache = PrefixCache(_bytes(24))
+    cache.put("", a1, _kv(a1))
+    hit = cache.lookup("", b1)
+    assert hit.tokens == 6 and hit.entry is not None and hit.entry.ids == tuple(a1)
+    cache.put("", b1, _kv(b1), continues=hit)  # 6 > a1's shared 0, within the margin: a1 stays in place
+    a2 = a1 + [7]
+    hit = cache.lookup("", a2)
+    assert hit.tokens == len(a1)
+    cache.put("", a2, _kv(a2), continues=hit)  # 25 tokens > 24: the first evicted is a1, continued whole
+    assert {e.ids for e in cache._entries.values()} == {tuple(b1), tuple(a2)}
+
+
 def test_a_new_conversation_sharing_only_the_instruction_is_not_a_continuation() -> None:
     """Prompts share the instruction (tokens 1, 2 here). Conversations A, B and C start, then A continues:
     A's history must be the first kept, whichever entry B's and C's lookups found."""
     instruction = [1, 2]
     a1, b1, c1 = instruction + [10, 11, 90], instruction + [20, 21, 90], instruction + [30, 31, 90]
-    cache = PrefixCache(_bytes(16))
+    cache = PrefixCache(_bytes(16), continuation_margin=0)
     for first_turn in (a1, b1, c1):
         cache.put("", first_turn, _kv(first_turn), continues=cache.lookup("", first_turn))
     a2 = instruction + [10, 11, 12, 91]
