@@ -91,6 +91,7 @@ def build_backend(device: str, dtype: torch.dtype, seed: int = 0, layers: int | 
     from scoring.backends.base import TokenCounter
     from scoring.backends.choices import ChoicePlan
     from scoring.backends.hf import HFBackend
+    from scoring.backends.packed import supports as supports_packed
 
     class TokenIdBackend(HFBackend):
         def __init__(self, model) -> None:  # no tokenizer, no files: what HFBackend.__init__ sets up otherwise
@@ -104,6 +105,7 @@ def build_backend(device: str, dtype: torch.dtype, seed: int = 0, layers: int | 
             self.tokens = TokenCounter()
             self.prefix_cache = None  # random prompts share no prefixes
             self.merge_adapter, self._merged = False, None
+            self.packed = supports_packed(model)  # the serving default: one packed sequence per micro-batch
 
         def encode_prompts(self, prompts):
             return [[int(t) for t in p.split()] for p in prompts]

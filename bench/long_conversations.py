@@ -17,7 +17,7 @@ waits for their events, as live calls do (a turn arrives once the previous one w
 micro-batch never holds two turns of one conversation.
 
 Per arrangement: prompt and computed tokens per utterance (the backend's own counters, which feed
-``erc_prompt_tokens_total`` / ``erc_computed_tokens_total``), split into the rounds inside the first window
+``erc_prompt_tokens_total`` / ``erc_computed_tokens_total``) against the turn's own line, split into the rounds inside the first window
 (turn < ``window.size``) and after it, utterances/s over the rounds (paced: each round waits for its answers),
 and weighted F1 of the emitted events against the gold labels. Every arrangement runs in its own process with
 its own backend, topics, group and Redis keys.
@@ -108,6 +108,21 @@ def rounds(lanes_: Sequence[Lane], arrangement: str, run_id: str) -> list[list]:
     return [[s[r] for s in streams if r < len(s)] for r in range(max(map(len, streams)))]
 
 
+def own_line_tokens(plan: Sequence[Sequence], count_tokens, max_turn_chars: int) -> dict[str, int]:
+    """Per message id, the tokens of its own line (``Speaker_k: "…"``, speakers numbered per conversation by first
+    appearance): the least any prompt layout must compute for the turn."""
+    from scoring.prompts import render_text
+
+    speakers: dict[str, dict[str, int]] = {}
+    out = {}
+    for round_ in plan:
+        for m in round_:
+            numbers = speakers.setdefault(m.conversation_id, {})
+            k = numbers.setdefault(m.speaker, len(numbers))
+            out[m.message_id] = count_tokens(f'Speaker_{k}: "{render_text(m.text, max_turn_chars)}"')
+    return out
+
+
 # -- one arrangement, in its own process ---------------------------------------------------------------
 
 
@@ -153,7 +168,9 @@ def run_arrangement(settings: Settings, arrangement: str, conversations: int, tu
         send([ChatMessage(message_id="warm-up", conversation_id="warm-up", turn=0, speaker="x", text="Hello.",
                           sent_at=datetime.now(UTC))], timeout_s=900)
         tokens = backend.tokens
-        split = {"first_window": [0, 0, 0], "after": [0, 0, 0]}  # utterances, prompt tokens, computed tokens
+        own = own_line_tokens(plan, backend.count_tokens, s.window.max_turn_chars)
+        # utterances, prompt tokens, computed tokens, own-line tokens
+        split = {"first_window": [0, 0, 0, 0], "after": [0, 0, 0, 0]}
         seconds = 0.0
         for r, messages in enumerate(plan):
             before = (tokens.prompts, tokens.prompt_tokens, tokens.computed)
@@ -163,6 +180,7 @@ def run_arrangement(settings: Settings, arrangement: str, conversations: int, tu
             part = split["first_window" if (arrangement == "scenes" or r < s.window.size) else "after"]
             for i, (now, then) in enumerate(zip((tokens.prompts, tokens.prompt_tokens, tokens.computed), before)):
                 part[i] += now - then
+            part[3] += sum(own[m.message_id] for m in messages)
     finally:
         producer.close()
         app.stop()
@@ -177,7 +195,9 @@ def run_arrangement(settings: Settings, arrangement: str, conversations: int, tu
     def per_utt(part: list[int]) -> dict[str, float | int]:
         n = max(part[0], 1)
         return {"utterances": part[0], "prompt_tokens_per_utterance": round(part[1] / n, 1),
-                "computed_tokens_per_utterance": round(part[2] / n, 1)}
+                "computed_tokens_per_utterance": round(part[2] / n, 1),
+                "own_line_tokens_per_utterance": round(part[3] / n, 1),
+                "computed_vs_own_line": round(part[2] / max(part[3], 1), 2)}
 
     return {
         "arrangement": arrangement, "backend": s.model.backend, "dtype": getattr(backend, "dtype", None),

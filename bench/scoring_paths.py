@@ -56,8 +56,11 @@ FIXED_RATE_MESSAGES = 32
 VARIANTS: dict[str, tuple[str, dict]] = {
     "vllm-no-prefix-cache": ("vllm", {"vllm": {"enable_prefix_caching": False}}),
     "vllm-fp32": ("vllm", {"vllm": {"dtype": "float32"}}),
+    # One dtype each (the default, ``auto``, is bf16 on bf16 CPUs and fp32 elsewhere): every ratio at one dtype.
     "hf-bf16": ("hf", {"model": {"dtype": "bfloat16"}}),
-    "naive-bf16": ("naive", {"model": {"dtype": "bfloat16"}}),  # every ratio at one dtype (bf16 CPUs)
+    "naive-bf16": ("naive", {"model": {"dtype": "bfloat16"}}),
+    "hf-fp32": ("hf", {"model": {"dtype": "float32"}}),
+    "naive-fp32": ("naive", {"model": {"dtype": "float32"}}),
     "hf-no-prefix-cache": ("hf", {"model": {"prefix_cache_mb": 0}}),
     # padded forward passes of rows of similar lengths instead of one packed sequence of new tokens
     "hf-padded": ("hf", {"model": {"packed_forward": False}}),
@@ -434,10 +437,12 @@ def run_bench(settings: Settings, *, paths: Sequence[str] = PATHS, messages: int
                                                   / base["computed_tokens_per_utterance"], 3)
             r["weighted_f1_vs_naive"] = round(r["weighted_f1"] - base["weighted_f1"], 2)
             r["weighted_f1_uncorrected_vs_naive"] = round(r["weighted_f1_uncorrected"] - base["weighted_f1"], 2)
-    base16 = results.get("naive-bf16", {})
-    for r in results.values():  # the same ratio at one dtype: a bf16 path against the bf16 naive loop
-        if base16.get("utterances_per_s") and "utterances_per_s" in r:
-            r["speedup_vs_naive_bf16"] = round(r["utterances_per_s"] / base16["utterances_per_s"], 2)
+    naive_by_dtype = {r.get("dtype"): r for p, r in results.items()
+                      if VARIANTS.get(p, (p, {}))[0] == "naive" and r.get("utterances_per_s")}
+    for r in results.values():  # the same ratio at one dtype: each path against the naive loop in its dtype
+        same = naive_by_dtype.get(r.get("dtype"))
+        if same is not None and "utterances_per_s" in r:
+            r["speedup_vs_naive_same_dtype"] = round(r["utterances_per_s"] / same["utterances_per_s"], 2)
     scored = [r for r in results.values() if "utterances_per_s" in r]
     best = max(scored, key=lambda r: r["utterances_per_s"]) if scored else None
     report = {

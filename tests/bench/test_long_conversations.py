@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.long_conversations import lanes, rounds
+from bench.long_conversations import lanes, own_line_tokens, rounds
 from core.settings import Settings
 
 
@@ -22,3 +22,17 @@ def test_every_arrangement_sends_the_same_turns_in_rounds(tmp_path: Path) -> Non
     scenes = {m.conversation_id for r in by["scenes"] for m in r}
     assert len(scenes) == sum(len(lane.scenes) for lane in lanes_)  # every scene its own conversation
     assert all(m.turn < 12 for r in by["scenes"] for m in r)  # short scenes, turns restart per scene
+
+
+def test_own_line_tokens_number_speakers_per_conversation(tmp_path: Path) -> None:
+    """Each message's own line as a prompt would show it: its conversation's speaker number, its rendered text."""
+    settings = Settings().with_overrides(data={"dir": str(tmp_path / "no-data")})
+    lanes_, _ = lanes(settings, conversations=2, turns=12)
+    plan = rounds(lanes_, "hop", run_id="r")
+    lines: dict[str, str] = {}
+    own = own_line_tokens(plan, lambda line: lines.setdefault(line, line) and len(line), 2_000)
+    assert set(own) == {m.message_id for r in plan for m in r}
+    first = plan[0][0]
+    assert own[first.message_id] == len(f'Speaker_0: "{" ".join(first.text.split())}"')
+    assert all(line.startswith("Speaker_") for line in lines)
+    assert len({line.split(":")[0] for line in lines}) >= 2  # both sides of a conversation

@@ -69,7 +69,10 @@ def test_a_small_bench_measures_naive_and_batched_paths_on_the_same_messages(syn
     result = run_bench(synthetic_settings, paths=["naive", "hf", "hf-bf16-merged-b64"], messages=4,
                        consumer_overhead=False, log=lambda *_: None)
     naive, hf, bf16 = result["paths"]["naive"], result["paths"]["hf"], result["paths"]["hf-bf16-merged-b64"]
-    assert (naive["dtype"], hf["dtype"], bf16["dtype"]) == ("float32", "float32", "bfloat16")
+    from scoring.hardware import auto_dtype
+
+    default = auto_dtype()  # model.dtype "auto": bf16 where the CPU has it natively
+    assert (naive["dtype"], hf["dtype"], bf16["dtype"]) == (default, default, "bfloat16")
     assert bf16["max_batch"] == 64 and hf["max_batch"] == synthetic_settings.batch.micro_batch_size  # its own batch
     from model_store.loading import choose_adapter
 
@@ -86,6 +89,8 @@ def test_a_small_bench_measures_naive_and_batched_paths_on_the_same_messages(syn
     assert naive["max_batch"] == 1 and hf["fixed_rate_per_s"] == naive["fixed_rate_per_s"]
     assert naive["computed_tokens_per_utterance"] > naive["prompt_tokens_per_utterance"]  # generated tokens
     assert hf["speedup_vs_naive"] == pytest.approx(hf["utterances_per_s"] / naive["utterances_per_s"], rel=0.01)
+    assert hf["speedup_vs_naive_same_dtype"] == hf["speedup_vs_naive"]  # the naive loop ran in hf's dtype
+    assert ("speedup_vs_naive_same_dtype" in bf16) == (default == "bfloat16")  # no bf16 naive loop to compare
     # On 4 messages the fraction is noisy (timings of a few hundred ms on a shared 2-core VM): a sanity bound.
     assert result["matmul_peak_gflops"] > 0 and 0 < hf["fraction_of_peak"] < 2
 

@@ -20,6 +20,7 @@ from core.labels import get_label_set
 from core.readers import read_dead_letters, read_events, read_records
 from core.records import ChatMessage, EmotionEvent
 from core.settings import Settings
+from model_store.loading import choose_adapter
 from tests.app_threads import run_until
 from tests.hostile import CONTROL_TEXTS, INJECTIONS, Hostile, hostile_records
 from tests.kafka_helpers import produce_raw
@@ -147,11 +148,12 @@ def test_hostile_texts_on_the_real_model_get_a_label_of_the_label_set(settings: 
     produce_raw(settings, settings.kafka.input_topic, [(m.conversation_id.encode(), m.to_bytes()) for m in msgs])
     app = StreamApp(settings, own_hf_backend)
     app.routes.choose_adapters()  # the registry's default for meld: the shipped adapter
+    shipped = choose_adapter(settings).name
     run_until(app, lambda: app.stats.events >= len(msgs), timeout_s=180)
     assert app.stats.events == len(msgs) and app.stats.dead_letters == 0, app.stats
     labels = set(get_label_set("meld").labels)
     events = read_events(settings, timeout_s=20).events
-    assert len(events) == len(msgs) and all(e.adapter == "meld-smollm2-lora" for e in events)
+    assert len(events) == len(msgs) and all(e.adapter == shipped for e in events)
     for e in events:
         assert e.label in labels and set(e.probabilities) == labels, e
         assert abs(sum(e.probabilities.values()) - 1) < 1e-3 and e.label == max(e.probabilities, key=e.probabilities.get)

@@ -14,6 +14,7 @@ from core.readers import read_alerts, read_events
 from core.records import ChatMessage
 from core.settings import Settings
 from producer_sim.synthetic import call_center_messages
+from scoring.prompts import MARKER
 from tests.app_threads import run_until
 from tests.kafka_helpers import produce_raw
 
@@ -64,8 +65,11 @@ def test_roles_threads_and_version_1_in_one_stream_on_the_real_model(settings: S
 
     # The prompt of a reply holds its chain of ancestors, oldest first, never the sibling branch.
     def history_of(text: str) -> str:
-        """The history block (between the prompt's '### ' and ' ###') of the prompt whose target is ``text``."""
-        prompt = next(p for p in prompts if f'"{text}">' in p)
+        """The history lines, target included, of the prompt whose target is ``text``: in the stream layout the
+        lines after the head (the target's last), in the InstructERC one the block between '### ' and ' ###'."""
+        prompt = next(p for p in prompts if f'"{text}">' in p or p.endswith(f'"{text}"{MARKER}'))
+        if prompt.endswith(MARKER):
+            return "\n".join(line for line in prompt.split("\n") if line.startswith("Speaker_"))
         return prompt.split("\n### ", 1)[1].split(" ###", 1)[0]
 
     history = history_of(THREAD[4][3])
