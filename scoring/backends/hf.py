@@ -1,8 +1,9 @@
 """transformers (+ peft) backend: batched label scoring in one forward pass per batch, CPU or GPU.
 
-Only the last position's logits are computed (``logits_to_keep=1``), which is most of the saving
-over a full-logits forward on a 49k-token vocabulary. Prompts are left-padded with explicit
-position ids, so a padded row scores exactly as it would alone.
+Only the last position's logits are computed, which is most of the saving over a full-logits forward on a
+49k-token vocabulary. Llama-family models run a batch as one packed sequence of its prompts' new tokens
+(:mod:`scoring.backends.packed`, ``model.packed_forward``); other models take padded forward passes: prompts
+left-padded with explicit position ids, so a padded row scores exactly as it would alone.
 
 With a prefix cache (``prefix_cache_mb`` > 0, :mod:`scoring.backends.prefix_cache`), each row computes
 only the tokens after the longest prefix it shares with an earlier prompt (in a stream: its conversation's
@@ -157,8 +158,10 @@ class HFBackend:
     def last_logprobs(self, rows: Sequence[Sequence[int]], adapter: str | None) -> torch.Tensor:
         """Log-softmax of the next-token logits after each row of token ids.
 
-        Rows run in forward passes of similar lengths (:func:`forward_groups`): one long row (a prefix-cache miss)
-        would otherwise pad every short one to its length. With the prefix cache, rows that share a longer prefix
+        Rows run as one packed sequence of their new tokens (:mod:`scoring.backends.packed`, in chunks of at most
+        ``max_packed_tokens``), or, for models the packed forward does not cover, in padded forward passes of
+        similar lengths (:func:`forward_groups`): one long row (a prefix-cache miss) would otherwise pad every
+        short one to its length. With the prefix cache, rows that share a longer prefix
         with another row of the call than with the cache (two turns of one conversation in one micro-batch, a
         choice's second read after its prompt) wait for a later wave, which then reuses the first one's KV."""
         namespace = adapter or ""
@@ -171,19 +174,13 @@ class HFBackend:
             # A wave is one more forward pass: worth waiting for when it saves the padded path more than a
             # short line; the packed path's passes cost little more than the tokens they hold.
             waves = self._waves(rows, hashes, namespace, margin=4 if self.packed else 16)
+        forward, passes = ((self._forward_packed, lambda n: token_chunks(n, self.max_packed_tokens)) if self.packed
+                           else (self._forward, forward_groups))
         for wave, hits in waves:  # a generator: each wave's lookups see the previous wave's entries
-            if self.packed:
-                for group in token_chunks([len(rows[i]) - h.tokens for i, h in zip(wave, hits)], self.max_packed_tokens):
-                    idx = [wave[g] for g in group]
-                    logprobs = self._forward_packed([rows[i] for i in idx], [hits[g] for g in group],
-                                                    [hashes[i] for i in idx], namespace, adapter)
-                    for i, lp in zip(idx, logprobs):
-                        out[i] = lp
-                continue
-            for group in forward_groups([len(rows[i]) - h.tokens for i, h in zip(wave, hits)]):
+            for group in passes([len(rows[i]) - h.tokens for i, h in zip(wave, hits)]):
                 idx = [wave[g] for g in group]
-                logprobs = self._forward([rows[i] for i in idx], [hits[g] for g in group], [hashes[i] for i in idx],
-                                         namespace, adapter)
+                logprobs = forward([rows[i] for i in idx], [hits[g] for g in group], [hashes[i] for i in idx],
+                                   namespace, adapter)
                 for i, lp in zip(idx, logprobs):
                     out[i] = lp
         return torch.stack(out)
