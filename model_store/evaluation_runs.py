@@ -22,9 +22,11 @@ def run_eval(
     dialogues: int | None = None, limit: int | None = None, window: int | None = None, demonstrations: bool = True,
     zero_shot: bool = True, confusion: Path | None = None, batch_size: int = 16, progress: bool = False,
     calibrated: bool = True, conversations: Sequence[Conversation] | None = None, predictions: Path | None = None,
+    record_as: str | None = None,
 ) -> dict:
     """``dataset``'s ``split`` (or ``file``) scored through the serving path; ``conversations`` instead of a
-    file: those (their ``dataset`` names them in the report and the adapter's recorded evaluations)."""
+    file: those (their ``dataset`` names them in the report). The adapter records the result under ``record_as``
+    (default ``dataset:split``) among its evaluations."""
     if conversations is None:
         path = Path(file) if file else default_file(settings.data.dir, dataset, split)
         conversations = load_conversations(dataset, path, split=split)
@@ -61,6 +63,6 @@ def run_eval(
     report["margin_over_best_baseline"] = round(report["weighted_f1"] - best, 2)
     report["calibrated"] = choice.calibration is not None
     if choice.ref is not None and dialogues is None and limit is None and calibrated and adapter != NO_ADAPTER:
-        Registry(settings.store.dir).record_eval(choice.ref.key, f"{dataset}:{split}", {
+        Registry(settings.store.dir).record_eval(choice.ref.key, record_as or f"{dataset}:{split}", {
             k: report[k] for k in ("weighted_f1", "accuracy", "n", "per_label_f1", "baselines")})
     return report

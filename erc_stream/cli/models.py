@@ -131,6 +131,9 @@ def models_train(ctx, datasets, files, label_set, mix, full, name, base, window,
 @click.option("--limit", type=int, default=None, help="Only the first N utterances.")
 @click.option("--window", type=int, default=None)
 @click.option("--hop", type=int, default=None, help="The window's hop (default: ERC_WINDOW__HOP; 1: the sliding window).")
+@click.option("--episodes", is_flag=True,
+              help="MELD/EmoryNLP: each episode's scenes joined into one long conversation (60-200 turns), as a call "
+                   "runs: windows fill, then re-anchor every hop.")
 @click.option("--no-demonstrations", is_flag=True)
 @click.option("--no-calibration", is_flag=True, help="Ignore the adapter's label-prior correction.")
 @click.option("--zero-shot/--no-zero-shot", default=True, show_default=True,
@@ -144,8 +147,9 @@ def models_train(ctx, datasets, files, label_set, mix, full, name, base, window,
               help="Write each utterance's gold and predicted label here (JSON lines; several datasets: one file each, "
                    "the dataset in its name), for `python -m bench.compare_predictions`.")
 @click.pass_context
-def models_eval(ctx, datasets, file_, split, label_set, adapter, base, dialogues, limit, window, hop, no_demonstrations,
-                no_calibration, zero_shot, confusion, batch_size, as_json, backend=None, predictions=None):
+def models_eval(ctx, datasets, file_, split, label_set, adapter, base, dialogues, limit, window, hop, episodes,
+                no_demonstrations, no_calibration, zero_shot, confusion, batch_size, as_json, backend=None,
+                predictions=None):
     """Weighted F1 (all classes), accuracy and per-label F1 through the serving path."""
     import json
 
@@ -163,6 +167,8 @@ def models_eval(ctx, datasets, file_, split, label_set, adapter, base, dialogues
         settings = settings.with_overrides(window={"hop": hop})
     if label_set is None and len(datasets) > 1:
         label_set = "unified"
+    if episodes and not set(datasets) <= {"meld", "emorynlp"}:
+        raise click.BadParameter("--episodes joins MELD's or EmoryNLP's scenes (their rows name the episode)")
     results = {}
     for dataset in datasets:
         s = settings
@@ -178,8 +184,9 @@ def models_eval(ctx, datasets, file_, split, label_set, adapter, base, dialogues
                                     limit=limit, window=window, demonstrations=not no_demonstrations,
                                     zero_shot=zero_shot, confusion=png, batch_size=batch_size,
                                     progress=not as_json, calibrated=not no_calibration,
-                                    conversations=scripted_conversations() if dataset == SCRIPTED else None,
-                                    predictions=preds)
+                                    conversations=scripted_conversations() if dataset == SCRIPTED
+                                    else _episodes(s, dataset, file_, split) if episodes else None,
+                                    predictions=preds, record_as=f"{dataset}:{split}-episodes" if episodes else None)
     if as_json:
         click.echo(json.dumps(results[datasets[0]] if len(datasets) == 1 else results))
     else:
@@ -189,6 +196,12 @@ def models_eval(ctx, datasets, file_, split, label_set, adapter, base, dialogues
             print_eval(result)
         if len(results) > 1:
             print_eval_summary(results)
+
+
+def _episodes(settings, dataset: str, file_: Path | None, split: str):
+    from model_store.data import default_file, load_episodes
+
+    return load_episodes(dataset, file_ or default_file(settings.data.dir, dataset, split))
 
 
 @models.command("sweep")

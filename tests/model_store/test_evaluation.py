@@ -47,3 +47,35 @@ def test_models_eval_scores_the_scripted_conversations_without_a_data_directory(
     report, _ = json.JSONDecoder().raw_decode(out, out.index('{"dataset"'))
     assert report["dataset"] == "synthetic" and report["file"] == "<synthetic>"
     assert report["n"] == sum(len(c.utterances) for c in scripted[:2]) and report["failed"] == 0
+
+
+def test_models_eval_on_episodes_joins_each_episodes_scenes(tmp_path: Path, monkeypatch) -> None:
+    """``--episodes``: EmoryNLP's scenes of one episode become one long conversation (a file of two episodes, three
+    scenes); the adapter's dev record is not overwritten by it; a dataset without episodes is refused."""
+    import json
+
+    from click.testing import CliRunner
+
+    from erc_stream.cli import main
+
+    rows = ["Utterance,Speaker,Emotion,Scene_ID,Utterance_ID,Season,Episode,Start_Time,End_Time"]
+    for scene, (season, episode) in enumerate([(1, 1), (1, 1), (1, 2)], start=1):
+        for u in range(3):
+            rows.append(f'"Line {u} of scene {scene}.","[\'Ross\']",Neutral,{scene},{u + 1},{season},{episode},'
+                        f"00:00:0{u},00:00:0{u + 1}")
+    data = tmp_path / "emory.csv"
+    data.write_text("\n".join(rows) + "\n")
+    args = ["models", "eval", "--dataset", "emorynlp", "--file", str(data), "--adapter", "none", "--no-zero-shot",
+            "--json"]
+    predictions = tmp_path / "predictions.jsonl"
+    result = CliRunner().invoke(main, [*args, "--episodes", "--predictions", str(predictions)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    report, _ = json.JSONDecoder().raw_decode(out, out.index('{"dataset"'))
+    assert report["n"] == 9 and report["failed"] == 0
+    assert report["file"] == "<emorynlp>"  # the joined conversations, not the file's scenes
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert {r["conversation"] for r in rows} == {"emorynlp-s1e1", "emorynlp-s1e2"}
+    assert sorted(r["index"] for r in rows if r["conversation"] == "emorynlp-s1e1") == list(range(6))
+    refused = CliRunner().invoke(main, ["models", "eval", "--dataset", "synthetic", "--episodes"])
+    assert refused.exit_code != 0 and "--episodes" in refused.output
