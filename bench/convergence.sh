@@ -64,6 +64,10 @@ ARGS[meldstream]="--dataset meld --epochs 2 --eval-every 616 --layout stream $RE
 NAME[emorynlpstream]=emorynlp-smollm2-lora-stream
 ARGS[emorynlpstream]="--dataset emorynlp --epochs 2 --eval-every 400 --layout stream $RECIPE"
 EVAL[emorynlpstream]="--dataset emorynlp"
+NAME[unifiedstream]=unified-smollm2-lora-stream
+ARGS[unifiedstream]="--dataset meld --dataset emorynlp --label-set unified --mix total --epochs 2 --eval-every 800 \
+--layout stream $RECIPE"
+EVAL[unifiedstream]="--dataset meld --dataset emorynlp --label-set unified"
 NAME[emorynlp]=emorynlp-smollm2-lora; ARGS[emorynlp]="--dataset emorynlp --epochs 2 --eval-every 400 $RECIPE"
 EVAL[emorynlp]="--dataset emorynlp"
 NAME[unified]=unified-smollm2-lora
@@ -85,7 +89,7 @@ EVAL[gemma]="--dataset meld --base gemma3-270m"
 SWEEP="--epochs 2 --batching blocks --batch-size 16 --max-tokens 384 --eval-limit 400 --threads $THREADS \
 --dtype auto --out docs/sweep"
 ORDER="meld emorynlp unified natural class05 bal05 attn8 gemma meld3 meldavg meld2 meldsoup meld32 sweep meldstream \
-emorynlpstream"
+emorynlpstream unifiedstream"
 
 carry() {  # save | restore the training directories of unfinished runs, sweep cells included (model_store/carry.py)
   mkdir -p runs
