@@ -11,7 +11,8 @@ Paths (each in its own process, so its peak RSS is its own):
   ``vllm-no-prefix-cache``, on request, is the same engine without it.
 
 Every path labels the same messages — the first MELD dev dialogues (synthetic conversations where no data
-directory exists), interleaved across conversations as a stream delivers them — through the same prompt
+directory exists), interleaved across ``open_conversations`` conversations (8 unless told) as a stream delivers
+them — through the same prompt
 builder, labeler and adapter (the registry's active one, with its label-prior correction; the naive loop
 uses the raw parsed label). Two runs per path:
 
@@ -189,7 +190,7 @@ def _label_batches(labeler, items: Sequence[Item], arrivals: Sequence[float], ma
     return labels, latency, time.monotonic() - t0
 
 
-def run_path(path: str, settings: Settings, messages: int, rate: float | None) -> dict:
+def run_path(path: str, settings: Settings, messages: int, rate: float | None, open_conversations: int = 8) -> dict:
     """Measure one path; ``rate`` None = 80 % of this path's own saturation throughput."""
     from core.labels import get_label_set
     from model_store.base_models import resolve_base
@@ -200,7 +201,7 @@ def run_path(path: str, settings: Settings, messages: int, rate: float | None) -
 
     rss = _PeakRSS()
     rss.start()
-    items, _ = stream_items(settings, messages)
+    items, _ = stream_items(settings, messages, open_conversations)
     started = time.monotonic()
     naive = VARIANTS.get(path, (path, {}))[0] == "naive"
     if naive:
@@ -376,10 +377,12 @@ def layout_tokens(settings: Settings, items: Sequence[Item]) -> dict[str, dict[s
 # -- orchestration -------------------------------------------------------------------------------
 
 
-def _run_in_process(path: str, settings: Settings, messages: int, rate: float | None, log) -> dict:
+def _run_in_process(path: str, settings: Settings, messages: int, rate: float | None, open_conversations: int,
+                    log) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "bench.scoring_paths", path, str(messages), str(rate or 0), str(out)]
+        cmd = [sys.executable, "-m", "bench.scoring_paths", path, str(messages), str(rate or 0), str(out),
+               str(open_conversations)]
         env = {**os.environ, **settings_env(settings)}
         proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0 or not out.exists():
@@ -399,10 +402,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 def run_bench(settings: Settings, *, paths: Sequence[str] = PATHS, messages: int = 64, rate: float | None = None,
-              consumer_overhead: bool = True, log=print) -> dict:
+              consumer_overhead: bool = True, open_conversations: int = 8, log=print) -> dict:
     """All paths, the machine's limit and the ratios to the naive loop, as one JSON-able dict."""
     started = time.monotonic()
-    items, source = stream_items(settings, messages)
+    items, source = stream_items(settings, messages, open_conversations)
     from model_store.loading import choose_adapter
     from scoring.hardware import fast_bf16
 
@@ -421,7 +424,7 @@ def run_bench(settings: Settings, *, paths: Sequence[str] = PATHS, messages: int
     results: dict[str, dict] = {}
     for path in paths:
         log(f"path {path}…")
-        r = _run_in_process(path, settings, len(items), rate, log)
+        r = _run_in_process(path, settings, len(items), rate, open_conversations, log)
         if path == "naive" and rate is None and "fixed_rate_per_s" in r:
             rate = r["fixed_rate_per_s"]  # every other path runs at the naive loop's sustainable rate
         if "utterances_per_s" in r:
@@ -446,7 +449,8 @@ def run_bench(settings: Settings, *, paths: Sequence[str] = PATHS, messages: int
     scored = [r for r in results.values() if "utterances_per_s" in r]
     best = max(scored, key=lambda r: r["utterances_per_s"]) if scored else None
     report = {
-        "machine": machine(), "messages": len(items), "source": source, "model": settings.model.base,
+        "machine": machine(), "messages": len(items), "open_conversations": open_conversations, "source": source,
+        "model": settings.model.base,
         "matmul_peak_gflops": peak, "matmul_peak_gflops_by_dtype": peaks,
         "layout": layout, "needed_new_tokens_per_utterance": round(new_tokens, 1),
         "needed_gflop_per_utterance": round(flops / 1e9, 3), "layouts": layout_tokens(settings, items),
@@ -483,9 +487,10 @@ def machine() -> dict:
             "native_bf16": fast_bf16()}
 
 
-if __name__ == "__main__":  # a path's process: python -m bench.scoring_paths PATH MESSAGES RATE OUT
+if __name__ == "__main__":  # a path's process: python -m bench.scoring_paths PATH MESSAGES RATE OUT OPEN
     from core.logs import configure
 
     configure("WARNING")
     _path, _messages, _rate, _out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4])
-    _out.write_text(json.dumps(run_path(_path, Settings(), _messages, _rate or None)))
+    _open = int(sys.argv[5]) if len(sys.argv) > 5 else 8
+    _out.write_text(json.dumps(run_path(_path, Settings(), _messages, _rate or None, _open)))

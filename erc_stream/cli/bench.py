@@ -11,9 +11,12 @@ from erc_stream.cli.root import main, settings_of
 @main.command()
 @click.option("--paths", default="naive,hf,vllm", show_default=True,
               help="Comma-separated: naive (generate + parse, one at a time), hf (batched label scoring, prefix "
-                   "cache), vllm; on request: hf-bf16, hf-no-prefix-cache, hf-merged, vllm-fp32, "
-                   "vllm-no-prefix-cache, vllm-merged.")
+                   "cache), vllm; on request: naive-bf16, naive-fp32, hf-bf16, hf-fp32, hf-padded, hf-no-prefix-cache, "
+                   "hf-merged, hf-bf16-merged, hf-bf16-merged-b64, vllm-fp32, vllm-no-prefix-cache, vllm-merged.")
 @click.option("--messages", type=int, default=64, show_default=True, help="MELD dev utterances, in stream order.")
+@click.option("--open-conversations", type=int, default=8, show_default=True,
+              help="Conversations the replay keeps open at once (one turn of each in turn): a busy stream's "
+                   "micro-batches hold turns of many conversations.")
 @click.option("--rate", type=float, default=None,
               help="Fixed input rate (messages/s) for the latency run (default: 80 % of the naive loop's throughput).")
 @click.option("--no-consumer-overhead", is_flag=True, help="Skip the null-backend stream throughput run.")
@@ -26,8 +29,8 @@ from erc_stream.cli.root import main, settings_of
 @click.option("--long-turns", type=int, default=80, show_default=True, help="--long: turns of each conversation.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
-def bench(ctx, paths, messages, rate, no_consumer_overhead, long_, long_backends, long_conversations, long_turns,
-          as_json):
+def bench(ctx, paths, messages, open_conversations, rate, no_consumer_overhead, long_, long_backends,
+          long_conversations, long_turns, as_json):
     """The inference paths side by side on the same model, adapter and messages (see bench/scoring_paths.py)."""
     import json
 
@@ -49,7 +52,8 @@ def bench(ctx, paths, messages, rate, no_consumer_overhead, long_, long_backends
     from bench.scoring_paths import run_bench
 
     result = run_bench(settings_of(ctx), paths=[p.strip() for p in paths.split(",") if p.strip()], messages=messages,
-                       rate=rate, consumer_overhead=not no_consumer_overhead, log=progress)
+                       open_conversations=open_conversations, rate=rate,
+                       consumer_overhead=not no_consumer_overhead, log=progress)
     if as_json:
         click.echo(json.dumps(result))
     else:

@@ -67,7 +67,8 @@ def test_needed_tokens_count_only_what_a_turn_does_not_share(synthetic_settings:
 @pytest.mark.slow
 def test_a_small_bench_measures_naive_and_batched_paths_on_the_same_messages(synthetic_settings: Settings) -> None:
     result = run_bench(synthetic_settings, paths=["naive", "hf", "hf-bf16-merged-b64"], messages=4,
-                       consumer_overhead=False, log=lambda *_: None)
+                       consumer_overhead=False, open_conversations=2, log=lambda *_: None)
+    assert result["open_conversations"] == 2
     naive, hf, bf16 = result["paths"]["naive"], result["paths"]["hf"], result["paths"]["hf-bf16-merged-b64"]
     from scoring.hardware import auto_dtype
 
