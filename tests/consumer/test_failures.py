@@ -22,6 +22,7 @@ from scoring.backends.base import ScoreRequest
 from scoring.backends.null import NullBackend
 from tests.conftest import free_port
 from tests.kafka_helpers import committed_offsets, produce_raw, read_all
+from tests.keyword_backend import target_text
 from tests.procs import RedisProc, stream_messages
 
 
@@ -124,7 +125,7 @@ class _PoisonBackend(NullBackend):
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[list[float]]:
         self.calls += 1
-        if any("POISON" in r.prompt.rsplit("Please select", 1)[-1] for r in requests):
+        if any("POISON" in target_text(r.prompt) for r in requests):
             raise ValueError("token id 50311 is out of range for this prompt")  # this prompt's fault, not the model's
         return super().score(requests)
 

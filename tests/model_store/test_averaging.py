@@ -73,6 +73,8 @@ def test_adapters_served_differently_are_refused_with_the_field_that_differs(tmp
 @pytest.mark.slow
 def test_models_average_publishes_a_calibrated_average_of_two_trained_adapters(
         two_runs: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scoring.hardware import auto_dtype
+
     store, short, long = two_runs
     monkeypatch.setenv("ERC_STORE__DIR", str(store))
     result = CliRunner().invoke(main, ["models", "average", "short", str(long), "--name", "soup"])
@@ -83,7 +85,7 @@ def test_models_average_publishes_a_calibrated_average_of_two_trained_adapters(
     assert meta["averaged"]["weights"] == [0.5, 0.5]
     assert [(a["name"], a["train"]["steps"]) for a in meta["averaged"]["adapters"]] == [("short", 2), ("long", 4)]
     # fitted again, on the runs' held-out six, in the dtype consumers serve in
-    assert meta["calibration"]["n"] == 6 and meta["calibration"]["dtype"] == "float32"
+    assert meta["calibration"]["n"] == 6 and meta["calibration"]["dtype"] == auto_dtype()  # model.dtype "auto"
     assert not {"train", "dev", "evals", "selected"} & meta.keys()  # the first run's records are not the average's
 
     from safetensors.torch import load_file
