@@ -17,10 +17,10 @@ waits for their events, as live calls do (a turn arrives once the previous one w
 micro-batch never holds two turns of one conversation.
 
 Per arrangement: prompt and computed tokens per utterance (the backend's own counters, which feed
-``erc_prompt_tokens_total`` / ``erc_computed_tokens_total``) against the turn's own line, split into the rounds inside the first window
-(turn < ``window.size``) and after it, utterances/s over the rounds (paced: each round waits for its answers),
-and weighted F1 of the emitted events against the gold labels. Every arrangement runs in its own process with
-its own backend, topics, group and Redis keys.
+``erc_prompt_tokens_total`` / ``erc_computed_tokens_total``) against the turn's own line, split into the rounds
+inside the first window (turn < ``window.size``) and after it, utterances/s over the rounds (paced: each round waits
+for its answers), and weighted F1 of the emitted events against the gold labels. Every arrangement runs in its own
+process with its own backend, topics, group and Redis keys.
 
     ERC_DATA__DIR=../shared/data erc-stream bench --long --json
 """

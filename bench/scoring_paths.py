@@ -12,9 +12,8 @@ Paths (each in its own process, so its peak RSS is its own):
 
 Every path labels the same messages — the first MELD dev dialogues (synthetic conversations where no data
 directory exists), interleaved across ``open_conversations`` conversations (8 unless told) as a stream delivers
-them — through the same prompt
-builder, labeler and adapter (the registry's active one, with its label-prior correction; the naive loop
-uses the raw parsed label). Two runs per path:
+them — through the same prompt builder, labeler and adapter (the registry's active one, with its label-prior
+correction; the naive loop uses the raw parsed label). Two runs per path:
 
 - **saturation**: every message is waiting at t = 0; micro-batches of ``batch.micro_batch_size`` in arrival order;
   utterances/s = messages / wall time;
