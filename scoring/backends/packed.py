@@ -50,6 +50,8 @@ class PackedRow:
 def packed_forward(model, rows: Sequence[PackedRow]) -> tuple[torch.Tensor, list[list[LayerKV]]]:
     """Next-token log-probabilities after each row ([rows, vocab], float32, on the CPU) and each row's keys and
     values over all its positions, past and new (per layer, [kv_heads, past + new, head_dim])."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     inner = model.model
     config = model.config
     device = inner.embed_tokens.weight.device
@@ -63,7 +65,6 @@ def packed_forward(model, rows: Sequence[PackedRow]) -> tuple[torch.Tensor, list
     masks = [_causal_mask(n, r.past, device) for r, n in zip(rows, lengths)]
     hidden = inner.embed_tokens(ids)
     cos, sin = inner.rotary_emb(hidden, positions)
-    cos, sin = cos[:, None], sin[:, None]  # [1, 1, tokens, head_dim]: one rotation for every head
     kv_out: list[list[LayerKV]] = [[] for _ in rows]
     tokens = ids.shape[1]
     for li, layer in enumerate(inner.layers):
@@ -72,9 +73,8 @@ def packed_forward(model, rows: Sequence[PackedRow]) -> tuple[torch.Tensor, list
         q = attn.q_proj(x).view(1, tokens, heads, head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(1, tokens, kv_heads, head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(1, tokens, kv_heads, head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = (k * cos + _rotate_half(k) * sin)[0]
-        v = v[0]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = k[0], v[0]
         outs = []
         for r, (row, s, n, mask) in enumerate(zip(rows, starts, lengths, masks)):
             kr, vr = k[:, s:s + n], v[:, s:s + n]
@@ -100,7 +100,3 @@ def _causal_mask(new: int, past: int, device) -> torch.Tensor | None:
     keys = torch.arange(past + new, device=device)
     return keys[None, :] <= (past + torch.arange(new, device=device))[:, None]
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
