@@ -111,7 +111,7 @@ def rounds(lanes_: Sequence[Lane], arrangement: str, run_id: str) -> list[list]:
 def own_line_tokens(plan: Sequence[Sequence], count_tokens, max_turn_chars: int) -> dict[str, int]:
     """Per message id, the tokens of its own line (``Speaker_k: "…"``, speakers numbered per conversation by first
     appearance): the least any prompt layout must compute for the turn."""
-    from scoring.prompts import render_text
+    from bench.scoring_paths import own_line
 
     speakers: dict[str, dict[str, int]] = {}
     out = {}
@@ -119,7 +119,7 @@ def own_line_tokens(plan: Sequence[Sequence], count_tokens, max_turn_chars: int)
         for m in round_:
             numbers = speakers.setdefault(m.conversation_id, {})
             k = numbers.setdefault(m.speaker, len(numbers))
-            out[m.message_id] = count_tokens(f'Speaker_{k}: "{render_text(m.text, max_turn_chars)}"')
+            out[m.message_id] = count_tokens(own_line(f"Speaker_{k}", m.text, max_turn_chars))
     return out
 
 

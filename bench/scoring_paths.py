@@ -350,19 +350,26 @@ def needed_flops_per_utterance(settings: Settings, items: Sequence[Item],
     return new_tokens / len(items), flops / len(items)
 
 
+def own_line(name: str, text: str, max_turn_chars: int) -> str:
+    """A turn's own line as every layout shows it (``Speaker_k: "…"``): the least a prompt must compute for it."""
+    from scoring.prompts import render_text
+
+    return f'{name}: "{render_text(text, max_turn_chars)}"'
+
+
 def layout_tokens(settings: Settings, items: Sequence[Item]) -> dict[str, dict[str, float]]:
     """Per prompt layout: the new tokens an utterance needs (:func:`needed_flops_per_utterance`) against its own
     line (``Speaker_k: "…"``, the least any layout must read), and their ratio."""
     from transformers import AutoTokenizer
 
     from model_store.base_models import resolve_base
-    from scoring.prompts import LAYOUTS, anonymise, render_text
+    from scoring.prompts import LAYOUTS, anonymise
 
     tok = AutoTokenizer.from_pretrained(resolve_base(settings.model.base, settings.store.dir))
     own = 0
     for it in items:
         turns = list(it.turns)
-        line = f'{anonymise(turns)[turns[-1].speaker]}: "{render_text(turns[-1].text, settings.window.max_turn_chars)}"'
+        line = own_line(anonymise(turns)[turns[-1].speaker], turns[-1].text, settings.window.max_turn_chars)
         own += len(tok(line, add_special_tokens=False)["input_ids"])
     own_per = own / len(items)
     out = {}
